@@ -1,0 +1,1 @@
+"""devstack controller: turns route sources into immutable, versioned route tables."""

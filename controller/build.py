@@ -1,0 +1,185 @@
+"""Pure table building: route specifications in, validated ``Routes`` out.
+
+This module turns the route file's parsed document (or any source's equivalent mapping) into
+``router.table.Routes`` values and merges the snapshots of several sources into one
+``RouteTable``. It performs no I/O and keeps no state; every error names where the bad value
+came from (file and line when the source knows them), and nothing here ever half-applies: a
+build either returns a complete table or raises ``BuildError``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from router.keys import is_valid_key
+from router.table import Fallback, Override, Routes, RouteTable, TableError, Target
+
+__all__ = ["BuildError", "LineDict", "merge_snapshots", "routes_from_spec"]
+
+
+class BuildError(ValueError):
+    """A specification is invalid. ``str()`` names the origin, line and field."""
+
+    def __init__(self, message: str, *, origin: str = "", line: int | None = None) -> None:
+        where = origin + (f":{line}" if line is not None else "")
+        super().__init__(f"{where}: {message}" if where else message)
+        self.origin = origin
+        self.line = line
+
+
+class LineDict(dict[str, Any]):
+    """A mapping that remembers the 1-based source line of itself and of each key."""
+
+    line: int | None = None
+    key_lines: dict[str, int]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.key_lines = {}
+
+    def line_of(self, key: str) -> int | None:
+        return self.key_lines.get(key, self.line)
+
+
+_SERVICE_KEYS = frozenset({"hosts", "baseline", "overrides"})
+_OVERRIDE_KEYS = frozenset({"url", "ready", "expires", "fallback", "namespace", "workload"})
+
+
+def _line(obj: object, key: str | None = None) -> int | None:
+    if isinstance(obj, LineDict):
+        return obj.line_of(key) if key is not None else obj.line
+    return None
+
+
+def _dns_label(name: str) -> bool:
+    return is_valid_key(name.encode("ascii", "replace"))
+
+
+def _expiry(value: object, err: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise err("expires must be a timestamp, not a boolean")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, dt.datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        return moment.timestamp()
+    if isinstance(value, str):
+        try:
+            moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise err(f"expires {value!r} is not an ISO 8601 timestamp") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.timezone.utc)
+        return moment.timestamp()
+    raise err(f"expires must be an ISO 8601 timestamp or Unix seconds, not {type(value).__name__}")
+
+
+def routes_from_spec(spec: object, *, origin: str = "") -> dict[str, Routes]:
+    """Validate a ``{"services": {...}}`` document (the route file schema) into ``Routes``."""
+
+    def fail(message: str, at: object = None, key: str | None = None) -> BuildError:
+        return BuildError(message, origin=origin, line=_line(at, key) if at is not None else None)
+
+    if not isinstance(spec, Mapping):
+        raise fail("the route file must be a mapping with a 'services' key", spec)
+    unknown = set(spec) - {"services"}
+    if unknown:
+        raise fail(f"unknown top-level key {sorted(unknown)[0]!r}", spec, sorted(unknown)[0])
+    services = spec.get("services")
+    if services is None:
+        services = {}
+    if not isinstance(services, Mapping):
+        raise fail("'services' must be a mapping of service name to routes", spec, "services")
+
+    result: dict[str, Routes] = {}
+    for name, body in services.items():
+        if not isinstance(name, str) or not _dns_label(name):
+            raise fail(f"service name {name!r} must be a DNS-1123 label", services, str(name))
+        if not isinstance(body, Mapping):
+            raise fail(f"service {name!r}: expected a mapping with 'baseline'", services, name)
+        extra = set(body) - _SERVICE_KEYS
+        if extra:
+            key = sorted(extra)[0]
+            raise fail(f"service {name!r}: unknown key {key!r}", body, key)
+        hosts_raw = body.get("hosts", [])
+        if not isinstance(hosts_raw, list) or not all(isinstance(h, str) and h for h in hosts_raw):
+            raise fail(f"service {name!r}: 'hosts' must be a list of host names", body, "hosts")
+        baseline_raw = body.get("baseline")
+        if isinstance(baseline_raw, Mapping):
+            baseline_raw = baseline_raw.get("url")
+        if not isinstance(baseline_raw, str):
+            raise fail(f"service {name!r}: 'baseline' must be an upstream URL", body, "baseline" if "baseline" in body else None)
+        try:
+            baseline = Target(baseline_raw)
+        except TableError as exc:
+            raise fail(f"service {name!r}: baseline {exc}", body, "baseline") from None
+
+        overrides_raw = body.get("overrides") or {}
+        if not isinstance(overrides_raw, Mapping):
+            raise fail(f"service {name!r}: 'overrides' must be a mapping of key to override", body, "overrides")
+        overrides: dict[str, Override] = {}
+        for key, ov in overrides_raw.items():
+            where = f"service {name!r} override {key!r}"
+            if not isinstance(key, str) or not _dns_label(key):
+                raise fail(f"{where}: a routing key must be a DNS-1123 label", overrides_raw, str(key))
+            if isinstance(ov, str):
+                ov = {"url": ov}
+            if not isinstance(ov, Mapping):
+                raise fail(f"{where}: expected a mapping with 'url'", overrides_raw, key)
+            extra = set(ov) - _OVERRIDE_KEYS
+            if extra:
+                bad = sorted(extra)[0]
+                raise fail(f"{where}: unknown key {bad!r}", ov, bad)
+            url = ov.get("url")
+            if not isinstance(url, str):
+                raise fail(f"{where}: 'url' must be an upstream URL", ov, "url" if "url" in ov else None)
+            ready = ov.get("ready", True)
+            if not isinstance(ready, bool):
+                raise fail(f"{where}: 'ready' must be true or false", ov, "ready")
+            fallback_raw = ov.get("fallback", "error")
+            try:
+                fallback = Fallback(fallback_raw)
+            except ValueError:
+                raise fail(f"{where}: 'fallback' must be 'error' or 'baseline'", ov, "fallback") from None
+            for meta in ("namespace", "workload"):
+                if ov.get(meta) is not None and not isinstance(ov.get(meta), str):
+                    raise fail(f"{where}: {meta!r} must be a string", ov, meta)
+
+            def expiry_error(message: str, ov: object = ov, where: str = where) -> BuildError:
+                return fail(f"{where}: {message}", ov, "expires")
+
+            try:
+                overrides[key] = Override(
+                    key=key,
+                    target=Target(url),
+                    ready=ready,
+                    expires_at=_expiry(ov.get("expires"), expiry_error),
+                    fallback=fallback,
+                    namespace=ov.get("namespace"),
+                    workload=ov.get("workload"),
+                )
+            except TableError as exc:
+                raise fail(f"{where}: {exc}", ov, "url") from None
+        result[name] = Routes(service=name, baseline=baseline, overrides=overrides, hosts=tuple(hosts_raw))
+    return result
+
+
+def merge_snapshots(snapshots: Mapping[str, Mapping[str, Routes]], version: int) -> RouteTable:
+    """One table from each source's latest snapshot; a service claimed twice is an error."""
+    services: dict[str, Routes] = {}
+    owners: dict[str, str] = {}
+    for source in sorted(snapshots):
+        for name, routes in snapshots[source].items():
+            if name in services:
+                raise BuildError(f"service {name!r} is defined by both {owners[name]!r} and {source!r}")
+            services[name] = routes
+            owners[name] = source
+    try:
+        return RouteTable(services, version=version, sources=tuple(sorted(snapshots)))
+    except TableError as exc:
+        raise BuildError(str(exc)) from None
+

@@ -1,0 +1,1 @@
+"""Route sources: each publishes complete snapshots of the services it knows."""

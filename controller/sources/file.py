@@ -1,0 +1,144 @@
+"""The route-file source: a YAML file becomes a complete snapshot, re-read when it changes.
+
+This module owns reading and parsing the file (with line numbers, so a bad edit is reported
+as ``routes.yaml:12: ...``) and noticing changes by polling its modification time, or at once
+when ``reload()`` is called (the CLI wires SIGHUP to it). It never publishes a partial or
+invalid snapshot: a bad edit is reported through ``on_error`` and the previous snapshot stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controller.build import BuildError, LineDict, routes_from_spec
+from router.table import Routes
+
+log = logging.getLogger("devstack.controller.file")
+
+__all__ = ["FileSource", "load_route_file", "parse_route_yaml"]
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader whose mappings remember the line of each key (for error messages)."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
+    loader.flatten_mapping(node)
+    result = LineDict()
+    result.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str | int | float | bool) and key is not None:
+            raise BuildError("mapping keys must be scalars", line=key_node.start_mark.line + 1)
+        skey = str(key)
+        if skey in result:
+            raise BuildError(f"duplicate key {skey!r}", line=key_node.start_mark.line + 1)
+        result[skey] = loader.construct_object(value_node, deep=True)
+        result.key_lines[skey] = key_node.start_mark.line + 1
+    return result
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_route_yaml(text: str, origin: str = "<routes>") -> dict[str, Routes]:
+    """Parse and validate route-file text; raises ``BuildError`` naming origin and line."""
+    try:
+        document: Any = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+    except BuildError as exc:
+        raise BuildError(str(exc).split(": ", 1)[-1], origin=origin, line=exc.line) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise BuildError(f"invalid YAML: {exc.problem or exc}", origin=origin, line=line) from None
+    except yaml.YAMLError as exc:
+        raise BuildError(f"invalid YAML: {exc}", origin=origin) from None
+    if document is None:
+        document = {"services": {}}
+    return routes_from_spec(document, origin=origin)
+
+
+def load_route_file(path: str | os.PathLike[str]) -> dict[str, Routes]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BuildError(f"cannot read route file: {exc}", origin=str(path)) from None
+    return parse_route_yaml(text, origin=str(path))
+
+
+class FileSource:
+    """Publishes the route file's services; polls for changes every ``interval`` seconds."""
+
+    name = "file"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        on_snapshot: Callable[[str, Mapping[str, Routes]], None],
+        on_error: Callable[[str, Exception], None],
+        *,
+        interval: float = 1.0,
+    ) -> None:
+        self.path = Path(path)
+        self._on_snapshot = on_snapshot
+        self._on_error = on_error
+        self._interval = interval
+        self._stamp: tuple[int, int, int] | None = None
+        self._wakeup = asyncio.Event()
+
+    def _current_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load_once(self) -> bool:
+        """Read the file now; publish on success. True if a snapshot was published."""
+        self._stamp = self._current_stamp()
+        try:
+            services = load_route_file(self.path)
+        except BuildError as exc:
+            self._on_error(self.name, exc)
+            return False
+        self._on_snapshot(self.name, services)
+        return True
+
+    async def _load(self) -> None:
+        # Read and parse off the loop; publish on it, so consumers never see another thread.
+        self._stamp = await asyncio.to_thread(self._current_stamp)
+        try:
+            services = await asyncio.to_thread(load_route_file, self.path)
+        except BuildError as exc:
+            self._on_error(self.name, exc)
+            return
+        self._on_snapshot(self.name, services)
+
+    def reload(self) -> None:
+        """Re-read at the next opportunity, changed or not (SIGHUP)."""
+        self._stamp = None
+        self._wakeup.set()
+
+    async def run(self, *, _iterations: int | None = None) -> None:
+        """Poll forever (or ``_iterations`` times, for tests); the first load happens at once."""
+        count = 0
+        if self._stamp is None:
+            await self._load()
+        while _iterations is None or count < _iterations:
+            count += 1
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self._interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wakeup.clear()
+            stamp = await asyncio.to_thread(self._current_stamp)
+            if stamp != self._stamp:
+                await self._load()

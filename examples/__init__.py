@@ -1,0 +1,1 @@
+"""The embedded demo stack: a route file and small services, run by ``devstack demo``."""

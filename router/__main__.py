@@ -1,0 +1,7 @@
+"""``python -m router``: the same entry point as the ``devstack`` console script."""
+
+import sys
+
+from router.cli import main
+
+sys.exit(main())

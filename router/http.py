@@ -1,0 +1,122 @@
+"""HTTP/1.1 message rules the proxy applies: header classification and head rendering.
+
+This module is the sans-I/O half of the hot path: it turns parsed header lists into the exact
+bytes the router forwards, and renders the router's own error responses. It touches no socket
+and keeps no state, so every rule here is testable without a connection. It must never copy a
+framing header through unchanged: framing is always rendered by ``render_*`` from parsed values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Final
+
+__all__ = [
+    "HOP_BY_HOP",
+    "PROTECTED",
+    "connection_tokens",
+    "error_response",
+    "is_valid_authority",
+]
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",  # not hop-by-hop, but re-rendered by our writer, never copied
+    }
+)
+"""Header names (lower case) never copied from one side to the other."""
+
+PROTECTED: Final = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"baggage",
+        b"traceparent",
+        b"tracestate",
+        b"b3",
+        b"x-b3-traceid",
+        b"x-b3-spanid",
+        b"x-b3-parentspanid",
+        b"x-b3-sampled",
+        b"x-b3-flags",
+    }
+)
+"""Names a ``Connection`` header may not strip: framing we render and routing context every
+downstream hop needs (a client listing ``baggage`` in Connection must not cut the chain)."""
+
+_AUTHORITY_BYTES: Final = (
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
+)
+
+_REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
+    """Lower-case tokens of all ``Connection`` header lines combined."""
+    tokens: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip(b" \t").lower()
+            if token:
+                tokens.add(token)
+    return frozenset(tokens)
+
+
+def is_valid_authority(value: bytes) -> bool:
+    """A Host value: reg-name or IP literal with optional port; no userinfo, no spaces."""
+    return 0 < len(value) <= 255 and not value.translate(None, _AUTHORITY_BYTES)
+
+
+def reason_phrase(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+def error_response(
+    status: int,
+    reason: str,
+    *,
+    service: str | None = None,
+    key: str | None = None,
+    target: str | None = None,
+    close: bool = False,
+    route_header: bytes | None = None,
+) -> bytes:
+    """A complete response the router answers itself, with a small JSON body.
+
+    ``service`` and ``key`` come from the route table and the validated key (labels), so they
+    cannot inject anything; the JSON encoder escapes them regardless.
+    """
+    body = json.dumps(
+        {
+            "error": reason_phrase(status).decode(),
+            "service": service,
+            "key": key,
+            "target": target,
+            "reason": reason,
+        },
+        separators=(",", ":"),
+    ).encode()
+    head = [
+        b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)),
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+    ]
+    if route_header is not None:
+        head.append(b"x-devstack-route: " + route_header + b"\r\n")
+    if close:
+        head.append(b"connection: close\r\n")
+    head.append(b"\r\n")
+    head.append(body)
+    return b"".join(head)

@@ -1,0 +1,168 @@
+"""Routing-key extraction: from raw request header lines to a validated key, or None.
+
+This module decides which developer a request belongs to, by the rules in DESIGN.md "Which
+key". It is pure and standard-library only, works on the bytes the parser hands over, and must
+never raise on any input, never allocate more than the W3C limits allow, and never return a value
+that is not a DNS-1123 label (the key is only ever used as a dictionary key, but a label can go
+nowhere unexpected even if someone forgets that).
+
+Key sources are small objects with the header they read and a pure ``key_from(lines)``; the
+proxy collects the lines of each source's header and asks the sources in precedence order.
+Baggage is the first (and today the only) source; a cookie or preview-host source plugs in the
+same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import ClassVar, Final, Protocol
+
+__all__ = [
+    "DEFAULT_MEMBER",
+    "MAX_BAGGAGE_BYTES",
+    "MAX_BAGGAGE_MEMBERS",
+    "BaggageKeySource",
+    "KeySource",
+    "is_valid_key",
+    "percent_decode",
+    "routing_key_from_baggage",
+]
+
+DEFAULT_MEMBER: Final = "devstack"
+MAX_BAGGAGE_BYTES: Final = 8192
+"""W3C Baggage: a propagator must handle at least 8192 bytes; we read exactly that much."""
+MAX_BAGGAGE_MEMBERS: Final = 180
+"""W3C requires at least 64 members; 180 (the earlier draft's cap) bounds work per request."""
+
+_MAX_LABEL: Final = 63
+_LABEL_BYTES: Final = b"abcdefghijklmnopqrstuvwxyz0123456789-"
+_TOKEN_BYTES: Final = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_OWS: Final = b" \t"
+_HEX: Final = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
+
+
+class KeySource(Protocol):
+    """Something that finds a routing key in the lines of one request header."""
+
+    @property
+    def header(self) -> bytes:
+        """The lower-case header name whose lines this source reads."""
+        ...
+
+    def key_from(self, lines: Sequence[bytes]) -> str | None:
+        """A validated key, or None. Must never raise."""
+        ...
+
+
+def is_valid_key(value: bytes) -> bool:
+    """True for a DNS-1123 label: 1-63 of ``[a-z0-9-]``, starting and ending alphanumeric."""
+    return (
+        0 < len(value) <= _MAX_LABEL
+        and not value.translate(None, _LABEL_BYTES)
+        and value[0] != 0x2D
+        and value[-1] != 0x2D
+    )
+
+
+def percent_decode(value: bytes) -> bytes | None:
+    """RFC 3986 percent-decoding; None for a malformed escape. ``+`` stays ``+``."""
+    if b"%" not in value:
+        return value
+    out = bytearray()
+    i, n = 0, len(value)
+    while i < n:
+        c = value[i]
+        if c == 0x25:
+            if i + 2 >= n:
+                return None
+            hi, lo = _HEX.get(value[i + 1]), _HEX.get(value[i + 2])
+            if hi is None or lo is None:
+                return None
+            out.append(hi * 16 + lo)
+            i += 3
+        else:
+            out.append(c)
+            i += 1
+    return bytes(out)
+
+
+def _member_value(member: bytes, names: Sequence[bytes]) -> tuple[int, bytes] | None:
+    """(index of the matching name, raw value) if ``member`` is ``name=value[;props]``."""
+    eq = member.find(b"=")
+    if eq <= 0:
+        return None
+    name = member[:eq].strip(_OWS)
+    try:
+        index = names.index(name)
+    except ValueError:
+        return None
+    value = member[eq + 1 :]
+    semi = value.find(b";")
+    if semi >= 0:
+        value = value[:semi]
+    return index, value.strip(_OWS)
+
+
+def routing_key_from_baggage(
+    lines: Iterable[bytes], names: Sequence[bytes] = (DEFAULT_MEMBER.encode(),)
+) -> str | None:
+    """The routing key carried in ``baggage`` header ``lines``, or None.
+
+    ``names`` are member names in precedence order (the configured name, then aliases). For
+    each name the first member carrying it decides, even if its value is invalid: a request
+    that says ``devstack=%zz,devstack=alice`` is ambiguous and goes to the baseline. Lines are
+    combined in order as one list (RFC 9110 5.3); only members that end within the first
+    ``MAX_BAGGAGE_BYTES`` bytes and the first ``MAX_BAGGAGE_MEMBERS`` members are read.
+    """
+    found: list[bytes | None] = [None] * len(names)
+    decided = [False] * len(names)
+    budget = MAX_BAGGAGE_BYTES
+    members = 0
+    first_line = True
+    for line in lines:
+        if not first_line:
+            budget -= 1  # the comma that joins two lines
+        first_line = False
+        for member in line.split(b","):
+            budget -= len(member)
+            if budget < 0 or members >= MAX_BAGGAGE_MEMBERS:
+                break
+            budget -= 1
+            members += 1
+            hit = _member_value(member, names)
+            if hit is None or decided[hit[0]]:
+                continue
+            index, raw = hit
+            decided[index] = True
+            decoded = percent_decode(raw)
+            found[index] = decoded if decoded is not None and is_valid_key(decoded) else None
+        else:
+            continue
+        break
+    for index, was_decided in enumerate(decided):
+        if was_decided:
+            value = found[index]
+            return value.decode("ascii") if value is not None else None
+    return None
+
+
+class BaggageKeySource:
+    """Reads the routing key from W3C ``baggage`` members named ``names`` (in precedence)."""
+
+    __slots__ = ("_names",)
+    header: ClassVar[bytes] = b"baggage"
+
+    def __init__(self, names: Sequence[str] = (DEFAULT_MEMBER,)) -> None:
+        encoded = []
+        for name in names:
+            raw = name.encode("ascii")
+            if not raw or raw.translate(None, _TOKEN_BYTES):
+                raise ValueError(f"baggage member name {name!r} is not an HTTP token")
+            encoded.append(raw)
+        self._names: tuple[bytes, ...] = tuple(encoded)
+
+    def key_from(self, lines: Sequence[bytes]) -> str | None:
+        try:
+            return routing_key_from_baggage(lines, self._names)
+        except Exception:  # noqa: BLE001 - extraction must never fail a request
+            return None

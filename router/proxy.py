@@ -1,0 +1,855 @@
+"""Client side of the hot path: one asyncio protocol per client connection.
+
+A ``ClientConnection`` parses requests strictly (llhttp via httptools plus the checks llhttp
+leaves to us), picks the service from the authority and the routing key from the request's
+headers, resolves the current ``RouteTable`` once, and streams the exchange through a pooled
+``UpstreamConnection``: request body up, response body down, backpressure both ways, WebSocket
+tunnels after a 101. It never awaits anything on the request path (connection setup is the only
+task, owned by the pool), never logs per request, and never forwards a request it had to guess
+about: every ambiguity is answered by the router itself with a 4xx and the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from typing import Final, cast
+
+import httptools
+
+from router.http import HOP_BY_HOP, PROTECTED, connection_tokens, error_response, is_valid_authority, reason_phrase
+from router.keys import BaggageKeySource, KeySource
+from router.settings import Mode, RouterSettings
+from router.stats import RouterStats
+from router.table import Decision, RouteTable, TargetKind
+from router.upstream import Failure, Framing, PoolFull, UnexpectedUpgrade, UpstreamConnection, UpstreamPool
+
+log = logging.getLogger("devstack.router")
+
+__all__ = ["ClientConnection", "ProxyContext", "TableSlot"]
+
+_CRLF: Final = b"\r\n"
+_CHUNK_END: Final = b"0\r\n\r\n"
+_BUFFER_LIMIT: Final = 256 * 1024
+"""Request body bytes held while an upstream connection is being set up, before we stop reading."""
+
+# Reasons the client socket's reading is paused; reading resumes when none is left.
+_PAUSE_PIPELINE: Final = 1
+_PAUSE_BUFFER: Final = 2
+_PAUSE_UPSTREAM: Final = 4
+_PAUSE_UPGRADE: Final = 8
+_PAUSE_DONE: Final = 16
+
+_CLOSING_STATUSES: Final = frozenset({400, 405, 408, 413, 414, 431, 501, 505})
+"""Answers to requests we could not parse or will not serve: the connection's state is suspect."""
+
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+class TableSlot:
+    """The one mutable reference to the current table; the controller side swaps it whole."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: RouteTable) -> None:
+        self.table = table
+
+
+class ProxyContext:
+    """What every client connection of one listener shares."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        settings: RouterSettings,
+        slot: TableSlot,
+        stats: RouterStats | None = None,
+        key_sources: Sequence[KeySource] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.settings = settings
+        self.slot = slot
+        self.stats = stats or RouterStats()
+        self.pool = UpstreamPool(loop, settings.timeouts, settings.limits, self.stats)
+        self.key_sources: tuple[KeySource, ...] = tuple(
+            key_sources if key_sources is not None else (BaggageKeySource(settings.key_members),)
+        )
+        self.key_headers = frozenset(source.header for source in self.key_sources)
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.no_route_status = 403 if settings.mode is Mode.SIDECAR else 404
+
+    def protocol_factory(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    async def drain(self, deadline: float) -> None:
+        """Stop keep-alive, close idle connections, wait (bounded) for in-flight exchanges."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        end = self.loop.time() + deadline
+        while self.connections and self.loop.time() < end:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        self.pool.close()
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing input of a connection that is closing."""
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _Request:
+    """One request's parse and forwarding state."""
+
+    __slots__ = (
+        "method",
+        "keep_alive",
+        "http11",
+        "upgrade",
+        "chunked",
+        "has_body",
+        "body",
+        "body_buffered",
+        "body_bytes",
+        "complete",
+        "debug",
+        "error",
+        "decision",
+        "head",
+        "started_at",
+        "retried",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.keep_alive = False
+        self.http11 = True
+        self.upgrade = False
+        self.chunked = False
+        self.has_body = False
+        self.body: list[bytes] = []
+        self.body_buffered = 0
+        self.body_bytes = 0
+        self.complete = False
+        self.debug = False
+        self.error: tuple[int, str] | None = None
+        self.decision: Decision | None = None
+        self.head = b""
+        """The rendered request head for the upstream, kept for a single safe retry."""
+        self.started_at = 0.0
+        self.retried = False
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._peer = b""
+        self._url: list[bytes] = []
+        self._url_len = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._head_bytes = 0
+        self._reading_head = True
+        self._parsing: _Request | None = None
+        self._active: _Request | None = None
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._upstream: UpstreamConnection | None = None
+        self._paused = 0
+        self._write_paused = False
+        self._tunnel = False
+        self._tunnel_pending: list[bytes] | None = None
+        self._closed = False
+        self._closing = False
+        self._resp_head: bytes | None = None
+        self._resp_head_sent = False
+        self._resp_chunked = False
+        self._resp_keep_alive = True
+        self._resp_status = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
+        ctx = self.ctx
+        if len(ctx.connections) >= ctx.settings.limits.max_client_connections or ctx.draining:
+            ctx.stats.refused_connections += 1
+            self._closed = True
+            transport.abort()
+            return
+        ctx.connections.add(self)
+        ctx.stats.open_connections += 1
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self._peer = str(peer[0]).encode()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._arm(ctx.settings.timeouts.header_read)
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel:
+            if self._upstream is not None:
+                self._upstream.tunnel_write(data)
+            return
+        if self._tunnel_pending is not None:
+            self._tunnel_pending.append(data)
+            return
+        if self._paused & _PAUSE_DONE or self._closed:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            rest = data[exc.args[0] :]
+            self._tunnel_pending = [rest] if rest else []
+            self._pause(_PAUSE_UPGRADE)
+        except httptools.HttpParserError as exc:
+            self._reject(400, f"malformed request: {exc}")
+        except _Reject as exc:
+            self._reject(exc.status, exc.reason)
+        except _Stop:
+            return
+        else:
+            if self._reading_head and self._parsing is not None:
+                self._head_bytes += len(data)
+                limits = self.ctx.settings.limits
+                if self._head_bytes > limits.max_header_bytes + limits.max_request_line + _BUFFER_LIMIT:
+                    self._reject(431, "request head too large")
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still be waiting for its response; keep the socket open
+        # until the exchange in flight finishes (upstream_complete closes it then).
+        if self._active is None and not self._queue:
+            return None
+        self._pause(_PAUSE_DONE)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed and self not in self.ctx.connections:
+            return
+        self._closed = True
+        self.ctx.connections.discard(self)
+        self.ctx.stats.open_connections -= 1
+        self._cancel_timer()
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            # Mid-exchange: the upstream's framing state is unknown, so it is not reused.
+            upstream.detach()
+        self._queue.clear()
+        self._active = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
+    # -- httptools callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._closing:
+            raise _Stop
+        self._parsing = _Request()
+        self._url = []
+        self._url_len = 0
+        self._headers = []
+        self._header_bytes = 0
+        self._head_bytes = 0
+        self._reading_head = True
+        if self._active is None:
+            self._arm(self.ctx.settings.timeouts.header_read)
+
+    def on_url(self, url: bytes) -> None:
+        self._url_len += len(url)
+        if self._url_len > self.ctx.settings.limits.max_request_line:
+            raise _Reject(414, "request target too long")
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._reading_head:
+            return  # chunked trailer fields: dropped, never merged into the forwarded head
+        self._header_bytes += len(name) + len(value) + 4
+        limits = self.ctx.settings.limits
+        if self._header_bytes > limits.max_header_bytes or len(self._headers) >= limits.max_headers:
+            raise _Reject(431, "request header fields too large")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        req = self._parsing
+        assert req is not None
+        try:
+            self._prepare(req)
+        except _Reject as exc:
+            self.ctx.stats.rejected[exc.status] += 1
+            req.error = (exc.status, exc.reason)
+            req.keep_alive = False
+        if self._active is None and not self._queue:
+            self._start(req)
+        else:
+            self._queue.append(req)
+            self._pause(_PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        req = self._parsing
+        if req is None:
+            return
+        req.body_bytes += len(body)
+        max_body = self.ctx.settings.limits.max_body_bytes
+        if max_body and req.body_bytes > max_body:
+            raise _Reject(413, "request body too large")
+        if req.error is not None or (req is self._active and req.decision is None):
+            return
+        upstream = self._upstream
+        if req is self._active and upstream is not None:
+            if req.chunked:
+                upstream.write(b"%x\r\n" % len(body) + body + _CRLF)
+            else:
+                upstream.write(body)
+            return
+        req.body.append(body)
+        req.body_buffered += len(body)
+        if req.body_buffered > _BUFFER_LIMIT:
+            self._pause(_PAUSE_BUFFER)
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        self._parsing = None
+        self._reading_head = True
+        if req is None:
+            return
+        req.complete = True
+        if req is self._active and self._upstream is not None and req.chunked and req.error is None:
+            self._upstream.write(_CHUNK_END)
+        if not req.keep_alive:
+            # Nothing after a request that closes the connection is read, let alone forwarded.
+            self._pause(_PAUSE_DONE)
+
+    # -- request preparation ------------------------------------------------------------------
+
+    def _prepare(self, req: _Request) -> None:
+        """Validate the parsed head, route it, and render the upstream head; raises _Reject."""
+        parser = self._parser
+        ctx = self.ctx
+        version = parser.get_http_version()
+        if version == "1.1":
+            req.http11 = True
+        elif version == "1.0":
+            req.http11 = False
+        elif version == "0.9":
+            raise _Reject(400, "HTTP/0.9 is not supported")
+        else:
+            raise _Reject(505, "HTTP version not supported")
+        method = parser.get_method()
+        req.method = method
+        if method == b"CONNECT":
+            raise _Reject(405, "CONNECT is not supported: this router never opens tunnels")
+        req.keep_alive = parser.should_keep_alive() and not ctx.draining
+        req.upgrade = parser.should_upgrade()
+
+        headers = self._headers
+        lowered = [name.lower() for name, _ in headers]
+        host: bytes | None = None
+        content_length = -1
+        transfer_encoding: bytes | None = None
+        connection: list[bytes] = []
+        upgrade = b""
+        key_lines: dict[bytes, list[bytes]] = {}
+        forwarded_for: list[bytes] = []
+        for lower, (_, value) in zip(lowered, headers):
+            if lower in ctx.key_headers:
+                key_lines.setdefault(lower, []).append(value)
+            if lower == b"host":
+                if host is not None:
+                    raise _Reject(400, "more than one Host header")
+                host = value
+            elif lower == b"content-length":
+                content_length = int(value)
+            elif lower == b"transfer-encoding":
+                if transfer_encoding is not None:
+                    raise _Reject(400, "more than one Transfer-Encoding header")
+                transfer_encoding = value
+            elif lower == b"connection":
+                connection.append(value)
+            elif lower == b"upgrade":
+                upgrade = value
+            elif lower == b"x-forwarded-for":
+                forwarded_for.append(value)
+            elif lower == b"x-devstack-debug":
+                req.debug = value.strip() == b"1"
+
+        if host is None and req.http11:
+            raise _Reject(400, "HTTP/1.1 request without Host")
+        if host is not None and not is_valid_authority(host):
+            raise _Reject(400, "invalid Host header")
+        if transfer_encoding is not None:
+            if not req.http11:
+                raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if transfer_encoding.strip(b" \t").lower() != b"chunked":
+                raise _Reject(501, "only the chunked transfer coding is supported")
+            req.chunked = True
+            req.has_body = True
+        elif content_length > 0:
+            req.has_body = True
+        max_body = ctx.settings.limits.max_body_bytes
+        if max_body and content_length > max_body:
+            raise _Reject(413, "request body too large")
+
+        target = self._url[0] if len(self._url) == 1 else b"".join(self._url)
+        authority = host
+        if target[:1] == b"/":
+            path = target
+        elif target[:7].lower() == b"http://":
+            rest = target[7:]
+            end = len(rest)
+            for sep in (b"/", b"?", b"#"):
+                found = rest.find(sep)
+                if 0 <= found < end:
+                    end = found
+            authority = rest[:end]
+            path = rest[end:]
+            if not path.startswith(b"/"):
+                path = b"/" + path
+            if b"@" in authority or not is_valid_authority(authority):
+                raise _Reject(400, "invalid authority in request target")
+        elif target == b"*" and method == b"OPTIONS":
+            path = target
+        else:
+            raise _Reject(400, "unsupported request target form")
+        if authority is None:
+            raise _Reject(400, "no authority to route on")
+
+        table = ctx.slot.table
+        service = table.service_for_authority(authority.decode("latin-1"))
+        if service is None:
+            req.error = (ctx.no_route_status, "no-route")
+            ctx.stats.rejected[ctx.no_route_status] += 1
+            return
+        key: str | None = None
+        for source in ctx.key_sources:
+            lines = key_lines.get(source.header)
+            if lines:
+                key = source.key_from(lines)
+                if key is not None:
+                    break
+        decision = table.services[service].resolve(key, time.time())
+        req.decision = decision
+        if decision.target is None:
+            return
+
+        stripped = connection_tokens(connection) - PROTECTED if connection else frozenset()
+        out = [method, b" ", path, b" HTTP/1.1\r\n"]
+        append = out.append
+        if authority is not host:
+            out += (b"Host: ", authority, _CRLF)
+        for lower, (name, value) in zip(lowered, headers):
+            if lower in HOP_BY_HOP or lower in stripped or lower.startswith(b"x-devstack-"):
+                continue
+            if lower[:12] == b"x-forwarded-":
+                if lower == b"x-forwarded-for" or not ctx.settings.trust_forwarded:
+                    continue
+            elif lower == b"host" and authority is not host:
+                continue
+            out += (name, b": ", value, _CRLF)
+        forwarded_for.append(self._peer)
+        out += (b"X-Forwarded-For: ", b", ".join(forwarded_for), _CRLF)
+        if not ctx.settings.trust_forwarded or b"x-forwarded-proto" not in lowered:
+            append(b"X-Forwarded-Proto: http\r\n")
+        if not ctx.settings.trust_forwarded or b"x-forwarded-host" not in lowered:
+            out += (b"X-Forwarded-Host: ", authority, _CRLF)
+        if req.chunked:
+            append(b"Transfer-Encoding: chunked\r\n")
+        elif content_length >= 0 and (content_length > 0 or method not in (b"GET", b"HEAD")):
+            append(b"Content-Length: %d\r\n" % content_length)
+        if req.upgrade and upgrade:
+            out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, _CRLF)
+        append(_CRLF)
+        req.head = b"".join(out)
+
+    # -- exchange lifecycle -------------------------------------------------------------------
+
+    def _start(self, req: _Request) -> None:
+        if self._closing:
+            return
+        self._active = req
+        self._cancel_timer()
+        req.started_at = self.loop.time()
+        self._resp_head = None
+        self._resp_head_sent = False
+        self._resp_chunked = False
+        self._resp_status = 0
+        self._resp_keep_alive = req.keep_alive
+        decision = req.decision
+        if req.error is not None:
+            status, reason = req.error
+            self._answer(status, reason, decision)
+            return
+        assert decision is not None
+        self.ctx.stats.requests[(decision.service, decision.kind.value)] += 1
+        if decision.target is None:
+            self.ctx.stats.rejected[decision.status] += 1
+            self._answer(decision.status, decision.reason, decision)
+            return
+        self._acquire(req, fresh=False)
+
+    def _acquire(self, req: _Request, fresh: bool) -> None:
+        decision = req.decision
+        assert decision is not None and decision.target is not None
+        try:
+            conn = self.ctx.pool.acquire(decision.target.address, self._upstream_ready, fresh=fresh)
+        except PoolFull:
+            self.ctx.stats.upstream_errors[Failure.POOL_FULL.label] += 1
+            self._answer(Failure.POOL_FULL.status, Failure.POOL_FULL.label, decision)
+            return
+        if conn is not None:
+            self._attach(conn)
+
+    def _upstream_ready(self, conn: UpstreamConnection | None, failure: Failure | None) -> None:
+        req = self._active
+        if self._closed or req is None or self._upstream is not None:
+            if conn is not None:
+                self.ctx.pool.release(conn)
+            return
+        if conn is None:
+            assert failure is not None
+            self.ctx.stats.upstream_errors[failure.label] += 1
+            self._answer(failure.status, failure.label, req.decision)
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        req = self._active
+        assert req is not None
+        self._upstream = conn
+        conn.start(self, req.head, req.method == b"HEAD")
+        if self._write_paused:
+            conn.pause_reading()
+        if req.body:
+            if req.chunked:
+                for chunk in req.body:
+                    conn.write(b"%x\r\n" % len(chunk) + chunk + _CRLF)
+            else:
+                for chunk in req.body:
+                    conn.write(chunk)
+            req.body = []
+            req.body_buffered = 0
+            self._resume(_PAUSE_BUFFER)
+        if req.complete and req.chunked:
+            conn.write(_CHUNK_END)
+
+    def _answer(self, status: int, reason: str, decision: Decision | None) -> None:
+        """The router answers the active request itself, then moves on or closes."""
+        req = self._active
+        assert req is not None and self.transport is not None
+        target = decision.target.url if decision is not None and decision.target is not None else None
+        close = not req.keep_alive or (req.has_body and not req.complete) or status in _CLOSING_STATUSES
+        self.transport.write(
+            error_response(
+                status,
+                reason,
+                service=decision.service if decision is not None else None,
+                key=decision.key if decision is not None else None,
+                target=target,
+                close=close,
+                route_header=decision.route_header if decision is not None and req.debug else None,
+            )
+        )
+        self._resp_keep_alive = not close
+        self._finish_exchange()
+
+    def _finish_exchange(self) -> None:
+        req = self._active
+        self._active = None
+        if req is not None:
+            self.ctx.stats.observe_latency(self.loop.time() - req.started_at)
+        if self._closed or self.transport is None:
+            return
+        if not self._resp_keep_alive or (req is not None and req.has_body and not req.complete) or self.ctx.draining:
+            self._close()
+            return
+        if self._queue:
+            # Soon, not now: we may be inside the upstream's parser callback.
+            self.loop.call_soon(self._start_next)
+            return
+        self._resume(_PAUSE_PIPELINE)
+        if self._paused & _PAUSE_DONE:
+            self._close()
+            return
+        self._arm(self.ctx.settings.timeouts.keepalive_idle)
+
+    def _start_next(self) -> None:
+        if self._closed or self._active is not None or not self._queue:
+            return
+        self._start(self._queue.popleft())
+        if not self._queue and not self._closing:
+            # The started request may still be mid-body in the parser: let it read on.
+            self._resume(_PAUSE_PIPELINE)
+
+    def _reject(self, status: int, reason: str) -> None:
+        """A request could not be parsed: answer in order, then close. Never forward it."""
+        self.ctx.stats.rejected[status] += 1
+        self._pause(_PAUSE_DONE)
+        req = self._parsing
+        self._parsing = None
+        if req is not None and req is self._active:
+            # The request being forwarded turned out bad mid-body (e.g. a broken chunk).
+            upstream, self._upstream = self._upstream, None
+            if upstream is not None:
+                upstream.detach()
+            if self._resp_head_sent:
+                self.abort()
+                return
+            req.keep_alive = False
+            self._answer(status, reason, req.decision)
+            return
+        bad = _Request()
+        bad.error = (status, reason)
+        bad.complete = True
+        if self._active is None:
+            self._start(bad)
+        else:
+            self._queue.append(bad)
+
+    # -- upstream events (router.upstream.ExchangeOwner) ----------------------------------------
+
+    def upstream_interim(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        req = self._active
+        if req is None or not req.http11 or self.transport is None:
+            return
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        for name, value in headers:
+            if name.lower() not in HOP_BY_HOP:
+                out += (name, b": ", value, _CRLF)
+        out.append(_CRLF)
+        self.transport.write(b"".join(out))
+
+    def upstream_head(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        framing: Framing,
+        keep_alive: bool,
+    ) -> None:
+        req = self._active
+        assert req is not None
+        self._resp_status = status
+        lowered = [name.lower() for name, _ in headers]
+        stripped: frozenset[bytes] = frozenset()
+        if b"connection" in lowered:
+            values = [value for lower, (_, value) in zip(lowered, headers) if lower == b"connection"]
+            stripped = connection_tokens(values) - PROTECTED
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status))]
+        content_length: bytes | None = None
+        upgrade = b""
+        for lower, (name, value) in zip(lowered, headers):
+            if lower in HOP_BY_HOP or lower in stripped:
+                if lower == b"content-length":
+                    content_length = value
+                elif lower == b"upgrade":
+                    upgrade = value
+                continue
+            out += (name, b": ", value, _CRLF)
+        if req.debug and req.decision is not None:
+            out += (b"x-devstack-route: ", req.decision.route_header, _CRLF)
+        if status == 101:
+            if not req.upgrade:
+                raise UnexpectedUpgrade
+            out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, _CRLF, _CRLF)
+            assert self.transport is not None
+            self.transport.write(b"".join(out))
+            self._resp_head_sent = True
+            return
+        client_keep_alive = self._resp_keep_alive and not req.upgrade and not self.ctx.draining
+        if framing is Framing.NONE:
+            if content_length is not None and status != 204:
+                out += (b"Content-Length: ", content_length, _CRLF)
+        elif framing is Framing.LENGTH:
+            assert content_length is not None
+            out += (b"Content-Length: ", content_length, _CRLF)
+        elif req.http11:
+            self._resp_chunked = True
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            client_keep_alive = False
+        if not client_keep_alive:
+            out.append(b"Connection: close\r\n")
+        elif not req.http11:
+            out.append(b"Connection: keep-alive\r\n")
+        self._resp_keep_alive = client_keep_alive
+        out.append(_CRLF)
+        self._resp_head = b"".join(out)
+
+    def upstream_body(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        head = self._resp_head
+        if head is not None:
+            self._resp_head = None
+            self._resp_head_sent = True
+            if self._resp_chunked:
+                transport.writelines((head, b"%x\r\n" % len(data), data, _CRLF))
+            else:
+                transport.writelines((head, data))
+            return
+        if self._resp_chunked:
+            transport.writelines((b"%x\r\n" % len(data), data, _CRLF))
+        else:
+            transport.write(data)
+
+    def upstream_complete(self, reusable: bool) -> None:
+        upstream, self._upstream = self._upstream, None
+        req = self._active
+        transport = self.transport
+        if self._tunnel:
+            self._close()
+            return
+        if transport is not None and not self._closed:
+            head = self._resp_head
+            self._resp_head = None
+            if head is not None:
+                self._resp_head_sent = True
+                transport.write(head + _CHUNK_END if self._resp_chunked else head)
+            elif self._resp_chunked:
+                transport.write(_CHUNK_END)
+        if upstream is not None:
+            if self._write_paused:
+                upstream.resume_reading()
+            if reusable and req is not None and req.complete:
+                self.ctx.pool.release(upstream)
+            else:
+                upstream.close()
+        self._finish_exchange()
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        self._tunnel = True
+        transport = self.transport
+        upstream = self._upstream
+        if transport is None or upstream is None or self._closed:
+            return
+        if rest:
+            transport.write(rest)
+        pending = self._tunnel_pending or []
+        self._tunnel_pending = None
+        for chunk in pending:
+            upstream.tunnel_write(chunk)
+        self._resume(_PAUSE_UPGRADE | _PAUSE_PIPELINE | _PAUSE_DONE)
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    def upstream_failed(self, failure: Failure, response_started: bool) -> None:
+        conn, self._upstream = self._upstream, None
+        req = self._active
+        self.ctx.stats.upstream_errors[failure.label] += 1
+        if req is None or self._closed:
+            return
+        if self._tunnel or self._resp_head_sent:
+            # Part of the response is already with the client: the only honest signal left is
+            # to cut the connection, so a truncated body is never taken for a whole one.
+            self.abort()
+            return
+        if (
+            failure is Failure.RESET
+            and not response_started
+            and conn is not None
+            and conn.reused
+            and not req.retried
+            and not req.has_body
+            and req.method in _IDEMPOTENT
+        ):
+            # The pooled connection was closed by the upstream as we reused it: safe to retry once.
+            req.retried = True
+            self._resp_head = None
+            self._acquire(req, fresh=True)
+            return
+        self._resp_head = None
+        self._answer(failure.status, failure.label, req.decision)
+
+    def upstream_pause(self) -> None:
+        self._pause(_PAUSE_UPSTREAM)
+
+    def upstream_resume(self) -> None:
+        self._resume(_PAUSE_UPSTREAM)
+
+    # -- connection control -------------------------------------------------------------------
+
+    def close_if_idle(self) -> None:
+        if self._active is None and not self._queue and self._parsing is None:
+            self._close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._paused |= _PAUSE_DONE
+        self._cancel_timer()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reasons: int) -> None:
+        if not self._paused & reasons:
+            return
+        self._paused &= ~reasons
+        if not self._paused and self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+
+    def _arm(self, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
+        self._deadline = deadline
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        self._deadline = 0.0
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._deadline or self._closed:
+            return
+        now = self.loop.time()
+        if now < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        # Idle keep-alive or a head that never finished (slowloris): close, answering 408 only
+        # when a request had begun.
+        if self._parsing is not None and self._active is None and self.transport is not None:
+            self.ctx.stats.rejected[408] += 1
+            self.transport.write(error_response(408, "header-read-timeout", close=True))
+        self._close()
+

@@ -1,0 +1,100 @@
+"""Listeners and lifecycle of one router process: the proxy socket, the admin app, draining.
+
+``RouterServer`` binds the protocol-level proxy and the aiohttp admin listener on the running
+loop, exposes ``swap(table)`` for whatever source feeds it, and shuts down gracefully (stop
+accepting, finish in-flight exchanges within the drain deadline, close the rest). It knows
+nothing about where tables come from; the CLI composes it with the controller's sources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from router.admin import AdminState, make_admin_app
+from router.proxy import ProxyContext, TableSlot
+from router.settings import RouterSettings
+from router.stats import RouterStats
+from router.table import EMPTY_TABLE, RouteTable
+
+__all__ = ["RouterServer", "parse_hostport"]
+
+
+def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``host:port``, ``:port``, ``[::1]:port`` → (host, port)."""
+    if value.startswith("["):
+        host, _, port = value[1:].partition("]:")
+    else:
+        host, _, port = value.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    return (host or default_host, int(port))
+
+
+class RouterServer:
+    def __init__(
+        self,
+        settings: RouterSettings | None = None,
+        table: RouteTable = EMPTY_TABLE,
+        readiness: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
+    ) -> None:
+        self.settings = settings or RouterSettings()
+        self.slot = TableSlot(table)
+        self.stats = RouterStats()
+        self._readiness = readiness
+        self._server: asyncio.AbstractServer | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.ctx: ProxyContext | None = None
+        self.address: tuple[str, int] = ("", 0)
+        self.admin_address: tuple[str, int] = ("", 0)
+
+    @property
+    def table(self) -> RouteTable:
+        return self.slot.table
+
+    def swap(self, table: RouteTable) -> None:
+        """Make ``table`` current. Requests already routed keep the decision they made."""
+        self.slot.table = table
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        if self._readiness is not None:
+            return self._readiness()
+        return (self.slot.table.version > 0, {})
+
+    async def start(self, listen: tuple[str, int], admin: tuple[str, int] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self.ctx = ProxyContext(loop, self.settings, self.slot, self.stats)
+        self._server = await loop.create_server(
+            self.ctx.protocol_factory,
+            listen[0],
+            listen[1],
+            reuse_address=True,
+            backlog=4096,
+        )
+        sock: socket.socket = self._server.sockets[0]  # type: ignore[attr-defined]
+        self.address = sock.getsockname()[:2]
+        if admin is not None:
+            app = make_admin_app(AdminState(lambda: self.slot.table, self.stats, self.readiness))
+            self._admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await self._admin_runner.setup()
+            site = web.TCPSite(self._admin_runner, admin[0], admin[1], reuse_address=True)
+            await site.start()
+            server: Any = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
+            self.admin_address = server.sockets[0].getsockname()[:2]
+
+    async def close(self, drain: float | None = None) -> None:
+        """Stop accepting, let in-flight exchanges finish for ``drain`` seconds, close all."""
+        if self._server is not None:
+            self._server.close()
+        if self.ctx is not None:
+            await self.ctx.drain(self.settings.timeouts.drain if drain is None else drain)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None

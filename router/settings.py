@@ -1,0 +1,85 @@
+"""Router settings: every limit and timeout, grouped, each default with the reason it is that.
+
+This module only describes configuration; it reads no files and opens no sockets. The CLI fills
+it from flags, tests construct it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from router.keys import DEFAULT_MEMBER
+
+
+class Mode(enum.Enum):
+    INGRESS = "ingress"
+    """Edge proxy: unknown authorities get 404, like any virtual-host server."""
+    SIDECAR = "sidecar"
+    """HTTP_PROXY for one pod: unknown authorities get 403, the answer of a closed forward proxy."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timeouts:
+    header_read: float = 15.0
+    """Seconds a client has to send a complete request head: slowloris dies here, and 15 s is
+    longer than any honest client on a congested link needs for a few KiB."""
+    keepalive_idle: float = 75.0
+    """Idle seconds before a client keep-alive connection is closed; above the 60 s idle
+    timeouts of common load balancers, so they close first and never race us."""
+    body_idle: float = 60.0
+    """Seconds a request body may stall between reads before the exchange is abandoned."""
+    upstream_connect: float = 5.0
+    """Seconds to establish an upstream TCP connection; a pod that takes longer is not there."""
+    upstream_response: float = 60.0
+    """Seconds from the request being sent to the response head, and the longest silence
+    allowed between response body reads: long enough for slow handlers, short enough that a
+    wedged override is reported (504) rather than hanging its developer's client."""
+    upstream_pool_idle: float = 30.0
+    """Seconds an idle pooled upstream connection is kept; below the 60 s keep-alive of most
+    servers, so we close idle connections before they do (the reuse race shrinks)."""
+    drain: float = 10.0
+    """Seconds in-flight requests get to finish after SIGTERM."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) <= 0:
+                raise ValueError(f"timeout {field.name} must be positive")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    max_request_line: int = 16384
+    """Bytes of method + target + version; 16 KiB covers long query strings (nginx uses 8 KiB)."""
+    max_header_bytes: int = 32768
+    """Bytes of all header lines; must stay above the W3C 8192-byte baggage plus ordinary
+    headers, so a maximal but legal baggage is propagated."""
+    max_headers: int = 100
+    """Header lines per request or response; 100 is Go's and aiohttp's order of magnitude."""
+    max_body_bytes: int = 0
+    """Largest request body accepted (413 beyond); 0 means unlimited since bodies stream."""
+    max_client_connections: int = 10000
+    """Open client connections; beyond it new ones are closed at once, before file
+    descriptors run out (the default ulimit is often 1024; raise it or this)."""
+    upstream_pool_size: int = 256
+    """Connections per upstream address (in use plus idle)."""
+    upstream_pool_queue: int = 1024
+    """Requests that may wait for a pooled connection; beyond it the router answers 503."""
+
+    def __post_init__(self) -> None:
+        if self.max_header_bytes < 9000:
+            raise ValueError("max_header_bytes must allow an 8192-byte W3C baggage header")
+        if self.upstream_pool_size < 1:
+            raise ValueError("upstream_pool_size must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouterSettings:
+    mode: Mode = Mode.INGRESS
+    key_members: tuple[str, ...] = (DEFAULT_MEMBER,)
+    """Baggage member names carrying the routing key, in precedence order (aliases after)."""
+    timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    trust_forwarded: bool = False
+    """Keep a client's X-Forwarded-Proto/Host instead of overwriting them: only behind a
+    trusted load balancer, otherwise any client can claim to be on HTTPS."""

@@ -1,0 +1,254 @@
+"""The immutable, versioned route table and the routing decision made from it.
+
+This module owns one decision: given a service and a routing key, which upstream serves the
+request (or why none does). It is pure and imports only the standard library, so the controller
+can build tables and the hot path can read them without either knowing the other. It must never
+perform I/O or mutate a table after construction: the router swaps whole tables atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+from urllib.parse import urlsplit
+
+__all__ = [
+    "Decision",
+    "Fallback",
+    "Override",
+    "RouteTable",
+    "Routes",
+    "Target",
+    "TargetKind",
+    "TableError",
+]
+
+
+class TableError(ValueError):
+    """A route definition is invalid; the message says which service and field."""
+
+
+class Fallback(enum.Enum):
+    """What an unusable override (not ready, expired) does with its traffic."""
+
+    ERROR = "error"
+    """Answer 503: the developer asked for their version, so silently serving another is a lie."""
+    BASELINE = "baseline"
+    """Serve the shared baseline instead, for owners who prefer availability over fidelity."""
+
+
+class TargetKind(enum.Enum):
+    BASELINE = "baseline"
+    OVERRIDE = "override"
+    ERROR = "error"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Target:
+    """One upstream address: where a baseline or an override listens."""
+
+    url: str
+    host: str = dataclasses.field(init=False)
+    port: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme != "http":
+            raise TableError(f"upstream {self.url!r}: only http:// upstreams are supported")
+        if not parts.hostname:
+            raise TableError(f"upstream {self.url!r}: no host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise TableError(f"upstream {self.url!r}: must be scheme://host:port with no path")
+        try:
+            port = parts.port or 80
+        except ValueError as exc:
+            raise TableError(f"upstream {self.url!r}: {exc}") from None
+        object.__setattr__(self, "host", parts.hostname)
+        object.__setattr__(self, "port", port)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of routing one request; precomputed so the hot path allocates none."""
+
+    service: str
+    key: str | None
+    kind: TargetKind
+    target: Target | None
+    reason: str
+    status: int = 200
+    """HTTP status the router answers itself with when ``target`` is None."""
+
+    @property
+    def route_header(self) -> bytes:
+        """The ``x-devstack-route`` value; rendered on demand because only debug requests ask."""
+        rendered = (
+            f"service={self.service}; key={self.key or '-'}; "
+            f"target={self.kind.value}; reason={self.reason}"
+        )
+        return rendered.encode("ascii", "replace")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Override:
+    """A developer's version of one service, selected by a routing key."""
+
+    key: str
+    target: Target
+    ready: bool = True
+    expires_at: float | None = None
+    """Unix time after which the override receives no traffic, whatever its readiness."""
+    fallback: Fallback = Fallback.ERROR
+    namespace: str | None = None
+    workload: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _OverrideDecisions:
+    """The decisions an override can produce, rendered once when the table is built."""
+
+    override: Override
+    serve: Decision
+    not_ready: Decision
+    expired: Decision
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Routes:
+    """Everything the router knows about one service: its baseline and its overrides."""
+
+    service: str
+    baseline: Target
+    overrides: Mapping[str, Override] = dataclasses.field(default_factory=dict)
+    hosts: tuple[str, ...] = ()
+    baseline_decision: Decision = dataclasses.field(init=False)
+    _by_key: Mapping[str, _OverrideDecisions] = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+        base = Decision(self.service, None, TargetKind.BASELINE, self.baseline, "no-key")
+        object.__setattr__(self, "baseline_decision", base)
+        by_key: dict[str, _OverrideDecisions] = {}
+        for key, ov in self.overrides.items():
+            if key != ov.key:
+                raise TableError(f"service {self.service!r}: override filed under {key!r} names {ov.key!r}")
+            by_key[key] = _OverrideDecisions(
+                override=ov,
+                serve=Decision(self.service, key, TargetKind.OVERRIDE, ov.target, "override"),
+                not_ready=self._unusable(ov, "override-not-ready"),
+                expired=self._unusable(ov, "override-expired"),
+            )
+        object.__setattr__(self, "_by_key", MappingProxyType(by_key))
+
+    def _unusable(self, ov: Override, reason: str) -> Decision:
+        if ov.fallback is Fallback.BASELINE:
+            return Decision(self.service, ov.key, TargetKind.BASELINE, self.baseline, reason + "-fallback")
+        return Decision(self.service, ov.key, TargetKind.ERROR, None, reason, status=503)
+
+    def resolve(self, key: str | None, now: float) -> Decision:
+        """Pick the upstream for ``key`` (already validated) at Unix time ``now``."""
+        if key is None:
+            return self.baseline_decision
+        entry = self._by_key.get(key)
+        if entry is None:
+            # Most keys have no override on most services: the rest of the stack is shared.
+            return Decision(self.service, key, TargetKind.BASELINE, self.baseline, "no-override")
+        ov = entry.override
+        if ov.expires_at is not None and now >= ov.expires_at:
+            return entry.expired
+        if not ov.ready:
+            return entry.not_ready
+        return entry.serve
+
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouteTable:
+    """A complete, immutable snapshot of every service's routes.
+
+    ``hosts`` maps lower-case authorities (with and without port) to service names; a dict
+    because the hot path does exactly one lookup per request and must not scan.
+    """
+
+    services: Mapping[str, Routes]
+    version: int = 0
+    sources: tuple[str, ...] = ()
+    hosts: Mapping[str, str] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        services = MappingProxyType(dict(self.services))
+        hosts: dict[str, str] = {}
+        for name, routes in services.items():
+            if name != routes.service:
+                raise TableError(f"service filed under {name!r} is named {routes.service!r}")
+            for host in (name, *routes.hosts):
+                host = host.lower()
+                owner = hosts.get(host)
+                if owner is not None and owner != name:
+                    raise TableError(f"host {host!r} is claimed by both {owner!r} and {name!r}")
+                hosts[host] = name
+        object.__setattr__(self, "services", services)
+        object.__setattr__(self, "hosts", MappingProxyType(hosts))
+
+    def service_for_authority(self, authority: str) -> str | None:
+        """Map a Host header or absolute-form authority to a service name, port optional."""
+        authority = authority.lower()
+        found = self.hosts.get(authority)
+        if found is not None:
+            return found
+        if authority.startswith("["):
+            end = authority.find("]")
+            return self.hosts.get(authority[: end + 1]) if end > 0 else None
+        colon = authority.rfind(":")
+        if colon > 0:
+            return self.hosts.get(authority[:colon])
+        return None
+
+    def resolve(self, service: str, key: str | None, now: float | None = None) -> Decision | None:
+        """Dry-run entry point: the decision for ``service`` and ``key``, or None if unknown."""
+        routes = self.services.get(service)
+        if routes is None:
+            return None
+        return routes.resolve(key, time.time() if now is None else now)
+
+    def with_version(self, version: int, sources: tuple[str, ...] | None = None) -> RouteTable:
+        return RouteTable(self.services, version, self.sources if sources is None else sources)
+
+    def same_routes(self, other: RouteTable) -> bool:
+        """True when two tables route identically, ignoring version and provenance."""
+        return dict(self.services) == dict(other.services)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "sources": list(self.sources),
+            "services": {
+                name: {
+                    "hosts": list(routes.hosts),
+                    "baseline": routes.baseline.url,
+                    "overrides": {
+                        key: {
+                            "url": ov.target.url,
+                            "ready": ov.ready,
+                            "expires": ov.expires_at,
+                            "fallback": ov.fallback.value,
+                            "namespace": ov.namespace,
+                            "workload": ov.workload,
+                        }
+                        for key, ov in routes.overrides.items()
+                    },
+                }
+                for name, routes in self.services.items()
+            },
+        }
+
+
+EMPTY_TABLE: Final = RouteTable({}, version=0, sources=())

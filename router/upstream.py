@@ -1,0 +1,488 @@
+"""Upstream side of the hot path: one protocol per upstream TCP connection, and their pools.
+
+An ``UpstreamConnection`` parses exactly one response at a time (strictly, with llhttp) and
+reports it to the exchange that owns it; the ``UpstreamPool`` keeps idle keep-alive connections
+per address with a size cap and a bounded wait queue. A connection is reused only when its last
+response was framed unambiguously and fully read; anything else (a parse error, stray bytes
+while idle, a HEAD response, a timeout) discards it, because a reused connection carrying
+leftover bytes would hand one client another client's response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import socket
+from collections.abc import Callable
+from typing import Final, cast, Protocol
+
+import httptools
+
+from router.settings import Limits, Timeouts
+from router.stats import RouterStats
+
+Address = tuple[str, int]
+
+
+class Framing(enum.Enum):
+    NONE = 0
+    """No body: HEAD responses, 1xx, 204, 304."""
+    LENGTH = 1
+    CHUNKED = 2
+    CLOSE = 3
+    """Body delimited by the upstream closing the connection (HTTP/1.0 style)."""
+
+
+class Failure(enum.Enum):
+    CONNECT = ("connect", 502)
+    TIMEOUT = ("timeout", 504)
+    RESET = ("reset", 502)
+    BAD_RESPONSE = ("bad-response", 502)
+    POOL_FULL = ("pool-full", 503)
+
+    def __init__(self, label: str, status: int) -> None:
+        self.label = label
+        self.status = status
+
+
+class ExchangeOwner(Protocol):
+    """What an upstream connection reports to the client-side exchange using it."""
+
+    def upstream_head(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        framing: Framing,
+        keep_alive: bool,
+    ) -> None: ...
+
+    def upstream_interim(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    def upstream_body(self, data: bytes) -> None: ...
+
+    def upstream_complete(self, reusable: bool) -> None: ...
+
+    def upstream_upgraded(self, rest: bytes) -> None: ...
+
+    def upstream_tunnel_data(self, data: bytes) -> None: ...
+
+    def upstream_failed(self, failure: Failure, response_started: bool) -> None: ...
+
+    def upstream_pause(self) -> None: ...
+
+    def upstream_resume(self) -> None: ...
+
+
+class UnexpectedUpgrade(Exception):
+    """The exchange refuses a 101 it did not ask for; the response counts as broken."""
+
+
+class _HeadDone(Exception):
+    """Raised from the parser callback to stop after a bodiless (HEAD) response head."""
+
+
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "address",
+        "pool",
+        "transport",
+        "owner",
+        "reused",
+        "idle_since",
+        "last_io",
+        "_parser",
+        "_loop",
+        "_timeouts",
+        "_max_head",
+        "_status",
+        "_reason",
+        "_headers",
+        "_framing",
+        "_head_bytes",
+        "_in_head",
+        "_started",
+        "_head_request",
+        "_tunnel",
+        "_broken",
+        "_timer",
+        "_closed",
+        "_counted",
+    )
+
+    def __init__(self, pool: UpstreamPool, address: Address) -> None:
+        self.address = address
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.owner: ExchangeOwner | None = None
+        self.reused = False
+        self.idle_since = 0.0
+        self.last_io = 0.0
+        self._loop = pool.loop
+        self._timeouts = pool.timeouts
+        self._max_head = pool.limits.max_header_bytes + pool.limits.max_request_line
+        self._parser = httptools.HttpResponseParser(self)
+        self._status = 0
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._framing = Framing.CLOSE
+        self._head_bytes = 0
+        self._in_head = False
+        self._started = False
+        self._head_request = False
+        self._tunnel = False
+        self._broken = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._counted = True
+        """Whether the pool still counts this connection towards its address's cap."""
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is None:
+            # Bytes while idle: the upstream broke framing (or is closing); never reuse.
+            self._broken = True
+            self.close()
+            return
+        self.last_io = self._loop.time()
+        if self._tunnel:
+            owner.upstream_tunnel_data(data)
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self._max_head:
+                self._fail(Failure.BAD_RESPONSE)
+                return
+        try:
+            self._parser.feed_data(data)
+        except _HeadDone:
+            self._finish(reusable=False)
+        except httptools.HttpParserUpgrade as exc:
+            if self._status == 101 and self.owner is not None:
+                self._tunnel = True
+                self._cancel_timer()
+                self.owner.upstream_upgraded(data[exc.args[0] :])
+            else:
+                self._fail(Failure.BAD_RESPONSE)
+        except (httptools.HttpParserError, UnexpectedUpgrade):
+            self._fail(Failure.BAD_RESPONSE)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._cancel_timer()
+        self.pool.forget(self)
+        owner = self.owner
+        if owner is None:
+            return
+        if self._tunnel:
+            self.owner = None
+            owner.upstream_complete(reusable=False)
+        elif self._started and not self._in_head and self._framing is Framing.CLOSE:
+            self._finish(reusable=False)
+        else:
+            self._fail(Failure.RESET)
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_pause()
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_resume()
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._started = True
+        self._in_head = True
+        self._headers = []
+        self._framing = Framing.CLOSE
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        self._status = status
+        self._in_head = False
+        owner = self.owner
+        if owner is None:
+            raise _HeadDone
+        if 100 <= status < 200 and status != 101:
+            owner.upstream_interim(status, self._reason, self._headers)
+            self._reason = b""
+            return
+        framing = Framing.CLOSE
+        for name, _ in self._headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                framing = Framing.LENGTH
+            elif lower == b"transfer-encoding":
+                framing = Framing.CHUNKED
+        if self._head_request or status in (204, 304):
+            framing = Framing.NONE
+        self._framing = framing
+        keep_alive = parser.should_keep_alive()
+        reason, self._reason = self._reason, b""
+        owner.upstream_head(status, reason, self._headers, framing, keep_alive)
+        if self._head_request:
+            raise _HeadDone
+
+    def on_body(self, body: bytes) -> None:
+        if self.owner is not None:
+            self.owner.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._status < 200:
+            return  # an interim (1xx) response; the final one follows on the same connection
+        if self._status == 101:
+            return  # HttpParserUpgrade follows and switches the connection to a tunnel
+        self._finish(reusable=self._parser.should_keep_alive())
+
+    # -- exchange control -----------------------------------------------------------------------
+
+    def start(self, owner: ExchangeOwner, head: bytes, is_head_request: bool) -> None:
+        """Send a request head on this connection; responses now go to ``owner``."""
+        assert self.transport is not None
+        self.owner = owner
+        self._head_request = is_head_request
+        self._started = False
+        self._status = 0
+        self._reason = b""
+        self._head_bytes = 0
+        now = self._loop.time()
+        self.last_io = now
+        self._timer = self._loop.call_at(now + self._timeouts.upstream_response, self._on_timer)
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.last_io = self._loop.time()
+        self.transport.write(data)
+
+    def tunnel_write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+
+    def detach(self) -> None:
+        """The owner gives up mid-exchange (client gone): framing is unknown, so close."""
+        self.owner = None
+        self.close()
+
+    def close(self) -> None:
+        self._cancel_timer()
+        self.owner = None
+        if self.transport is not None and not self._closed:
+            self._closed = True
+            self.transport.abort()
+            self.pool.forget(self)
+
+    @property
+    def usable(self) -> bool:
+        return not self._closed and not self._broken
+
+    def _finish(self, reusable: bool) -> None:
+        owner = self.owner
+        self._cancel_timer()
+        self.owner = None
+        self._started = False
+        if self._head_request or self._closed:
+            reusable = False
+        if owner is not None:
+            owner.upstream_complete(reusable)
+
+    def _fail(self, failure: Failure) -> None:
+        owner = self.owner
+        started = self._started
+        self._broken = True
+        self.close()
+        if owner is not None:
+            owner.upstream_failed(failure, started)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.owner is None or self._tunnel:
+            return
+        deadline = self.last_io + self._timeouts.upstream_response
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
+        self._fail(Failure.TIMEOUT)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+Waiter = Callable[["UpstreamConnection | None", "Failure | None"], None]
+
+
+class PoolFull(Exception):
+    pass
+
+
+class _AddressPool:
+    __slots__ = ("idle", "total", "waiters")
+
+    def __init__(self) -> None:
+        self.idle: list[UpstreamConnection] = []
+        """LIFO: the most recently used connection is the least likely to have been closed."""
+        self.total = 0
+        self.waiters: collections.deque[Waiter] = collections.deque()
+
+
+class UpstreamPool:
+    """Keep-alive connections per upstream address, capped, with a bounded wait queue."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeouts: Timeouts,
+        limits: Limits,
+        stats: RouterStats,
+    ) -> None:
+        self.loop = loop
+        self.timeouts = timeouts
+        self.limits = limits
+        self.stats = stats
+        self._pools: dict[Address, _AddressPool] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closing = False
+
+    def acquire(self, address: Address, waiter: Waiter, *, fresh: bool = False) -> UpstreamConnection | None:
+        """An idle connection now, or None with ``waiter`` called later (connected or failed).
+
+        Raises ``PoolFull`` when the cap and the wait queue are both exhausted.
+        """
+        pool = self._pools.get(address)
+        if pool is None:
+            pool = self._pools[address] = _AddressPool()
+        idle = pool.idle
+        if not fresh:
+            deadline = self.loop.time() - self.timeouts.upstream_pool_idle
+            while idle:
+                conn = idle.pop()
+                if conn.usable and conn.idle_since > deadline:
+                    conn.reused = True
+                    return conn
+                conn.close()
+        if pool.total < self.limits.upstream_pool_size:
+            self._connect(address, pool, waiter)
+            return None
+        if len(pool.waiters) >= self.limits.upstream_pool_queue:
+            raise PoolFull(address)
+        pool.waiters.append(waiter)
+        return None
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return a connection whose last exchange ended cleanly."""
+        pool = self._pools.get(conn.address)
+        if pool is None or not conn.usable or self._closing:
+            conn.close()
+            return
+        if pool.waiters:
+            waiter = pool.waiters.popleft()
+            conn.reused = True
+            # Called soon, not now: the releasing connection may still be inside feed_data.
+            self.loop.call_soon(waiter, conn, None)
+            return
+        conn.idle_since = self.loop.time()
+        pool.idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.timeouts.upstream_pool_idle, self._sweep)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """A connection closed (either side): drop it and let a waiter have its slot."""
+        pool = self._pools.get(conn.address)
+        if pool is None or not conn._counted:
+            return
+        conn._counted = False
+        if conn in pool.idle:
+            pool.idle.remove(conn)
+        pool.total -= 1
+        self.stats.upstream_connections -= 1
+        if pool.waiters and pool.total < self.limits.upstream_pool_size and not self._closing:
+            self._connect(conn.address, pool, pool.waiters.popleft())
+
+    def _connect(self, address: Address, pool: _AddressPool, waiter: Waiter) -> None:
+        pool.total += 1
+        self.stats.upstream_connections += 1
+        task = self.loop.create_task(self._open(address, pool, waiter), name=f"upstream-connect {address}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open(self, address: Address, pool: _AddressPool, waiter: Waiter) -> None:
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(lambda: UpstreamConnection(self, address), *address),
+                self.timeouts.upstream_connect,
+            )
+        except asyncio.CancelledError:
+            pool.total -= 1
+            self.stats.upstream_connections -= 1
+            raise
+        except (OSError, asyncio.TimeoutError) as exc:
+            pool.total -= 1
+            self.stats.upstream_connections -= 1
+            failure = Failure.TIMEOUT if isinstance(exc, asyncio.TimeoutError) else Failure.CONNECT
+            waiter(None, failure)
+            return
+        waiter(conn, None)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        deadline = self.loop.time() - self.timeouts.upstream_pool_idle
+        remaining = False
+        for pool in self._pools.values():
+            for conn in [c for c in pool.idle if c.idle_since <= deadline]:
+                conn.close()
+            remaining = remaining or bool(pool.idle)
+        if remaining:
+            self._sweeper = self.loop.call_later(self.timeouts.upstream_pool_idle, self._sweep)
+
+    def idle_count(self, address: Address) -> int:
+        pool = self._pools.get(address)
+        return len(pool.idle) if pool else 0
+
+    def close(self) -> None:
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for pool in self._pools.values():
+            for conn in list(pool.idle):
+                conn.close()
+        for task in list(self._tasks):
+            task.cancel()
+
