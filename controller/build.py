@@ -112,7 +112,11 @@ def routes_from_spec(spec: object, *, origin: str = "") -> dict[str, Routes]:
         if isinstance(baseline_raw, Mapping):
             baseline_raw = baseline_raw.get("url")
         if not isinstance(baseline_raw, str):
-            raise fail(f"service {name!r}: 'baseline' must be an upstream URL", body, "baseline" if "baseline" in body else None)
+            raise fail(
+                f"service {name!r}: 'baseline' must be an upstream URL",
+                body,
+                "baseline" if "baseline" in body else None,
+            )
         try:
             baseline = Target(baseline_raw)
         except TableError as exc:
@@ -182,4 +186,3 @@ def merge_snapshots(snapshots: Mapping[str, Mapping[str, Routes]], version: int)
         return RouteTable(services, version=version, sources=tuple(sorted(snapshots)))
     except TableError as exc:
         raise BuildError(str(exc)) from None
-

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from controller.aggregator import Aggregator
-from controller.sources.file import FileSource, load_route_file
 from controller.build import BuildError
+from controller.sources.file import FileSource, load_route_file
 from router.keys import DEFAULT_MEMBER
 from router.server import RouterServer, parse_hostport
 from router.settings import Limits, Mode, RouterSettings, Timeouts
@@ -193,11 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from devstack_examples.demo import run_demo  # noqa: PLC0415 - the demo is optional
 
-            return asyncio.run(run_demo(args))
+            return int(asyncio.run(run_demo(args)))
         if args.command == "controller":
             from controller.cli import run_controller  # noqa: PLC0415
 
-            return asyncio.run(run_controller(args))
+            return int(asyncio.run(run_controller(args)))
     return 0
 
 

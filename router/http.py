@@ -56,9 +56,7 @@ PROTECTED: Final = frozenset(
 """Names a ``Connection`` header may not strip: framing we render and routing context every
 downstream hop needs (a client listing ``baggage`` in Connection must not cut the chain)."""
 
-_AUTHORITY_BYTES: Final = (
-    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
-)
+_AUTHORITY_BYTES: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
 
 _REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 

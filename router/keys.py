@@ -103,9 +103,7 @@ def _member_value(member: bytes, names: Sequence[bytes]) -> tuple[int, bytes] | 
     return index, value.strip(_OWS)
 
 
-def routing_key_from_baggage(
-    lines: Iterable[bytes], names: Sequence[bytes] = (DEFAULT_MEMBER.encode(),)
-) -> str | None:
+def routing_key_from_baggage(lines: Iterable[bytes], names: Sequence[bytes] = (DEFAULT_MEMBER.encode(),)) -> str | None:
     """The routing key carried in ``baggage`` header ``lines``, or None.
 
     ``names`` are member names in precedence order (the configured name, then aliases). For

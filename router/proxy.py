@@ -25,7 +25,7 @@ from router.http import HOP_BY_HOP, PROTECTED, connection_tokens, error_response
 from router.keys import BaggageKeySource, KeySource
 from router.settings import Mode, RouterSettings
 from router.stats import RouterStats
-from router.table import Decision, RouteTable, TargetKind
+from router.table import Decision, RouteTable
 from router.upstream import Failure, Framing, PoolFull, UnexpectedUpgrade, UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("devstack.router")
@@ -175,6 +175,7 @@ class ClientConnection(asyncio.Protocol):
         self._tunnel_pending: list[bytes] | None = None
         self._closed = False
         self._closing = False
+        self._pending_reject: _Reject | None = None
         self._resp_head: bytes | None = None
         self._resp_head_sent = False
         self._resp_chunked = False
@@ -221,10 +222,15 @@ class ClientConnection(asyncio.Protocol):
             rest = data[exc.args[0] :]
             self._tunnel_pending = [rest] if rest else []
             self._pause(_PAUSE_UPGRADE)
-        except httptools.HttpParserError as exc:
-            self._reject(400, f"malformed request: {exc}")
-        except _Reject as exc:
-            self._reject(exc.status, exc.reason)
+        except (httptools.HttpParserError, _Reject) as exc:
+            # httptools wraps exceptions raised in some callbacks; ours are parked on self.
+            pending, self._pending_reject = self._pending_reject, None
+            if isinstance(exc, _Reject):
+                pending = exc
+            if pending is not None:
+                self._reject(pending.status, pending.reason)
+            else:
+                self._reject(400, f"malformed request: {exc}")
         except _Stop:
             return
         else:
@@ -268,6 +274,10 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks --------------------------------------------------------------------
 
+    def _park(self, reject: _Reject) -> _Reject:
+        self._pending_reject = reject
+        return reject
+
     def on_message_begin(self) -> None:
         if self._closing:
             raise _Stop
@@ -284,7 +294,7 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url_len += len(url)
         if self._url_len > self.ctx.settings.limits.max_request_line:
-            raise _Reject(414, "request target too long")
+            raise self._park(_Reject(414, "request target too long"))
         self._url.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -293,7 +303,7 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         limits = self.ctx.settings.limits
         if self._header_bytes > limits.max_header_bytes or len(self._headers) >= limits.max_headers:
-            raise _Reject(431, "request header fields too large")
+            raise self._park(_Reject(431, "request header fields too large"))
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -319,7 +329,7 @@ class ClientConnection(asyncio.Protocol):
         req.body_bytes += len(body)
         max_body = self.ctx.settings.limits.max_body_bytes
         if max_body and req.body_bytes > max_body:
-            raise _Reject(413, "request body too large")
+            raise self._park(_Reject(413, "request body too large"))
         if req.error is not None or (req is self._active and req.decision is None):
             return
         upstream = self._upstream
@@ -852,4 +862,3 @@ class ClientConnection(asyncio.Protocol):
             self.ctx.stats.rejected[408] += 1
             self.transport.write(error_response(408, "header-read-timeout", close=True))
         self._close()
-

@@ -75,7 +75,7 @@ class RouterServer:
             reuse_address=True,
             backlog=4096,
         )
-        sock: socket.socket = self._server.sockets[0]  # type: ignore[attr-defined]
+        sock: socket.socket = self._server.sockets[0]
         self.address = sock.getsockname()[:2]
         if admin is not None:
             app = make_admin_app(AdminState(lambda: self.slot.table, self.stats, self.readiness))
@@ -83,7 +83,7 @@ class RouterServer:
             await self._admin_runner.setup()
             site = web.TCPSite(self._admin_runner, admin[0], admin[1], reuse_address=True)
             await site.start()
-            server: Any = site._server  # noqa: SLF001 - aiohttp exposes the bound port only here
+            server: Any = site._server
             self.admin_address = server.sockets[0].getsockname()[:2]
 
     async def close(self, drain: float | None = None) -> None:

@@ -90,10 +90,7 @@ class Decision:
     @property
     def route_header(self) -> bytes:
         """The ``x-devstack-route`` value; rendered on demand because only debug requests ask."""
-        rendered = (
-            f"service={self.service}; key={self.key or '-'}; "
-            f"target={self.kind.value}; reason={self.reason}"
-        )
+        rendered = f"service={self.service}; key={self.key or '-'}; target={self.kind.value}; reason={self.reason}"
         return rendered.encode("ascii", "replace")
 
 
@@ -167,7 +164,6 @@ class Routes:
         if not ov.ready:
             return entry.not_ready
         return entry.serve
-
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

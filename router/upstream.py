@@ -15,7 +15,7 @@ import collections
 import enum
 import socket
 from collections.abc import Callable
-from typing import Final, cast, Protocol
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -107,6 +107,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_in_head",
         "_started",
         "_head_request",
+        "_head_done",
         "_tunnel",
         "_broken",
         "_timer",
@@ -134,6 +135,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_head = False
         self._started = False
         self._head_request = False
+        self._head_done = False
         self._tunnel = False
         self._broken = False
         self._timer: asyncio.TimerHandle | None = None
@@ -169,8 +171,6 @@ class UpstreamConnection(asyncio.Protocol):
                 return
         try:
             self._parser.feed_data(data)
-        except _HeadDone:
-            self._finish(reusable=False)
         except httptools.HttpParserUpgrade as exc:
             if self._status == 101 and self.owner is not None:
                 self._tunnel = True
@@ -178,8 +178,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self.owner.upstream_upgraded(data[exc.args[0] :])
             else:
                 self._fail(Failure.BAD_RESPONSE)
-        except (httptools.HttpParserError, UnexpectedUpgrade):
-            self._fail(Failure.BAD_RESPONSE)
+        except (_HeadDone, UnexpectedUpgrade, httptools.HttpParserError):
+            # httptools may wrap what a callback raised; _head_done says whether it was ours
+            # stopping after a bodiless HEAD response, anything else is a broken response.
+            if self._head_done:
+                self._finish(reusable=False)
+            else:
+                self._fail(Failure.BAD_RESPONSE)
 
     def eof_received(self) -> bool | None:
         return None
@@ -229,7 +234,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_head = False
         owner = self.owner
         if owner is None:
-            raise _HeadDone
+            raise UnexpectedUpgrade  # a response nobody asked for: the connection is broken
         if 100 <= status < 200 and status != 101:
             owner.upstream_interim(status, self._reason, self._headers)
             self._reason = b""
@@ -248,6 +253,7 @@ class UpstreamConnection(asyncio.Protocol):
         reason, self._reason = self._reason, b""
         owner.upstream_head(status, reason, self._headers, framing, keep_alive)
         if self._head_request:
+            self._head_done = True
             raise _HeadDone
 
     def on_body(self, body: bytes) -> None:
@@ -268,6 +274,7 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.transport is not None
         self.owner = owner
         self._head_request = is_head_request
+        self._head_done = False
         self._started = False
         self._status = 0
         self._reason = b""
@@ -453,7 +460,7 @@ class UpstreamPool:
             pool.total -= 1
             self.stats.upstream_connections -= 1
             raise
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             pool.total -= 1
             self.stats.upstream_connections -= 1
             failure = Failure.TIMEOUT if isinstance(exc, asyncio.TimeoutError) else Failure.CONNECT
@@ -485,4 +492,3 @@ class UpstreamPool:
                 conn.close()
         for task in list(self._tasks):
             task.cancel()
-

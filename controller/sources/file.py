@@ -82,8 +82,8 @@ class FileSource:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        on_snapshot: Callable[[str, Mapping[str, Routes]], None],
-        on_error: Callable[[str, Exception], None],
+        on_snapshot: Callable[[str, Mapping[str, Routes]], object],
+        on_error: Callable[[str, Exception], object],
         *,
         interval: float = 1.0,
     ) -> None:
@@ -136,7 +136,7 @@ class FileSource:
             count += 1
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self._interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wakeup.clear()
             stamp = await asyncio.to_thread(self._current_stamp)

@@ -1,0 +1,27 @@
+# devstack router/controller image: slim Python, non-root, installed from this source tree.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY router ./router
+COPY controller ./controller
+COPY propagation ./propagation
+COPY examples ./examples
+RUN pip install --no-cache-dir . \
+    && useradd --system --uid 10001 --no-create-home devstack \
+    && rm -rf /src
+
+WORKDIR /
+USER 10001:10001
+
+# 8080: proxy listener; 9901: router admin; 9902: controller feed.
+EXPOSE 8080 9901 9902
+HEALTHCHECK --interval=10s --timeout=2s --retries=3 \
+    CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=1).status == 200 else 1)"]
+ENTRYPOINT ["devstack"]
+CMD ["router", "--routes", "/etc/devstack/routes.yaml", "--listen", "0.0.0.0:8080", "--admin", "0.0.0.0:9901"]
