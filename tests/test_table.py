@@ -1,0 +1,113 @@
+"""The route table's decision: DESIGN.md's four rows, fallbacks, expiry, hosts, validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.table import Fallback, Override, Routes, RouteTable, TableError, Target, TargetKind
+
+BASE = Target("http://127.0.0.1:9001")
+ALICE = Target("http://127.0.0.1:9101")
+
+
+def routes(**overrides: Override) -> Routes:
+    return Routes("payments", BASE, overrides, hosts=("payments.default.svc.cluster.local",))
+
+
+@pytest.mark.parametrize(
+    ("key", "override", "kind", "target", "reason", "status"),
+    [
+        (None, None, TargetKind.BASELINE, BASE, "no-key", 200),
+        ("alice", None, TargetKind.BASELINE, BASE, "no-override", 200),
+        ("alice", Override("alice", ALICE), TargetKind.OVERRIDE, ALICE, "override", 200),
+        ("alice", Override("alice", ALICE, ready=False), TargetKind.ERROR, None, "override-not-ready", 503),
+        ("alice", Override("alice", ALICE, expires_at=100.0), TargetKind.ERROR, None, "override-expired", 503),
+        (
+            "alice",
+            Override("alice", ALICE, ready=False, fallback=Fallback.BASELINE),
+            TargetKind.BASELINE,
+            BASE,
+            "override-not-ready-fallback",
+            200,
+        ),
+        (
+            "alice",
+            Override("alice", ALICE, expires_at=100.0, fallback=Fallback.BASELINE),
+            TargetKind.BASELINE,
+            BASE,
+            "override-expired-fallback",
+            200,
+        ),
+    ],
+)
+def test_resolve_rows(
+    key: str | None,
+    override: Override | None,
+    kind: TargetKind,
+    target: Target | None,
+    reason: str,
+    status: int,
+) -> None:
+    r = routes(**({override.key: override} if override else {}))
+    decision = r.resolve(key, now=1000.0)
+    assert (decision.kind, decision.target, decision.reason, decision.status) == (kind, target, reason, status)
+    assert decision.service == "payments" and decision.key == key
+
+
+def test_expiry_is_checked_at_request_time() -> None:
+    r = routes(alice=Override("alice", ALICE, expires_at=2000.0))
+    assert r.resolve("alice", now=1999.9).kind is TargetKind.OVERRIDE
+    assert r.resolve("alice", now=2000.0).reason == "override-expired"
+
+
+def test_authorities_map_with_and_without_port() -> None:
+    table = RouteTable({"payments": routes()}, version=3)
+    assert table.service_for_authority("payments") == "payments"
+    assert table.service_for_authority("PAYMENTS:8080") == "payments"
+    assert table.service_for_authority("payments.default.svc.cluster.local:80") == "payments"
+    assert table.service_for_authority("[::1]:80") is None
+    assert table.service_for_authority("other") is None
+
+
+def test_two_services_claiming_one_host_is_an_error() -> None:
+    other = Routes("orders", BASE, {}, hosts=("payments",))
+    with pytest.raises(TableError, match="claimed by both"):
+        RouteTable({"payments": routes(), "orders": other})
+
+
+@pytest.mark.parametrize(
+    "url", ["https://x:1", "http://", "http://x:1/path", "http://x:99999", "ftp://x", "http://x:1?q"]
+)
+def test_targets_validate_themselves(url: str) -> None:
+    with pytest.raises(TableError):
+        Target(url)
+
+
+def test_default_port_and_ipv6() -> None:
+    assert Target("http://svc").address == ("svc", 80)
+    assert Target("http://[::1]:8080").address == ("::1", 8080)
+
+
+def test_debug_header_rendering() -> None:
+    decision = routes(alice=Override("alice", ALICE)).resolve("alice", 0.0)
+    assert decision.route_header == b"service=payments; key=alice; target=override; reason=override"
+
+
+def test_tables_are_immutable_and_compare_by_routes() -> None:
+    table = RouteTable({"payments": routes()}, version=1)
+    with pytest.raises(AttributeError):
+        table.version = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        table.services["x"] = routes()  # type: ignore[index]
+    assert table.same_routes(table.with_version(9))
+    assert table.with_version(9).version == 9
+
+
+def test_large_tables_resolve_by_lookup() -> None:
+    services = {
+        f"svc-{i}": Routes(f"svc-{i}", BASE, {f"dev-{j}": Override(f"dev-{j}", ALICE) for j in range(10)})
+        for i in range(2000)
+    }
+    table = RouteTable(services, version=1)
+    assert table.resolve("svc-1999", "dev-9", 0.0).kind is TargetKind.OVERRIDE  # type: ignore[union-attr]
+    assert table.resolve("svc-0", "nobody", 0.0).kind is TargetKind.BASELINE  # type: ignore[union-attr]
