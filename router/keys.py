@@ -116,11 +116,9 @@ def routing_key_from_baggage(lines: Iterable[bytes], names: Sequence[bytes] = (D
     decided = [False] * len(names)
     budget = MAX_BAGGAGE_BYTES
     members = 0
-    first_line = True
     for line in lines:
-        if not first_line:
-            budget -= 1  # the comma that joins two lines
-        first_line = False
+        # Each member is charged its length plus one separator; the last member of a line is
+        # followed by the comma that joins it to the next line, so joins need no extra charge.
         for member in line.split(b","):
             budget -= len(member)
             if budget < 0 or members >= MAX_BAGGAGE_MEMBERS:

@@ -141,3 +141,13 @@ def test_key_found_wherever_the_member_stands(value: str, others: list[str], ows
 )
 def test_similar_names_never_match(value: str, name: str) -> None:
     assert routing_key_from_baggage([f"{name}={value}".encode()]) is None
+
+
+def test_joining_comma_between_lines_is_counted_once() -> None:
+    # 31 members of 255 bytes + a 256-byte member: exactly 8192 bytes combined, on one line or two.
+    members = [b"m%02d=" % i + b"x" * (255 - 4) for i in range(31)]
+    last = b"devstack=alice;p=" + b"y" * (256 - len(b"devstack=alice;p="))
+    one_line = b",".join([*members, last])
+    assert len(one_line) == MAX_BAGGAGE_BYTES
+    assert key(one_line) == "alice"
+    assert key(b",".join(members), last) == "alice"
