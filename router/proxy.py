@@ -241,9 +241,10 @@ class ClientConnection(asyncio.Protocol):
                     self._reject(431, "request head too large")
 
     def eof_received(self) -> bool | None:
-        # A half-closed client may still be waiting for its response; keep the socket open
-        # until the exchange in flight finishes (upstream_complete closes it then).
-        if self._active is None and not self._queue:
+        # A client that half-closes after a complete request may still want its response: keep
+        # the socket until that exchange ends. A half-close mid-request ends the exchange.
+        req = self._active
+        if req is None or not req.complete or self._parsing is not None:
             return None
         self._pause(_PAUSE_DONE)
         return True
@@ -351,8 +352,11 @@ class ClientConnection(asyncio.Protocol):
         if req is None:
             return
         req.complete = True
-        if req is self._active and self._upstream is not None and req.chunked and req.error is None:
-            self._upstream.write(_CHUNK_END)
+        upstream = self._upstream
+        if req is self._active and upstream is not None and req.error is None:
+            if req.chunked:
+                upstream.write(_CHUNK_END)
+            upstream.request_sent()
         if not req.keep_alive:
             # Nothing after a request that closes the connection is read, let alone forwarded.
             self._pause(_PAUSE_DONE)
@@ -553,7 +557,7 @@ class ClientConnection(asyncio.Protocol):
         req = self._active
         assert req is not None
         self._upstream = conn
-        conn.start(self, req.head, req.method == b"HEAD")
+        conn.start(self, req.head, req.method == b"HEAD", body_pending=not req.complete and req.has_body)
         if self._write_paused:
             conn.pause_reading()
         if req.body:
@@ -566,8 +570,10 @@ class ClientConnection(asyncio.Protocol):
             req.body = []
             req.body_buffered = 0
             self._resume(_PAUSE_BUFFER)
-        if req.complete and req.chunked:
-            conn.write(_CHUNK_END)
+        if req.complete:
+            if req.chunked:
+                conn.write(_CHUNK_END)
+            conn.request_sent()
 
     def _answer(self, status: int, reason: str, decision: Decision | None) -> None:
         """The router answers the active request itself, then moves on or closes."""
@@ -798,6 +804,12 @@ class ClientConnection(asyncio.Protocol):
             self._acquire(req, fresh=True)
             return
         self._resp_head = None
+        if failure is Failure.TIMEOUT and req.has_body and not req.complete:
+            # The silence was the client's, mid-body: its fault, not the upstream's.
+            self.ctx.stats.rejected[408] += 1
+            req.keep_alive = False
+            self._answer(408, "body-read-timeout", req.decision)
+            return
         self._answer(failure.status, failure.label, req.decision)
 
     def upstream_pause(self) -> None:

@@ -95,6 +95,7 @@ class UpstreamConnection(asyncio.Protocol):
         "reused",
         "idle_since",
         "last_io",
+        "idle_limit",
         "_parser",
         "_loop",
         "_timeouts",
@@ -123,6 +124,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self.last_io = 0.0
+        self.idle_limit = pool.timeouts.upstream_response
+        """Longest silence allowed now: the body-idle timeout while the client is still sending
+        its body, the upstream response timeout once the request is complete."""
         self._loop = pool.loop
         self._timeouts = pool.timeouts
         self._max_head = pool.limits.max_header_bytes + pool.limits.max_request_line
@@ -269,7 +273,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- exchange control -----------------------------------------------------------------------
 
-    def start(self, owner: ExchangeOwner, head: bytes, is_head_request: bool) -> None:
+    def start(self, owner: ExchangeOwner, head: bytes, is_head_request: bool, body_pending: bool) -> None:
         """Send a request head on this connection; responses now go to ``owner``."""
         assert self.transport is not None
         self.owner = owner
@@ -281,8 +285,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_bytes = 0
         now = self._loop.time()
         self.last_io = now
-        self._timer = self._loop.call_at(now + self._timeouts.upstream_response, self._on_timer)
+        self.idle_limit = self._timeouts.body_idle if body_pending else self._timeouts.upstream_response
+        self._timer = self._loop.call_at(now + self.idle_limit, self._on_timer)
         self.transport.write(head)
+
+    def request_sent(self) -> None:
+        """The whole request is on the wire: from now on only the upstream can be slow."""
+        self.idle_limit = self._timeouts.upstream_response
+        self.last_io = self._loop.time()
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -340,7 +350,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer = None
         if self.owner is None or self._tunnel:
             return
-        deadline = self.last_io + self._timeouts.upstream_response
+        deadline = self.last_io + self.idle_limit
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._on_timer)
             return

@@ -10,10 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
+import os
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from router.server import RouterServer
@@ -213,3 +219,49 @@ def split_responses(
 def body_json(body: bytes) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(body)
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0])
+    return fields
+
+
+async def start_router(routes: Path, *extra: str) -> tuple[asyncio.subprocess.Process, int, int]:
+    """The real CLI in its own process; returns (process, proxy port, admin port) once ready."""
+    port, admin = free_port(), free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "router", "--routes", str(routes),
+        "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--log-level", "WARNING", *extra,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            assert loop.time() < deadline, "router did not become ready"
+            await asyncio.sleep(0.05)
+    return proc, port, admin
+
+
+def digest_of_repeats(chunk: bytes, count: int) -> hashlib._Hash:
+    """SHA-256 of ``chunk`` repeated; run in a thread, a GiB of hashing would block the loop."""
+    digest = hashlib.sha256()
+    for _ in range(count):
+        digest.update(chunk)
+    return digest

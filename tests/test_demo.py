@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.test_streaming import free_port
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +30,7 @@ async def test_demo_routes_the_readme_curl_cases() -> None:
             assert line, f"demo exited early: {banner.decode()}"
             banner += line
         assert b"curl -H 'Host: payments'" in banner
+        assert b"checkout [baseline] -> orders [baseline] -> payments [override: alice]" in banner
 
         base = f"http://127.0.0.1:{port}/"
         cases = [
@@ -38,11 +39,38 @@ async def test_demo_routes_the_readme_curl_cases() -> None:
             ({"Host": "payments", "baggage": "devstack=bob"}, 200, "payments [baseline]"),
             ({"Host": "orders", "baggage": "devstack=alice"}, 200, "orders [baseline] -> payments [override: alice]"),
             ({"Host": "orders"}, 200, "orders [baseline] -> payments [baseline]"),
+            # Three hops, each service passing the baggage on with the propagation SDK.
+            ({"Host": "checkout"}, 200, "checkout [baseline] -> orders [baseline] -> payments [baseline]"),
+            (
+                {"Host": "checkout", "baggage": "devstack=alice"},
+                200,
+                "checkout [baseline] -> orders [baseline] -> payments [override: alice]",
+            ),
+            (
+                {"Host": "checkout", "baggage": "devstack=bob"},
+                200,
+                "checkout [baseline] -> orders [override: bob] -> payments [baseline]",
+            ),
+            (
+                {"Host": "checkout", "baggage": "userId=u1,devstack=alice;ttl=30"},
+                200,
+                "checkout [baseline] -> orders [baseline] -> payments [override: alice]",
+            ),
+            (
+                {"Host": "checkout", "baggage": "devstack=carol"},
+                200,
+                "checkout [baseline] -> orders [baseline] -> payments [503 override-not-ready]",
+            ),
         ]
         async with aiohttp.ClientSession() as session:
             for headers, status, text in cases:
                 async with session.get(base, headers=headers) as resp:
                     assert (resp.status, (await resp.text()).strip()) == (status, text), headers
+            # Two baggage lines are read as one list, by the router and by the SDK in each service.
+            two_lines = [("Host", "checkout"), ("baggage", "userId=u1"), ("baggage", "devstack=bob")]
+            async with session.get(base, headers=two_lines) as resp:
+                expected = "checkout [baseline] -> orders [override: bob] -> payments [baseline]"
+                assert (await resp.text()).strip() == expected
             debug = {"Host": "payments", "baggage": "devstack=alice", "x-devstack-debug": "1"}
             async with session.get(base, headers=debug) as resp:
                 assert resp.headers["x-devstack-route"].startswith("service=payments; key=alice; target=override")

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,49 +15,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.support import Origin
+from tests.support import Origin, digest_of_repeats, memory_kib, start_router
 
 MIB = 1 << 20
 SIZE = 256 * MIB
 CHUNK = bytes(range(256)) * 256  # 64 KiB
 RSS_GROWTH_LIMIT = 64 * MIB
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def memory_kib(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = int(value.split()[0])
-    return fields
-
-
-async def start_router(routes: Path) -> tuple[asyncio.subprocess.Process, int, int]:
-    port, admin = free_port(), free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "router", "--routes", str(routes),
-        "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--log-level", "WARNING",
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )  # fmt: skip
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(f"http://127.0.0.1:{admin}/readyz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            assert loop.time() < deadline, "router did not become ready"
-            await asyncio.sleep(0.05)
-    return proc, port, admin
 
 
 @pytest.fixture
@@ -97,9 +57,7 @@ async def router_process(origins: dict[str, Origin], tmp_path: Path) -> AsyncIte
 async def test_256_mib_download_and_upload_stream_with_flat_router_memory(router_process: tuple[int, int]) -> None:
     pid, port = router_process
     before = memory_kib(pid)["VmRSS"] * 1024
-    expected = hashlib.sha256()
-    for _ in range(SIZE // len(CHUNK)):
-        expected.update(CHUNK)
+    expected = await asyncio.to_thread(digest_of_repeats, CHUNK, SIZE // len(CHUNK))
 
     async def body() -> AsyncIterator[bytes]:
         for _ in range(SIZE // len(CHUNK)):
