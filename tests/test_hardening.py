@@ -255,9 +255,7 @@ async def test_5000_idle_connections_keep_memory_bounded(tmp_path: Path, origins
                 await asyncio.sleep(0.05)
         after = memory_kib(proc.pid)["VmRSS"]
         per_connection = (after - before) * 1024 / IDLE_CONNECTIONS
-        print(
-            f"router RSS {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB, {per_connection:.0f} bytes per idle connection"
-        )
+        print(f"router RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB: {per_connection:.0f} B per idle connection")
         assert per_connection < 16 * 1024
         # The router still serves while holding them.
         request = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
