@@ -46,6 +46,11 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--namespace", action="append", default=[], help="with --kubernetes: namespace(s) to watch")
     p.add_argument("--trust-forwarded", action="store_true", help="keep clients' X-Forwarded-Proto/Host")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="start a server span per request (OpenTelemetry SDK, configured by OTEL_* variables)",
+    )
     t = Timeouts()
     p.add_argument("--header-timeout", type=float, default=t.header_read)
     p.add_argument("--keepalive-timeout", type=float, default=t.keepalive_idle)
@@ -88,7 +93,12 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
     def readiness() -> tuple[bool, dict[str, Any]]:
         return (aggregator.ready and server.table.version > 0, {"errors": dict(aggregator.errors)})
 
-    server = RouterServer(settings, readiness=readiness)
+    tracer = None
+    if args.trace:
+        from router.tracing import make_tracer_from_env  # noqa: PLC0415 - the SDK loads only when asked
+
+        tracer = make_tracer_from_env()
+    server = RouterServer(settings, readiness=readiness, tracer=tracer)
     if args.routes:
         aggregator = Aggregator(["file"], server.swap)
         source = FileSource(args.routes, aggregator.update, aggregator.report_error)

@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 from collections.abc import Sequence
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -27,6 +27,9 @@ from router.settings import Mode, RouterSettings
 from router.stats import RouterStats
 from router.table import Decision, RouteTable
 from router.upstream import Failure, Framing, PoolFull, UnexpectedUpgrade, UpstreamConnection, UpstreamPool
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when tracing is switched on
+    from router.tracing import RequestTracer
 
 log = logging.getLogger("devstack.router")
 
@@ -69,6 +72,7 @@ class ProxyContext:
         slot: TableSlot,
         stats: RouterStats | None = None,
         key_sources: Sequence[KeySource] | None = None,
+        tracer: RequestTracer | None = None,
     ) -> None:
         self.loop = loop
         self.settings = settings
@@ -82,6 +86,8 @@ class ProxyContext:
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self.no_route_status = 403 if settings.mode is Mode.SIDECAR else 404
+        self.tracer = tracer
+        """Off (None) by default: then tracing costs one attribute check per request."""
 
     def protocol_factory(self) -> ClientConnection:
         return ClientConnection(self)
@@ -130,6 +136,7 @@ class _Request:
         "head",
         "started_at",
         "retried",
+        "span",
     )
 
     def __init__(self) -> None:
@@ -150,6 +157,7 @@ class _Request:
         """The rendered request head for the upstream, kept for a single safe retry."""
         self.started_at = 0.0
         self.retried = False
+        self.span: object = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -473,6 +481,11 @@ class ClientConnection(asyncio.Protocol):
         if decision.target is None:
             return
 
+        traceparent: bytes | None = None
+        if ctx.tracer is not None:
+            req.span, traceparent = ctx.tracer.start(
+                method, target, headers, service, key, decision.kind.value, decision.target.url
+            )
         stripped = connection_tokens(connection) - PROTECTED if connection else frozenset()
         out = [method, b" ", path, b" HTTP/1.1\r\n"]
         append = out.append
@@ -486,7 +499,11 @@ class ClientConnection(asyncio.Protocol):
                     continue
             elif lower == b"host" and authority is not host:
                 continue
+            elif lower == b"traceparent" and traceparent is not None:
+                continue  # replaced by the router's own span below
             out += (name, b": ", value, _CRLF)
+        if traceparent is not None:
+            out += (b"traceparent: ", traceparent, _CRLF)
         forwarded_for.append(self._peer)
         out += (b"X-Forwarded-For: ", b", ".join(forwarded_for), _CRLF)
         if not ctx.settings.trust_forwarded or b"x-forwarded-proto" not in lowered:
@@ -593,6 +610,7 @@ class ClientConnection(asyncio.Protocol):
             )
         )
         self._resp_keep_alive = not close
+        self._resp_status = status
         self._finish_exchange()
 
     def _finish_exchange(self) -> None:
@@ -600,6 +618,8 @@ class ClientConnection(asyncio.Protocol):
         self._active = None
         if req is not None:
             self.ctx.stats.observe_latency(self.loop.time() - req.started_at)
+            if req.span is not None and self.ctx.tracer is not None:
+                self.ctx.tracer.finish(req.span, self._resp_status)
         if self._closed or self.transport is None:
             return
         if not self._resp_keep_alive or (req is not None and req.has_body and not req.complete) or self.ctx.draining:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -20,6 +20,9 @@ from router.proxy import ProxyContext, TableSlot
 from router.settings import RouterSettings
 from router.stats import RouterStats
 from router.table import EMPTY_TABLE, RouteTable
+
+if TYPE_CHECKING:
+    from router.tracing import RequestTracer
 
 __all__ = ["RouterServer", "parse_hostport"]
 
@@ -41,11 +44,13 @@ class RouterServer:
         settings: RouterSettings | None = None,
         table: RouteTable = EMPTY_TABLE,
         readiness: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
+        tracer: RequestTracer | None = None,
     ) -> None:
         self.settings = settings or RouterSettings()
         self.slot = TableSlot(table)
         self.stats = RouterStats()
         self._readiness = readiness
+        self.tracer = tracer
         self._server: asyncio.AbstractServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self.ctx: ProxyContext | None = None
@@ -67,7 +72,7 @@ class RouterServer:
 
     async def start(self, listen: tuple[str, int], admin: tuple[str, int] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        self.ctx = ProxyContext(loop, self.settings, self.slot, self.stats)
+        self.ctx = ProxyContext(loop, self.settings, self.slot, self.stats, tracer=self.tracer)
         self._server = await loop.create_server(
             self.ctx.protocol_factory,
             listen[0],
@@ -98,3 +103,5 @@ class RouterServer:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)  # flushes pending spans

@@ -244,3 +244,42 @@ def test_make_tracer_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     assert make_tracer_from_env() is None
+
+
+async def test_router_with_tracing_starts_a_server_span_and_continues_the_trace() -> None:
+    import aiohttp
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from router.server import RouterServer
+    from router.tracing import RequestTracer
+    from tests.support import Origin, make_table
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    origin = Origin("alice")
+    await origin.start()
+    table = make_table({"payments": {"baseline": "http://127.0.0.1:9", "overrides": {"alice": origin.url}}})
+    server = RouterServer(table=table, tracer=RequestTracer(provider))
+    await server.start(("127.0.0.1", 0))
+    incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    try:
+        async with aiohttp.ClientSession() as session:
+            headers = {"Host": "payments", "baggage": "devstack=alice", "traceparent": incoming}
+            async with session.get(f"http://127.0.0.1:{server.address[1]}/pay", headers=headers) as resp:
+                assert resp.status == 200
+    finally:
+        await server.close(drain=0.1)
+        await origin.close()
+    (span,) = exporter.get_finished_spans()
+    assert f"{span.context.trace_id:032x}" == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == "00f067aa0ba902b7"
+    assert span.attributes is not None
+    assert span.attributes["devstack.routing_key"] == "alice"
+    assert span.attributes["devstack.target"] == "override"
+    (seen,) = origin.seen
+    (forwarded,) = seen.header("traceparent")
+    assert forwarded.split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert forwarded.split("-")[2] == f"{span.context.span_id:016x}"
