@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint unit bench bench-quick bench-scale fuzz soak clean
+.PHONY: setup run test lint unit kube-test bench bench-quick bench-scale fuzz soak clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ lint: setup
 
 unit: setup
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+kube-test: setup
+	$(BIN)/pytest -q tests/kube tests/test_kube_*.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

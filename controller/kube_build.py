@@ -1,0 +1,492 @@
+"""Pure translation of labelled Kubernetes Deployments (raw API JSON) into ``Routes``.
+
+This module owns the Kubernetes contract (README, "Kubernetes"): which labels make a Deployment
+a baseline or an override, where its address comes from, when it is ready, when it expires, and
+which Deployments conflict. It also finds overrides whose pods a baseline Service would select
+(traffic leaks). It takes plain JSON dicts and the time, and returns values; it never talks to the
+API server, never imports the ``kubernetes`` client and never resolves a conflict by order: both
+claimants are dropped and the conflict is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from collections.abc import Iterable, Mapping
+from typing import Final, NewType, TypedDict
+
+from router.keys import is_valid_key
+from router.table import Fallback, Override, Routes, TableError, Target
+
+__all__ = [
+    "FALLBACK_ANNOTATION",
+    "HOSTS_ANNOTATION",
+    "JANITOR_EXPIRES_ANNOTATION",
+    "JANITOR_TTL_ANNOTATION",
+    "KEY_LABEL",
+    "PORT_ANNOTATION",
+    "SERVICE_LABEL",
+    "TTL_ANNOTATION",
+    "UPSTREAM_ANNOTATION",
+    "Deployment",
+    "Expiry",
+    "KubeRoutes",
+    "Leak",
+    "ObjectMeta",
+    "Service",
+    "WorkloadRef",
+    "find_leaks",
+    "parse_duration",
+    "routes_from_deployments",
+]
+
+SERVICE_LABEL: Final = "devstack.io/service"
+KEY_LABEL: Final = "devstack.io/routing-key"
+PORT_ANNOTATION: Final = "devstack.io/port"
+UPSTREAM_ANNOTATION: Final = "devstack.io/upstream"
+TTL_ANNOTATION: Final = "devstack.io/ttl"
+FALLBACK_ANNOTATION: Final = "devstack.io/fallback"
+HOSTS_ANNOTATION: Final = "devstack.io/hosts"
+JANITOR_TTL_ANNOTATION: Final = "janitor/ttl"
+JANITOR_EXPIRES_ANNOTATION: Final = "janitor/expires"
+
+CLUSTER_DOMAIN: Final = "svc.cluster.local"
+
+
+# --- Raw API JSON, typed. ``total=False`` because the API server omits empty fields. -------------
+
+
+class ObjectMeta(TypedDict, total=False):
+    name: str
+    namespace: str
+    uid: str
+    resourceVersion: str
+    creationTimestamp: str
+    deletionTimestamp: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+
+
+class ContainerPort(TypedDict, total=False):
+    name: str
+    containerPort: int
+    protocol: str
+
+
+class Container(TypedDict, total=False):
+    name: str
+    image: str
+    ports: list[ContainerPort]
+
+
+class PodSpec(TypedDict, total=False):
+    containers: list[Container]
+
+
+class PodTemplateSpec(TypedDict, total=False):
+    metadata: ObjectMeta
+    spec: PodSpec
+
+
+class DeploymentSpec(TypedDict, total=False):
+    replicas: int
+    template: PodTemplateSpec
+
+
+class DeploymentStatus(TypedDict, total=False):
+    replicas: int
+    readyReplicas: int
+    availableReplicas: int
+
+
+class Deployment(TypedDict, total=False):
+    apiVersion: str
+    kind: str
+    metadata: ObjectMeta
+    spec: DeploymentSpec
+    status: DeploymentStatus
+
+
+class ServiceSpec(TypedDict, total=False):
+    selector: dict[str, str]
+    type: str
+
+
+class Service(TypedDict, total=False):
+    apiVersion: str
+    kind: str
+    metadata: ObjectMeta
+    spec: ServiceSpec
+
+
+WorkloadRef = NewType("WorkloadRef", str)
+"""``namespace/name`` of a Deployment: how every message names one."""
+
+
+def _ref(meta: ObjectMeta) -> WorkloadRef:
+    return WorkloadRef(f"{meta.get('namespace', '')}/{meta.get('name', '')}")
+
+
+# --- Results ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Expiry:
+    """An override that stops receiving traffic at ``expires_at`` (and may then be deleted)."""
+
+    expires_at: float
+    service: str
+    key: str
+    namespace: str
+    name: str
+    uid: str
+    """Delete preconditions: never delete a same-named Deployment created after this one."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Leak:
+    """An override whose pods the baseline Service also selects: it gets baseline traffic."""
+
+    service: str
+    key: str
+    namespace: str
+    deployment: str
+    selector: tuple[tuple[str, str], ...]
+
+    @property
+    def message(self) -> str:
+        rendered = ",".join(f"{k}={v}" for k, v in self.selector)
+        return (
+            f"override {self.namespace}/{self.deployment} (service {self.service!r}, key {self.key!r}): "
+            f"its pods match Service {self.namespace}/{self.service} selector {rendered}, "
+            f"so it also receives traffic meant for the baseline"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "service": self.service,
+            "key": self.key,
+            "namespace": self.namespace,
+            "deployment": self.deployment,
+            "selector": dict(self.selector),
+            "message": self.message,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KubeRoutes:
+    """What a set of Deployments means for routing, plus everything that could not be used."""
+
+    services: Mapping[str, Routes]
+    conflicts: tuple[str, ...] = ()
+    """Two Deployments claim the same baseline, override or host; neither is routed."""
+    invalid: tuple[str, ...] = ()
+    """A labelled Deployment whose labels or annotations cannot be used; it is not routed."""
+    expiries: tuple[Expiry, ...] = ()
+    """Every routed override with an expiry, soonest first."""
+
+    def next_expiry(self, now: float) -> float | None:
+        """The first expiry strictly after ``now``: when the next rebuild is due."""
+        for expiry in self.expiries:
+            if expiry.expires_at > now:
+                return expiry.expires_at
+        return None
+
+    def expired(self, now: float) -> tuple[Expiry, ...]:
+        return tuple(e for e in self.expiries if e.expires_at <= now)
+
+
+# --- Parsing helpers --------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+)([smhdw])")
+_DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_NO_EXPIRY: Final = frozenset({"forever", "unlimited"})
+"""kube-janitor's spellings of "never expires"."""
+
+
+class _Invalid(ValueError):
+    """A Deployment cannot be used; the message says which label or annotation and why."""
+
+
+def parse_duration(text: str) -> float:
+    """``30m``, ``6h``, ``1h30m``, ``2d``, ``1w`` → seconds; ValueError otherwise."""
+    value = text.strip()
+    pos = 0
+    total = 0
+    for match in _DURATION_PART.finditer(value):
+        if match.start() != pos:
+            break
+        total += int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if not value or pos != len(value):
+        raise ValueError(f"{text!r} is not a duration like 30m, 6h or 1h30m")
+    return float(total)
+
+
+def _timestamp(text: str) -> float:
+    """RFC 3339 or kube-janitor's ``2024-05-01T10:00``/``2024-05-01``; naive means UTC."""
+    moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def _dns_label(value: str) -> bool:
+    return is_valid_key(value.encode("ascii", "replace"))
+
+
+def _expiry(meta: ObjectMeta) -> float | None:
+    """The earliest of every expiry annotation present; None if there is none."""
+    annotations = meta.get("annotations") or {}
+    moments: list[float] = []
+    for name in (TTL_ANNOTATION, JANITOR_TTL_ANNOTATION):
+        raw = annotations.get(name)
+        if raw is None or raw.strip() in _NO_EXPIRY:
+            continue
+        try:
+            ttl = parse_duration(raw)
+        except ValueError as exc:
+            raise _Invalid(f"annotation {name}: {exc}") from None
+        created = meta.get("creationTimestamp")
+        if not created:
+            raise _Invalid(f"annotation {name} needs metadata.creationTimestamp to count from")
+        try:
+            moments.append(_timestamp(created) + ttl)
+        except ValueError:
+            raise _Invalid(f"creationTimestamp {created!r} is not a timestamp") from None
+    raw_expires = annotations.get(JANITOR_EXPIRES_ANNOTATION)
+    if raw_expires is not None:
+        try:
+            moments.append(_timestamp(raw_expires))
+        except ValueError:
+            raise _Invalid(
+                f"annotation {JANITOR_EXPIRES_ANNOTATION}: {raw_expires!r} is not a timestamp like 2024-05-01T18:00:00Z"
+            ) from None
+    return min(moments) if moments else None
+
+
+def _port(deployment: Deployment) -> int:
+    annotations = deployment.get("metadata", {}).get("annotations") or {}
+    raw = annotations.get(PORT_ANNOTATION)
+    if raw is not None:
+        if not raw.strip().isdigit() or not 0 < int(raw) < 65536:
+            raise _Invalid(f"annotation {PORT_ANNOTATION}: {raw!r} is not a port number")
+        return int(raw)
+    containers = deployment.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []
+    for container in containers:
+        for port in container.get("ports") or []:
+            number = port.get("containerPort")
+            if isinstance(number, int):
+                return number
+    raise _Invalid(f"no port: set annotation {PORT_ANNOTATION} or give a container a containerPort")
+
+
+def _target(deployment: Deployment, host_name: str) -> Target:
+    meta = deployment.get("metadata", {})
+    annotations = meta.get("annotations") or {}
+    explicit = annotations.get(UPSTREAM_ANNOTATION)
+    try:
+        if explicit is not None:
+            return Target(explicit.strip())
+        return Target(f"http://{host_name}.{meta.get('namespace', 'default')}.{CLUSTER_DOMAIN}:{_port(deployment)}")
+    except TableError as exc:
+        raise _Invalid(f"annotation {UPSTREAM_ANNOTATION}: {exc}") from None
+
+
+def _fallback(meta: ObjectMeta) -> Fallback:
+    raw = (meta.get("annotations") or {}).get(FALLBACK_ANNOTATION, Fallback.ERROR.value)
+    try:
+        return Fallback(raw.strip())
+    except ValueError:
+        raise _Invalid(f"annotation {FALLBACK_ANNOTATION}: {raw!r} must be 'error' or 'baseline'") from None
+
+
+def _default_hosts(service: str, namespace: str) -> tuple[str, ...]:
+    """The names cluster DNS gives the Service: what clients in the cluster actually dial."""
+    return (service, f"{service}.{namespace}", f"{service}.{namespace}.svc", f"{service}.{namespace}.{CLUSTER_DOMAIN}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Claim:
+    """One usable labelled Deployment, before conflicts are settled."""
+
+    ref: WorkloadRef
+    service: str
+    key: str | None
+    deployment: Deployment
+
+
+def _claim(deployment: Deployment) -> _Claim | None:
+    meta = deployment.get("metadata", {})
+    labels = meta.get("labels") or {}
+    service = labels.get(SERVICE_LABEL)
+    if service is None:
+        return None
+    if not _dns_label(service):
+        raise _Invalid(f"label {SERVICE_LABEL}: {service!r} must be a DNS-1123 label (a Service name)")
+    key = labels.get(KEY_LABEL)
+    if key is not None and not _dns_label(key):
+        raise _Invalid(f"label {KEY_LABEL}: {key!r} must be a DNS-1123 label: lower-case, digits and '-'")
+    return _Claim(_ref(meta), service, key, deployment)
+
+
+def _sorted(deployments: Iterable[Deployment]) -> list[Deployment]:
+    # Sorting makes messages and results independent of the API server's (or the cache's) order.
+    return sorted(deployments, key=lambda d: _ref(d.get("metadata", {})))
+
+
+# --- The build --------------------------------------------------------------------------------
+
+
+def routes_from_deployments(deployments: Iterable[Deployment]) -> KubeRoutes:
+    """Every labelled Deployment → ``Routes`` per service, with conflicts and problems listed."""
+    invalid: list[str] = []
+    conflicts: list[str] = []
+    baselines: dict[str, list[_Claim]] = {}
+    overrides: dict[tuple[str, str], list[_Claim]] = {}
+    for deployment in _sorted(deployments):
+        ref = _ref(deployment.get("metadata", {}))
+        try:
+            claim = _claim(deployment)
+        except _Invalid as exc:
+            invalid.append(f"deployment {ref}: {exc}")
+            continue
+        if claim is None:
+            continue
+        if claim.key is None:
+            baselines.setdefault(claim.service, []).append(claim)
+        else:
+            overrides.setdefault((claim.service, claim.key), []).append(claim)
+
+    routed_baselines: dict[str, tuple[_Claim, Target]] = {}
+    for service, claims in sorted(baselines.items()):
+        if len(claims) > 1:
+            names = ", ".join(c.ref for c in claims)
+            conflicts.append(f"service {service!r}: {len(claims)} baseline Deployments ({names}); none is routed")
+            continue
+        claim = claims[0]
+        try:
+            routed_baselines[service] = (claim, _target(claim.deployment, service))
+        except _Invalid as exc:
+            invalid.append(f"deployment {claim.ref}: {exc}")
+
+    by_service: dict[str, dict[str, Override]] = {}
+    expiries: list[Expiry] = []
+    for (service, key), claims in sorted(overrides.items()):
+        if len(claims) > 1:
+            names = ", ".join(c.ref for c in claims)
+            conflicts.append(
+                f"service {service!r} key {key!r}: {len(claims)} override Deployments ({names}); none is routed"
+            )
+            continue
+        claim = claims[0]
+        meta = claim.deployment.get("metadata", {})
+        if service not in routed_baselines:
+            if service not in baselines:
+                invalid.append(f"deployment {claim.ref}: service {service!r} has no baseline Deployment; not routed")
+            # Otherwise the baseline's own conflict or problem is already reported for the service.
+            continue
+        try:
+            target = _target(claim.deployment, meta.get("name", ""))
+            expires_at = _expiry(meta)
+            fallback = _fallback(meta)
+        except _Invalid as exc:
+            invalid.append(f"deployment {claim.ref}: {exc}")
+            continue
+        ready = (claim.deployment.get("status", {}).get("readyReplicas") or 0) > 0
+        by_service.setdefault(service, {})[key] = Override(
+            key=key,
+            target=target,
+            ready=ready,
+            expires_at=expires_at,
+            fallback=fallback,
+            namespace=meta.get("namespace"),
+            workload=meta.get("name"),
+        )
+        if expires_at is not None:
+            expiries.append(
+                Expiry(expires_at, service, key, meta.get("namespace", ""), meta.get("name", ""), meta.get("uid", ""))
+            )
+
+    hosts = _settle_hosts(routed_baselines, conflicts)
+    services = {
+        service: Routes(service=service, baseline=target, overrides=by_service.get(service, {}), hosts=hosts[service])
+        for service, (_, target) in routed_baselines.items()
+    }
+    expiries.sort(key=lambda e: (e.expires_at, e.service, e.key))
+    return KubeRoutes(services, tuple(conflicts), tuple(invalid), tuple(expiries))
+
+
+def _settle_hosts(baselines: Mapping[str, tuple[_Claim, Target]], conflicts: list[str]) -> dict[str, tuple[str, ...]]:
+    """Each service's host names; an extra host claimed twice is dropped from every claimant.
+
+    Cluster DNS names win over ``devstack.io/hosts`` extras because they are what the Service
+    really answers to; two extras naming the same host are both dropped and reported, since
+    picking one would route by whichever Deployment sorts first.
+    """
+    defaults = {
+        service: _default_hosts(service, claim.ref.split("/", 1)[0]) for service, (claim, _) in baselines.items()
+    }
+    owner_of_default = {host: service for service, names in defaults.items() for host in names}
+    extras: dict[str, list[str]] = {}
+    for service, (claim, _) in baselines.items():
+        raw = (claim.deployment.get("metadata", {}).get("annotations") or {}).get(HOSTS_ANNOTATION, "")
+        for host in (h.strip().lower() for h in raw.split(",")):
+            if host and host not in defaults[service]:
+                extras.setdefault(host, []).append(service)
+    result = {service: list(names) for service, names in defaults.items()}
+    for host, claimants in extras.items():  # annotation order: deployments are already sorted
+        owner = owner_of_default.get(host)
+        if owner is not None:
+            conflicts.append(
+                f"host {host!r} ({HOSTS_ANNOTATION} of {sorted(claimants)}) is service {owner!r}'s name; ignored"
+            )
+        elif len(claimants) > 1:
+            conflicts.append(f"host {host!r} is claimed by services {sorted(claimants)}; routed to none of them")
+        else:
+            result[claimants[0]].append(host)
+    return {service: tuple(names) for service, names in result.items()}
+
+
+def find_leaks(deployments: Iterable[Deployment], services: Iterable[Service]) -> tuple[Leak, ...]:
+    """Overrides whose pod template labels the baseline's Service selector matches.
+
+    The baseline Service is the Service named after ``devstack.io/service`` in the baseline
+    Deployment's namespace; only overrides in that namespace can match it, because a Service
+    selects pods in its own namespace only. An empty selector selects nothing (it is a Service
+    with manually managed endpoints), so it never leaks.
+    """
+    selectors: dict[tuple[str, str], dict[str, str]] = {}
+    for svc in services:
+        meta = svc.get("metadata", {})
+        selector = svc.get("spec", {}).get("selector") or {}
+        if selector:
+            selectors[(meta.get("namespace", ""), meta.get("name", ""))] = selector
+    baseline_namespaces: dict[str, set[str]] = {}
+    candidates: list[_Claim] = []
+    for deployment in _sorted(deployments):
+        try:
+            claim = _claim(deployment)
+        except _Invalid:
+            continue
+        if claim is None:
+            continue
+        if claim.key is None:
+            baseline_namespaces.setdefault(claim.service, set()).add(claim.ref.split("/", 1)[0])
+        else:
+            candidates.append(claim)
+    leaks: list[Leak] = []
+    for claim in candidates:
+        namespace, name = claim.ref.split("/", 1)
+        if namespace not in baseline_namespaces.get(claim.service, set()):
+            continue
+        baseline_selector = selectors.get((namespace, claim.service))
+        if baseline_selector is None:
+            continue
+        selector = baseline_selector
+        pod_labels = claim.deployment.get("spec", {}).get("template", {}).get("metadata", {}).get("labels") or {}
+        if all(pod_labels.get(k) == v for k, v in selector.items()):
+            assert claim.key is not None
+            leaks.append(Leak(claim.service, claim.key, namespace, name, tuple(sorted(selector.items()))))
+    return tuple(leaks)

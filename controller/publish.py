@@ -1,0 +1,215 @@
+"""Serves the controller's current route table: ``GET /v1/routes``, long-poll and NDJSON stream.
+
+This module owns the wire format routers subscribe to (one ``RouteTable.to_json()`` document per
+line, plus the controller's ``instance`` and status) and the controller's health endpoints
+(``/healthz``, ``/readyz``, ``/metrics``). It only reads the latest published table and status;
+it never builds or changes a table, and never queues tables for a slow subscriber: each stream
+sends the newest table when it can, skipping any it was too slow to see (level-triggered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import secrets
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from router.table import EMPTY_TABLE, RouteTable
+
+__all__ = ["PublishSettings", "RoutePublisher", "make_publish_app"]
+
+ReadinessCheck = Callable[[], tuple[bool, dict[str, Any]]]
+StatusCallback = Callable[[], Mapping[str, object]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PublishSettings:
+    heartbeat: float = 15.0
+    """An empty line this often on idle streams, so subscribers can tell a quiet controller from a
+    dead connection (their idle timeout is three heartbeats) and proxies do not reap the stream."""
+    long_poll_max: float = 60.0
+    """Longest a ``?since=`` request (without ``watch``) is held before answering with the current table."""
+
+
+class RoutePublisher:
+    """The latest table and a wake-up for everyone waiting on a newer one."""
+
+    def __init__(self) -> None:
+        self.table: RouteTable = EMPTY_TABLE
+        self.instance = secrets.token_hex(8)
+        """Changes on every controller start: a subscriber's ``since`` from another run means nothing."""
+        self.closed = False
+        self.subscribers = 0
+        self._changed = asyncio.Event()
+
+    def publish(self, table: RouteTable) -> None:
+        """The aggregator's publish callback: make ``table`` current and wake every waiter."""
+        self.table = table
+        self._wake()
+
+    def close(self) -> None:
+        """End every stream (server shutdown), so none holds the process open."""
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        # A fresh event per generation: waiters of the old one all wake, later waiters wait anew.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_change(self, version: int, timeout: float) -> bool:
+        """True once the table is no longer ``version`` (or we are closing), False after ``timeout``."""
+        if self.table.version != version or self.closed:
+            return True
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+def _document(publisher: RoutePublisher, table: RouteTable, status: StatusCallback) -> dict[str, object]:
+    return {**table.to_json(), "instance": publisher.instance, **status()}
+
+
+class _ControllerCollector(Collector):
+    def __init__(self, publisher: RoutePublisher, status: StatusCallback) -> None:
+        self._publisher = publisher
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        table = self._publisher.table
+        status = self._status()
+        yield GaugeMetricFamily(
+            "devstack_controller_route_table_version", "Version of the published table.", table.version
+        )
+        yield GaugeMetricFamily("devstack_controller_services", "Services in the published table.", len(table.services))
+        overrides = sum(len(r.overrides) for r in table.services.values())
+        yield GaugeMetricFamily("devstack_controller_overrides", "Overrides in the published table.", overrides)
+        yield GaugeMetricFamily(
+            "devstack_controller_subscribers", "Open /v1/routes streams.", self._publisher.subscribers
+        )
+        for key, help_text in (
+            ("conflicts", "Conflicting Deployments (none of the claimants is routed)."),
+            ("invalid", "Labelled Deployments that cannot be routed."),
+            ("expired", "Overrides past their expiry still present in the cluster."),
+        ):
+            entries = status.get(key)
+            yield GaugeMetricFamily(
+                f"devstack_controller_{key}", help_text, len(entries) if isinstance(entries, list) else 0
+            )
+        leaks = status.get("leaks")
+        leak_list = leaks if isinstance(leaks, list) else []
+        yield GaugeMetricFamily(
+            "devstack_controller_leaking_overrides",
+            "Overrides whose pods the baseline Service also selects.",
+            len(leak_list),
+        )
+        per_leak = GaugeMetricFamily(
+            "devstack_controller_override_leak",
+            "1 for each override whose pods the baseline Service selects.",
+            labels=["service", "key", "namespace", "deployment"],
+        )
+        for leak in leak_list:
+            if isinstance(leak, Mapping):
+                per_leak.add_metric([str(leak.get(k, "")) for k in ("service", "key", "namespace", "deployment")], 1)
+        yield per_leak
+        watches = status.get("watches")
+        connected = GaugeMetricFamily(
+            "devstack_controller_watch_connected", "1 while the collection's watch is open.", labels=["collection"]
+        )
+        if isinstance(watches, Mapping):
+            for name, state in sorted(watches.items()):
+                if isinstance(state, Mapping):
+                    connected.add_metric([str(name)], 1 if state.get("connected") else 0)
+        yield connected
+
+
+def make_publish_app(
+    publisher: RoutePublisher,
+    *,
+    readiness: ReadinessCheck,
+    status: StatusCallback = dict,
+    settings: PublishSettings | None = None,
+) -> web.Application:
+    """``/v1/routes`` (plain, ``?since=`` long-poll, ``?watch=1&since=`` stream) and health endpoints."""
+    settings = settings or PublishSettings()
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_ControllerCollector(publisher, status))
+
+    def floor(since: int | None, instance: str | None) -> int:
+        """The version a subscriber already holds: it is sent only tables newer than this.
+
+        ``since`` from another controller run (another ``instance``, or newer than anything we
+        published) is meaningless, so such a subscriber gets the current table at once.
+        """
+        foreign = (instance is not None and instance != publisher.instance) or (
+            since is not None and since > publisher.table.version
+        )
+        # Version 0 is the empty table before the first snapshot: never worth sending.
+        return 0 if since is None or foreign else max(0, since)
+
+    async def routes(request: web.Request) -> web.StreamResponse:
+        try:
+            since = int(request.query["since"]) if "since" in request.query else None
+        except ValueError:
+            return web.json_response({"error": "since must be an integer version"}, status=400)
+        instance = request.query.get("instance")
+        if request.query.get("watch") in ("1", "true"):
+            return await stream(request, since, instance)
+        if since is not None:
+            held = floor(since, instance)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + settings.long_poll_max
+            while publisher.table.version <= held and not publisher.closed and loop.time() < deadline:
+                await publisher.wait_change(publisher.table.version, deadline - loop.time())
+        return web.json_response(_document(publisher, publisher.table, status))
+
+    async def stream(request: web.Request, since: int | None, instance: str | None) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"})
+        await response.prepare(request)
+        held = floor(since, instance)
+        publisher.subscribers += 1
+        try:
+            while not publisher.closed:
+                table = publisher.table
+                if table.version > held:
+                    line = json.dumps(_document(publisher, table, status), separators=(",", ":")) + "\n"
+                    await response.write(line.encode())
+                    held = table.version
+                if not await publisher.wait_change(table.version, settings.heartbeat):
+                    await response.write(b"\n")
+        except ConnectionResetError:
+            pass  # The subscriber went away; nothing to clean up beyond the counter.
+        finally:
+            publisher.subscribers -= 1
+        return response
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ready, detail = readiness()
+        body = {"ready": ready, "version": publisher.table.version, **detail}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
+
+    async def on_shutdown(_: web.Application) -> None:
+        publisher.close()
+
+    app = web.Application()
+    app.router.add_get("/v1/routes", routes)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.on_shutdown.append(on_shutdown)
+    return app
