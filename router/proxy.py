@@ -15,7 +15,6 @@ import asyncio
 import collections
 import logging
 import socket
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, cast
 
@@ -476,7 +475,7 @@ class ClientConnection(asyncio.Protocol):
                 key = source.key_from(lines)
                 if key is not None:
                     break
-        decision = table.services[service].resolve(key, time.time())
+        decision = table.services[service].resolve(key)
         req.decision = decision
         if decision.target is None:
             return

@@ -150,8 +150,9 @@ class Routes:
             return Decision(self.service, ov.key, TargetKind.BASELINE, self.baseline, reason + "-fallback")
         return Decision(self.service, ov.key, TargetKind.ERROR, None, reason, status=503)
 
-    def resolve(self, key: str | None, now: float) -> Decision:
-        """Pick the upstream for ``key`` (already validated) at Unix time ``now``."""
+    def resolve(self, key: str | None, now: float | None = None) -> Decision:
+        """Pick the upstream for ``key`` (already validated) at Unix time ``now`` (default:
+        the clock, read only when the override has an expiry)."""
         if key is None:
             return self.baseline_decision
         entry = self._by_key.get(key)
@@ -159,7 +160,7 @@ class Routes:
             # Most keys have no override on most services: the rest of the stack is shared.
             return Decision(self.service, key, TargetKind.BASELINE, self.baseline, "no-override")
         ov = entry.override
-        if ov.expires_at is not None and now >= ov.expires_at:
+        if ov.expires_at is not None and (time.time() if now is None else now) >= ov.expires_at:
             return entry.expired
         if not ov.ready:
             return entry.not_ready
@@ -213,7 +214,7 @@ class RouteTable:
         routes = self.services.get(service)
         if routes is None:
             return None
-        return routes.resolve(key, time.time() if now is None else now)
+        return routes.resolve(key, now)
 
     def with_version(self, version: int, sources: tuple[str, ...] | None = None) -> RouteTable:
         return RouteTable(self.services, version, self.sources if sources is None else sources)

@@ -286,7 +286,12 @@ class UpstreamConnection(asyncio.Protocol):
         now = self._loop.time()
         self.last_io = now
         self.idle_limit = self._timeouts.body_idle if body_pending else self._timeouts.upstream_response
-        self._timer = self._loop.call_at(now + self.idle_limit, self._on_timer)
+        deadline = now + self.idle_limit
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
         self.transport.write(head)
 
     def request_sent(self) -> None:
@@ -329,8 +334,10 @@ class UpstreamConnection(asyncio.Protocol):
         return not self._closed and not self._broken
 
     def _finish(self, reusable: bool) -> None:
+        # The timer is left running: it finds no owner and stops, or finds the next exchange
+        # and re-arms, so a busy keep-alive connection creates one timer a minute, not one a
+        # request.
         owner = self.owner
-        self._cancel_timer()
         self.owner = None
         self._started = False
         if self._head_request or self._closed:
