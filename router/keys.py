@@ -14,7 +14,7 @@ same way.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import ClassVar, Final, Protocol
 
 __all__ = [
@@ -103,7 +103,35 @@ def _member_value(member: bytes, names: Sequence[bytes]) -> tuple[int, bytes] | 
     return index, value.strip(_OWS)
 
 
-def routing_key_from_baggage(lines: Iterable[bytes], names: Sequence[bytes] = (DEFAULT_MEMBER.encode(),)) -> str | None:
+def _first_member_value(line: bytes, name: bytes) -> bytes | None:
+    """Raw value (properties and OWS stripped) of the first member of ``line`` named ``name``.
+
+    Scans with ``bytes.find`` instead of splitting every member: a name occurrence is a member
+    only if nothing but OWS stands between it and the line start or a comma, and only OWS
+    between it and ``=``. Values cannot contain commas, so the next comma ends the member.
+    """
+    size = len(name)
+    start = line.find(name)
+    while start >= 0:
+        before = start - 1
+        while before >= 0 and line[before] in _OWS:
+            before -= 1
+        after = start + size
+        end_name = after
+        while after < len(line) and line[after] in _OWS:
+            after += 1
+        if (before < 0 or line[before] == 0x2C) and after < len(line) and line[after] == 0x3D:
+            end = line.find(b",", after)
+            value = line[after + 1 :] if end < 0 else line[after + 1 : end]
+            semi = value.find(b";")
+            if semi >= 0:
+                value = value[:semi]
+            return value.strip(_OWS)
+        start = line.find(name, end_name)
+    return None
+
+
+def routing_key_from_baggage(lines: Sequence[bytes], names: Sequence[bytes] = (DEFAULT_MEMBER.encode(),)) -> str | None:
     """The routing key carried in ``baggage`` header ``lines``, or None.
 
     ``names`` are member names in precedence order (the configured name, then aliases). For
@@ -112,6 +140,22 @@ def routing_key_from_baggage(lines: Iterable[bytes], names: Sequence[bytes] = (D
     combined in order as one list (RFC 9110 5.3); only members that end within the first
     ``MAX_BAGGAGE_BYTES`` bytes and the first ``MAX_BAGGAGE_MEMBERS`` members are read.
     """
+    total = len(lines) - 1
+    count = 0
+    for line in lines:
+        total += len(line)
+        count += line.count(b",") + 1
+    if total <= MAX_BAGGAGE_BYTES and count <= MAX_BAGGAGE_MEMBERS:
+        # Everything is within the W3C limits, so no member needs its own budget check.
+        for name in names:
+            for line in lines:
+                raw = _first_member_value(line, name)
+                if raw is not None:
+                    decoded = percent_decode(raw)
+                    if decoded is not None and is_valid_key(decoded):
+                        return decoded.decode("ascii")
+                    return None
+        return None
     found: list[bytes | None] = [None] * len(names)
     decided = [False] * len(names)
     budget = MAX_BAGGAGE_BYTES
