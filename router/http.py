@@ -9,12 +9,16 @@ framing header through unchanged: framing is always rendered by ``render_*`` fro
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Final
 
 __all__ = [
     "HOP_BY_HOP",
+    "head_fields",
+    "passthrough_head",
+    "status_reason",
     "PROTECTED",
     "connection_tokens",
     "error_response",
@@ -118,3 +122,55 @@ def error_response(
     head.append(b"\r\n")
     head.append(body)
     return b"".join(head)
+
+
+_RESPONSE_HOP: Final = re.compile(
+    rb"\r\n(connection|keep-alive|proxy-connection|proxy-authenticate|proxy-authorization|te|trailer"
+    rb"|transfer-encoding|upgrade)[ \t]*:([^\r]*)"
+)
+_SIMPLE_CONNECTION: Final = frozenset({b"keep-alive", b"close", b""})
+
+
+def head_fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """(name, value) pairs of a head llhttp already accepted (so the syntax is known good)."""
+    fields = []
+    for line in head.split(b"\r\n")[1:]:
+        if line:
+            name, _, value = line.partition(b":")
+            fields.append((name, value.strip(b" \t")))
+    return fields
+
+
+def status_reason(head: bytes) -> bytes:
+    """The reason phrase of a status line llhttp accepted (may be empty)."""
+    line = head[: head.find(b"\r\n")]
+    parts = line.split(b" ", 2)
+    return parts[2] if len(parts) > 2 else b""
+
+
+def passthrough_head(head: bytes, lower: bytes) -> bytes | None:
+    """``head`` ready to forward as-is, or None when it needs rebuilding field by field.
+
+    The fast path of the response side: an HTTP/1.1 head whose only hop-by-hop fields are a
+    plain ``Connection: keep-alive|close`` or ``Keep-Alive`` is forwarded without those lines
+    and otherwise byte for byte (llhttp has validated every byte of it). Anything else (other
+    hop-by-hop fields, Connection naming headers, HTTP/1.0) takes the rebuilding path.
+    """
+    if not head.startswith(b"HTTP/1.1 "):
+        return None
+    cuts = []
+    for match in _RESPONSE_HOP.finditer(lower):
+        name = match.group(1)
+        if name == b"keep-alive" or (name == b"connection" and match.group(2).strip(b" \t") in _SIMPLE_CONNECTION):
+            cuts.append(match.span())
+        else:
+            return None
+    if not cuts:
+        return head
+    pieces = []
+    start = 0
+    for begin, end in cuts:
+        pieces.append(head[start:begin])
+        start = end
+    pieces.append(head[start:])
+    return b"".join(pieces)

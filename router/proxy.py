@@ -20,7 +20,17 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from router.http import HOP_BY_HOP, PROTECTED, connection_tokens, error_response, is_valid_authority, reason_phrase
+from router.http import (
+    HOP_BY_HOP,
+    PROTECTED,
+    connection_tokens,
+    error_response,
+    head_fields,
+    is_valid_authority,
+    passthrough_head,
+    reason_phrase,
+    status_reason,
+)
 from router.keys import BaggageKeySource, KeySource
 from router.settings import Mode, RouterSettings
 from router.stats import RouterStats
@@ -669,37 +679,53 @@ class ClientConnection(asyncio.Protocol):
 
     # -- upstream events (router.upstream.ExchangeOwner) ----------------------------------------
 
-    def upstream_interim(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def upstream_interim(self, status: int, head: bytes) -> None:
         req = self._active
         if req is None or not req.http11 or self.transport is None:
             return
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-        for name, value in headers:
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, status_reason(head) or reason_phrase(status))]
+        for name, value in head_fields(head):
             if name.lower() not in HOP_BY_HOP:
                 out += (name, b": ", value, _CRLF)
         out.append(_CRLF)
         self.transport.write(b"".join(out))
 
-    def upstream_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        framing: Framing,
-        keep_alive: bool,
-    ) -> None:
+    def upstream_head(self, status: int, head: bytes, lower: bytes, framing: Framing, keep_alive: bool) -> None:
         req = self._active
         assert req is not None
         self._resp_status = status
-        lowered = [name.lower() for name, _ in headers]
+        client_keep_alive = self._resp_keep_alive and not req.upgrade and not self.ctx.draining
+        if (
+            framing is Framing.LENGTH
+            and req.http11
+            and status != 101
+            and (passthrough := passthrough_head(head, lower)) is not None
+        ):
+            # Fast path: forward the validated head as received, adding only what we must.
+            self._resp_keep_alive = client_keep_alive
+            if not client_keep_alive or req.debug:
+                extra: list[bytes] = []
+                if req.debug and req.decision is not None:
+                    extra += (b"x-devstack-route: ", req.decision.route_header, _CRLF)
+                if not client_keep_alive:
+                    extra.append(b"Connection: close\r\n")
+                passthrough = passthrough[:-2] + b"".join(extra) + _CRLF
+            self._resp_head = passthrough
+            return
+        self._rebuild_head(req, status, head, framing, client_keep_alive)
+
+    def _rebuild_head(self, req: _Request, status: int, head: bytes, framing: Framing, client_keep_alive: bool) -> None:
+        """Render a response head field by field: hop-by-hop removal, our own framing."""
+        fields = head_fields(head)
+        lowered = [name.lower() for name, _ in fields]
         stripped: frozenset[bytes] = frozenset()
         if b"connection" in lowered:
-            values = [value for lower, (_, value) in zip(lowered, headers) if lower == b"connection"]
+            values = [value for lower, (_, value) in zip(lowered, fields) if lower == b"connection"]
             stripped = connection_tokens(values) - PROTECTED
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or reason_phrase(status))]
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, status_reason(head) or reason_phrase(status))]
         content_length: bytes | None = None
         upgrade = b""
-        for lower, (name, value) in zip(lowered, headers):
+        for lower, (name, value) in zip(lowered, fields):
             if lower in HOP_BY_HOP or lower in stripped:
                 if lower == b"content-length":
                     content_length = value
@@ -717,7 +743,6 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(b"".join(out))
             self._resp_head_sent = True
             return
-        client_keep_alive = self._resp_keep_alive and not req.upgrade and not self.ctx.draining
         if framing is Framing.NONE:
             if content_length is not None and status != 204:
                 out += (b"Content-Length: ", content_length, _CRLF)

@@ -49,16 +49,11 @@ class Failure(enum.Enum):
 class ExchangeOwner(Protocol):
     """What an upstream connection reports to the client-side exchange using it."""
 
-    def upstream_head(
-        self,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        framing: Framing,
-        keep_alive: bool,
-    ) -> None: ...
+    def upstream_head(self, status: int, head: bytes, lower: bytes, framing: Framing, keep_alive: bool) -> None:
+        """The final response head: raw bytes as received (validated) and lower-cased."""
+        ...
 
-    def upstream_interim(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def upstream_interim(self, status: int, head: bytes) -> None: ...
 
     def upstream_body(self, data: bytes) -> None: ...
 
@@ -101,11 +96,9 @@ class UpstreamConnection(asyncio.Protocol):
         "_timeouts",
         "_max_head",
         "_status",
-        "_reason",
-        "_headers",
         "_framing",
-        "_head_bytes",
-        "_in_head",
+        "_head_buf",
+        "_collecting",
         "_started",
         "_head_request",
         "_head_done",
@@ -132,11 +125,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._max_head = pool.limits.max_header_bytes + pool.limits.max_request_line
         self._parser = httptools.HttpResponseParser(self)
         self._status = 0
-        self._reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []
         self._framing = Framing.CLOSE
-        self._head_bytes = 0
-        self._in_head = False
+        self._head_buf = b""
+        """Bytes of the response head being received, from its first byte: heads are forwarded
+        from these raw bytes, so the parser needs no per-header callbacks."""
+        self._collecting = False
         self._started = False
         self._head_request = False
         self._head_done = False
@@ -168,9 +161,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self._tunnel:
             owner.upstream_tunnel_data(data)
             return
-        if self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > self._max_head:
+        if self._collecting:
+            buf = self._head_buf = self._head_buf + data if self._head_buf else data
+            if len(buf) > self._max_head and buf.find(b"\r\n\r\n", 0, self._max_head) < 0:
                 self._fail(Failure.BAD_RESPONSE)
                 return
         try:
@@ -203,7 +196,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._tunnel:
             self.owner = None
             owner.upstream_complete(reusable=False)
-        elif self._started and not self._in_head and self._framing is Framing.CLOSE:
+        elif self._started and not self._collecting and self._framing is Framing.CLOSE:
             self._finish(reusable=False)
         else:
             self._fail(Failure.RESET)
@@ -220,42 +213,38 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._started = True
-        self._in_head = True
-        self._headers = []
         self._framing = Framing.CLOSE
-
-    def on_status(self, status: bytes) -> None:
-        self._reason += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:
-            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
         self._status = status
-        self._in_head = False
         owner = self.owner
         if owner is None:
             raise UnexpectedUpgrade  # a response nobody asked for: the connection is broken
+        buf = self._head_buf
+        end = buf.find(b"\r\n\r\n") + 4
+        head = buf[:end]
         if 100 <= status < 200 and status != 101:
-            owner.upstream_interim(status, self._reason, self._headers)
-            self._reason = b""
+            self._head_buf = buf[end:]  # the final response's head starts right after
+            owner.upstream_interim(status, head)
             return
-        framing = Framing.CLOSE
-        for name, _ in self._headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                framing = Framing.LENGTH
-            elif lower == b"transfer-encoding":
-                framing = Framing.CHUNKED
+        self._collecting = False
+        self._head_buf = b""
+        lower = head.lower()
         if self._head_request or status in (204, 304):
             framing = Framing.NONE
+        elif b"\r\ntransfer-encoding:" in lower:
+            # llhttp accepted it, so chunked is last if present; otherwise the body runs to close.
+            at = lower.find(b"\r\ntransfer-encoding:")
+            value = lower[at + 20 : lower.find(b"\r\n", at + 2)]
+            framing = Framing.CHUNKED if value.rstrip(b" \t").endswith(b"chunked") else Framing.CLOSE
+        elif b"\r\ncontent-length:" in lower:
+            framing = Framing.LENGTH
+        else:
+            framing = Framing.CLOSE
         self._framing = framing
-        keep_alive = parser.should_keep_alive()
-        reason, self._reason = self._reason, b""
-        owner.upstream_head(status, reason, self._headers, framing, keep_alive)
+        owner.upstream_head(status, head, lower, framing, parser.should_keep_alive())
         if self._head_request:
             self._head_done = True
             raise _HeadDone
@@ -281,8 +270,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = False
         self._started = False
         self._status = 0
-        self._reason = b""
-        self._head_bytes = 0
+        self._collecting = True
+        self._head_buf = b""
         now = self._loop.time()
         self.last_io = now
         self.idle_limit = self._timeouts.body_idle if body_pending else self._timeouts.upstream_response
