@@ -110,7 +110,7 @@ def make_admin_app(state: AdminState) -> web.Application:
             {
                 "version": table.version,
                 "service": decision.service,
-                "key": decision.key,
+                "key": key,
                 "key_valid": key is not None or not raw_key,
                 "target": decision.kind.value,
                 "upstream": decision.target.url if decision.target else None,

@@ -59,6 +59,44 @@ _PAUSE_DONE: Final = 16
 _CLOSING_STATUSES: Final = frozenset({400, 405, 408, 413, 414, 431, 501, 505})
 """Answers to requests we could not parse or will not serve: the connection's state is suspect."""
 
+# Request fields the single classification pass treats specially (see _prepare).
+_F_KEY: Final = 1
+_F_HOST: Final = 2
+_F_CONTENT_LENGTH: Final = 3
+_F_TRANSFER_ENCODING: Final = 4
+_F_CONNECTION: Final = 5
+_F_UPGRADE: Final = 6
+_F_FORWARDED_FOR: Final = 7
+_F_DEBUG: Final = 8
+_F_FORWARDED: Final = 9
+_F_TRACEPARENT: Final = 10
+_F_DROP: Final = 11
+_REQUEST_FIELDS: Final = {
+    b"host": _F_HOST,
+    b"content-length": _F_CONTENT_LENGTH,
+    b"transfer-encoding": _F_TRANSFER_ENCODING,
+    b"connection": _F_CONNECTION,
+    b"upgrade": _F_UPGRADE,
+    b"x-forwarded-for": _F_FORWARDED_FOR,
+    b"x-devstack-debug": _F_DEBUG,
+    b"x-forwarded-proto": _F_FORWARDED,
+    b"x-forwarded-host": _F_FORWARDED,
+    b"traceparent": _F_TRACEPARENT,
+    **{name: _F_DROP for name in HOP_BY_HOP - {b"content-length", b"transfer-encoding", b"connection", b"upgrade"}},
+}
+_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def _without_fields(out: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """The rendered head pieces minus the fields called ``names`` (rare: Connection-listed
+    fields, a traceparent the router replaces). Pieces after the request line come in fours."""
+    kept = out[:4]
+    for i in range(4, len(out), 4):
+        if out[i].lower() not in names:
+            kept += out[i : i + 4]
+    return kept
+
+
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
@@ -92,6 +130,7 @@ class ProxyContext:
             key_sources if key_sources is not None else (BaggageKeySource(settings.key_members),)
         )
         self.key_headers = frozenset(source.header for source in self.key_sources)
+        self.request_fields: dict[bytes, int] = {**_REQUEST_FIELDS, **dict.fromkeys(self.key_headers, _F_KEY)}
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self.no_route_status = 403 if settings.mode is Mode.SIDECAR else 404
@@ -146,6 +185,7 @@ class _Request:
         "started_at",
         "retried",
         "span",
+        "key",
     )
 
     def __init__(self) -> None:
@@ -167,6 +207,7 @@ class _Request:
         self.started_at = 0.0
         self.retried = False
         self.span: object = None
+        self.key: str | None = None
 
 
 class ClientConnection(asyncio.Protocol):
@@ -401,35 +442,56 @@ class ClientConnection(asyncio.Protocol):
         req.upgrade = parser.should_upgrade()
 
         headers = self._headers
-        lowered = [name.lower() for name, _ in headers]
+        target = self._url[0] if len(self._url) == 1 else b"".join(self._url)
+        absolute = target[:1] != b"/"
+        fields = ctx.request_fields
         host: bytes | None = None
         content_length = -1
         transfer_encoding: bytes | None = None
-        connection: list[bytes] = []
+        connection: list[bytes] | None = None
         upgrade = b""
-        key_lines: dict[bytes, list[bytes]] = {}
-        forwarded_for: list[bytes] = []
-        for lower, (_, value) in zip(lowered, headers):
-            if lower in ctx.key_headers:
+        key_lines: dict[bytes, list[bytes]] | None = None
+        forwarded_for = b""
+        # One pass classifies every field and renders the forwarded ones; the rare cases that
+        # need a second look (Connection naming fields, tracing) re-render afterwards.
+        out: list[bytes] = [method, b" ", b"", b" HTTP/1.1\r\n"]
+        for name, value in headers:
+            lower = name.lower()
+            code = fields.get(lower)
+            if code is None:
+                if not lower.startswith(b"x-devstack-"):  # the router's own fields are its to set
+                    out += (name, b": ", value, _CRLF)
+            elif code is _F_KEY:
+                if key_lines is None:
+                    key_lines = {}
                 key_lines.setdefault(lower, []).append(value)
-            if lower == b"host":
+                out += (name, b": ", value, _CRLF)
+            elif code is _F_HOST:
                 if host is not None:
                     raise _Reject(400, "more than one Host header")
                 host = value
-            elif lower == b"content-length":
+                if not absolute:
+                    out += (name, b": ", value, _CRLF)
+            elif code is _F_CONTENT_LENGTH:
                 content_length = int(value)
-            elif lower == b"transfer-encoding":
+            elif code is _F_TRANSFER_ENCODING:
                 if transfer_encoding is not None:
                     raise _Reject(400, "more than one Transfer-Encoding header")
                 transfer_encoding = value
-            elif lower == b"connection":
-                connection.append(value)
-            elif lower == b"upgrade":
+            elif code is _F_CONNECTION:
+                connection = [value] if connection is None else [*connection, value]
+            elif code is _F_UPGRADE:
                 upgrade = value
-            elif lower == b"x-forwarded-for":
-                forwarded_for.append(value)
-            elif lower == b"x-devstack-debug":
+            elif code is _F_FORWARDED_FOR:
+                forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
+            elif code is _F_DEBUG:
                 req.debug = value.strip() == b"1"
+            elif code is _F_FORWARDED:
+                if ctx.settings.trust_forwarded:
+                    out += (name, b": ", value, _CRLF)
+            elif code is _F_TRACEPARENT:
+                out += (name, b": ", value, _CRLF)
+            # _F_DROP: hop-by-hop, never forwarded
 
         if host is None and req.http11:
             raise _Reject(400, "HTTP/1.1 request without Host")
@@ -448,9 +510,8 @@ class ClientConnection(asyncio.Protocol):
         if max_body and content_length > max_body:
             raise _Reject(413, "request body too large")
 
-        target = self._url[0] if len(self._url) == 1 else b"".join(self._url)
         authority = host
-        if target[:1] == b"/":
+        if not absolute:
             path = target
         elif target[:7].lower() == b"http://":
             rest = target[7:]
@@ -465,8 +526,11 @@ class ClientConnection(asyncio.Protocol):
                 path = b"/" + path
             if b"@" in authority or not is_valid_authority(authority):
                 raise _Reject(400, "invalid authority in request target")
+            out += (b"Host", b": ", authority, _CRLF)
         elif target == b"*" and method == b"OPTIONS":
             path = target
+            if host is not None:
+                out += (b"Host", b": ", host, _CRLF)
         else:
             raise _Reject(400, "unsupported request target form")
         if authority is None:
@@ -479,53 +543,45 @@ class ClientConnection(asyncio.Protocol):
             ctx.stats.rejected[ctx.no_route_status] += 1
             return
         key: str | None = None
-        for source in ctx.key_sources:
-            lines = key_lines.get(source.header)
-            if lines:
-                key = source.key_from(lines)
-                if key is not None:
-                    break
+        if key_lines is not None:
+            for source in ctx.key_sources:
+                lines = key_lines.get(source.header)
+                if lines:
+                    key = source.key_from(lines)
+                    if key is not None:
+                        break
+        req.key = key
         decision = table.services[service].resolve(key)
         req.decision = decision
         if decision.target is None:
             return
 
-        traceparent: bytes | None = None
+        out[2] = path
+        if connection is not None:
+            stripped = connection_tokens(connection) - PROTECTED - _CONNECTION_OPTIONS
+            if stripped:
+                out = _without_fields(out, stripped)
         if ctx.tracer is not None:
             req.span, traceparent = ctx.tracer.start(
                 method, target, headers, service, key, decision.kind.value, decision.target.url
             )
-        stripped = connection_tokens(connection) - PROTECTED if connection else frozenset()
-        out = [method, b" ", path, b" HTTP/1.1\r\n"]
-        append = out.append
-        if authority is not host:
-            out += (b"Host: ", authority, _CRLF)
-        for lower, (name, value) in zip(lowered, headers):
-            if lower in HOP_BY_HOP or lower in stripped or lower.startswith(b"x-devstack-"):
-                continue
-            if lower[:12] == b"x-forwarded-":
-                if lower == b"x-forwarded-for" or not ctx.settings.trust_forwarded:
-                    continue
-            elif lower == b"host" and authority is not host:
-                continue
-            elif lower == b"traceparent" and traceparent is not None:
-                continue  # replaced by the router's own span below
-            out += (name, b": ", value, _CRLF)
-        if traceparent is not None:
-            out += (b"traceparent: ", traceparent, _CRLF)
-        forwarded_for.append(self._peer)
-        out += (b"X-Forwarded-For: ", b", ".join(forwarded_for), _CRLF)
-        if not ctx.settings.trust_forwarded or b"x-forwarded-proto" not in lowered:
-            append(b"X-Forwarded-Proto: http\r\n")
-        if not ctx.settings.trust_forwarded or b"x-forwarded-host" not in lowered:
-            out += (b"X-Forwarded-Host: ", authority, _CRLF)
+            if traceparent is not None:
+                out = _without_fields(out, frozenset({b"traceparent"}))
+                out += (b"traceparent: ", traceparent, _CRLF)
+        out += (
+            b"X-Forwarded-For: ",
+            forwarded_for + b", " + self._peer if forwarded_for else self._peer,
+            _CRLF,
+        )
+        if not ctx.settings.trust_forwarded:
+            out += (b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: ", authority, _CRLF)
         if req.chunked:
-            append(b"Transfer-Encoding: chunked\r\n")
+            out.append(b"Transfer-Encoding: chunked\r\n")
         elif content_length >= 0 and (content_length > 0 or method not in (b"GET", b"HEAD")):
-            append(b"Content-Length: %d\r\n" % content_length)
+            out.append(b"Content-Length: %d\r\n" % content_length)
         if req.upgrade and upgrade:
             out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, _CRLF)
-        append(_CRLF)
+        out.append(_CRLF)
         req.head = b"".join(out)
 
     # -- exchange lifecycle -------------------------------------------------------------------
@@ -547,7 +603,7 @@ class ClientConnection(asyncio.Protocol):
             self._answer(status, reason, decision)
             return
         assert decision is not None
-        self.ctx.stats.requests[(decision.service, decision.kind.value)] += 1
+        self.ctx.stats.requests[decision.stats_key] += 1
         if decision.target is None:
             self.ctx.stats.rejected[decision.status] += 1
             self._answer(decision.status, decision.reason, decision)
@@ -612,10 +668,10 @@ class ClientConnection(asyncio.Protocol):
                 status,
                 reason,
                 service=decision.service if decision is not None else None,
-                key=decision.key if decision is not None else None,
+                key=req.key,
                 target=target,
                 close=close,
-                route_header=decision.route_header if decision is not None and req.debug else None,
+                route_header=decision.route_header(req.key) if decision is not None and req.debug else None,
             )
         )
         self._resp_keep_alive = not close
@@ -706,7 +762,7 @@ class ClientConnection(asyncio.Protocol):
             if not client_keep_alive or req.debug:
                 extra: list[bytes] = []
                 if req.debug and req.decision is not None:
-                    extra += (b"x-devstack-route: ", req.decision.route_header, _CRLF)
+                    extra += (b"x-devstack-route: ", req.decision.route_header(req.key), _CRLF)
                 if not client_keep_alive:
                     extra.append(b"Connection: close\r\n")
                 passthrough = passthrough[:-2] + b"".join(extra) + _CRLF
@@ -734,7 +790,7 @@ class ClientConnection(asyncio.Protocol):
                 continue
             out += (name, b": ", value, _CRLF)
         if req.debug and req.decision is not None:
-            out += (b"x-devstack-route: ", req.decision.route_header, _CRLF)
+            out += (b"x-devstack-route: ", req.decision.route_header(req.key), _CRLF)
         if status == 101:
             if not req.upgrade:
                 raise UnexpectedUpgrade

@@ -87,10 +87,17 @@ class Decision:
     status: int = 200
     """HTTP status the router answers itself with when ``target`` is None."""
 
-    @property
-    def route_header(self) -> bytes:
-        """The ``x-devstack-route`` value; rendered on demand because only debug requests ask."""
-        rendered = f"service={self.service}; key={self.key or '-'}; target={self.kind.value}; reason={self.reason}"
+    stats_key: tuple[str, str] = dataclasses.field(init=False, repr=False, compare=False)
+    """(service, target kind): the request counter's label, made once rather than per request."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stats_key", (self.service, self.kind.value))
+
+    def route_header(self, key: str | None) -> bytes:
+        """The ``x-devstack-route`` value for a request with ``key``, rendered on demand because
+        only debug requests ask. Shared decisions (no key, no override) carry no key of their
+        own, so the request's is passed in."""
+        rendered = f"service={self.service}; key={key or '-'}; target={self.kind.value}; reason={self.reason}"
         return rendered.encode("ascii", "replace")
 
 
@@ -127,12 +134,15 @@ class Routes:
     overrides: Mapping[str, Override] = dataclasses.field(default_factory=dict)
     hosts: tuple[str, ...] = ()
     baseline_decision: Decision = dataclasses.field(init=False)
+    no_override_decision: Decision = dataclasses.field(init=False, repr=False)
     _by_key: Mapping[str, _OverrideDecisions] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
         base = Decision(self.service, None, TargetKind.BASELINE, self.baseline, "no-key")
         object.__setattr__(self, "baseline_decision", base)
+        no_override = Decision(self.service, None, TargetKind.BASELINE, self.baseline, "no-override")
+        object.__setattr__(self, "no_override_decision", no_override)
         by_key: dict[str, _OverrideDecisions] = {}
         for key, ov in self.overrides.items():
             if key != ov.key:
@@ -158,7 +168,7 @@ class Routes:
         entry = self._by_key.get(key)
         if entry is None:
             # Most keys have no override on most services: the rest of the stack is shared.
-            return Decision(self.service, key, TargetKind.BASELINE, self.baseline, "no-override")
+            return self.no_override_decision
         ov = entry.override
         if ov.expires_at is not None and (time.time() if now is None else now) >= ov.expires_at:
             return entry.expired

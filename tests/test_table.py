@@ -51,7 +51,9 @@ def test_resolve_rows(
     r = routes(**({override.key: override} if override else {}))
     decision = r.resolve(key, now=1000.0)
     assert (decision.kind, decision.target, decision.reason, decision.status) == (kind, target, reason, status)
-    assert decision.service == "payments" and decision.key == key
+    assert decision.service == "payments"
+    # Shared decisions (no key, no override for this key) carry no key; override decisions do.
+    assert decision.key == (key if override is not None else None)
 
 
 def test_expiry_is_checked_at_request_time() -> None:
@@ -90,7 +92,9 @@ def test_default_port_and_ipv6() -> None:
 
 def test_debug_header_rendering() -> None:
     decision = routes(alice=Override("alice", ALICE)).resolve("alice", 0.0)
-    assert decision.route_header == b"service=payments; key=alice; target=override; reason=override"
+    assert decision.route_header("alice") == b"service=payments; key=alice; target=override; reason=override"
+    shared = routes().resolve("bob", 0.0)
+    assert shared.route_header("bob") == b"service=payments; key=bob; target=baseline; reason=no-override"
 
 
 def test_tables_are_immutable_and_compare_by_routes() -> None:
