@@ -189,8 +189,12 @@ def routing_key_from_baggage(lines: Sequence[bytes], names: Sequence[bytes] = (D
 class BaggageKeySource:
     """Reads the routing key from W3C ``baggage`` members named ``names`` (in precedence)."""
 
-    __slots__ = ("_names",)
+    __slots__ = ("_cache", "_names")
     header: ClassVar[bytes] = b"baggage"
+    cache_size: ClassVar[int] = 4096
+    """Distinct single-line baggage values remembered; the same few values arrive again and
+    again (one per developer session), and a hit costs a dict lookup instead of a parse. The
+    cache is emptied when full, so hostile variety costs memory bounded by size x 8 KiB."""
 
     def __init__(self, names: Sequence[str] = (DEFAULT_MEMBER,)) -> None:
         encoded = []
@@ -200,9 +204,21 @@ class BaggageKeySource:
                 raise ValueError(f"baggage member name {name!r} is not an HTTP token")
             encoded.append(raw)
         self._names: tuple[bytes, ...] = tuple(encoded)
+        self._cache: dict[bytes, str | None] = {}
 
     def key_from(self, lines: Sequence[bytes]) -> str | None:
+        single = lines[0] if len(lines) == 1 else None
+        if single is not None:
+            try:
+                return self._cache[single]
+            except KeyError:
+                pass
         try:
-            return routing_key_from_baggage(lines, self._names)
+            key = routing_key_from_baggage(lines, self._names)
         except Exception:  # noqa: BLE001 - extraction must never fail a request
-            return None
+            key = None
+        if single is not None and len(single) <= MAX_BAGGAGE_BYTES:
+            if len(self._cache) >= self.cache_size:
+                self._cache.clear()
+            self._cache[single] = key
+        return key

@@ -151,3 +151,15 @@ def test_joining_comma_between_lines_is_counted_once() -> None:
     assert len(one_line) == MAX_BAGGAGE_BYTES
     assert key(one_line) == "alice"
     assert key(b",".join(members), last) == "alice"
+
+
+def test_cached_answers_equal_fresh_ones_and_the_cache_stays_bounded() -> None:
+    source = BaggageKeySource()
+    values = [b"devstack=alice", b"devstack=%zz", b"a=1,devstack=bob;p", b"x=1"]
+    first = [source.key_from([v]) for v in values]
+    again = [source.key_from([v]) for v in values]
+    assert first == again == ["alice", None, "bob", None]
+    for i in range(BaggageKeySource.cache_size * 2):
+        source.key_from([b"devstack=k%d" % i])
+    assert len(source._cache) <= BaggageKeySource.cache_size
+    assert source.key_from([b"devstack=alice"]) == "alice"
