@@ -30,6 +30,20 @@ lint: setup
 unit: setup
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
+## Benchmarks (need the Debian packages wrk, nginx-light, haproxy; see benchmarks/README.md).
+bench: setup
+	$(PY) -m benchmarks.run
+
+bench-quick: setup
+	$(PY) -m benchmarks.run --quick
+
+bench-scale: setup
+	$(PY) -m benchmarks.run --scale
+
+## A long fuzzing run (the test command runs a bounded one).
+fuzz: setup
+	DEVSTACK_FUZZ_PROFILE=long $(BIN)/pytest -q -p no:cacheprovider tests/test_fuzz.py
+
 kube-test: setup
 	$(BIN)/pytest -q tests/kube tests/test_kube_*.py
 

@@ -587,6 +587,11 @@ class KubernetesSource:
         configuration.connection_pool_maxsize = max(
             getattr(configuration, "connection_pool_maxsize", 0) or 0, len(self.collections) + 4
         )
+        if getattr(configuration, "retries", None) is None:
+            # The watchers' backoff decides when to reconnect. urllib3's default Retry(3) would turn
+            # each attempt at an API server that refuses or cuts connections into four back-to-back
+            # requests, three of them in no log and no /readyz; keep only its Retry-After handling.
+            configuration.retries = urllib3.Retry.DEFAULT.new(connect=0, read=0, other=0)
         return k8s.ApiClient(configuration)
 
     async def _rebuild_loop(self) -> None:

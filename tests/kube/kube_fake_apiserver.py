@@ -18,11 +18,12 @@ import copy
 import dataclasses
 import itertools
 import json
+import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, cast
 
 from aiohttp import web
 
@@ -468,3 +469,76 @@ def watch_event(event_type: str, obj: Mapping[str, Any], rv: int) -> dict[str, A
 def apply_all(server: FakeApiServer, objects: Iterable[Mapping[str, Any]]) -> None:
     for obj in objects:
         server.apply(obj)
+
+
+# --- faults of the API server as a whole (tests/kube/test_kube_faults.py) -------------------------
+
+Fault = Literal["500", "429", "close"]
+
+
+class FaultyApiServer(FakeApiServer):
+    """The fake, optionally on a socket bound in advance, and able to fail every list and watch request.
+
+    A socket bound in advance (``reserve_port``) is a port where connections are refused and that
+    no other process can take, until ``start`` listens on it: the API server appears where a
+    client has been pointing all along (a controller started before its API server). While
+    ``fault`` is set, it is asked once per list or watch request and its answer replaces the
+    normal one: ``"500"`` or ``"429"`` (with ``Retry-After: retry_after``) or ``"close"`` (the
+    connection is cut before any response byte). ``faults`` records what each request got, and when.
+    """
+
+    def __init__(self, sock: socket.socket | None = None, *, retry_after: int = 1) -> None:
+        super().__init__()
+        self.sock = sock
+        """Owned from here on: listened on by ``start``, closed by ``close`` (started or not)."""
+        self.port = sock.getsockname()[1] if sock is not None else 0
+        self.url = f"http://127.0.0.1:{self.port}" if sock is not None else ""
+        self.retry_after = retry_after
+        self.fault: Callable[[], Fault | None] | None = None
+        self.faults: list[tuple[float, Fault]] = []
+
+    async def start(self) -> None:
+        app = web.Application()
+        for collection, prefix in (("deployments", "/apis/apps/v1"), ("services", "/api/v1")):
+            app.router.add_get(f"{prefix}/{collection}", self._handler(collection))
+            app.router.add_get(f"{prefix}/namespaces/{{namespace}}/{collection}", self._handler(collection))
+            app.router.add_delete(f"{prefix}/namespaces/{{namespace}}/{collection}/{{name}}", self._delete_handler)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site: web.BaseSite
+        if self.sock is not None:
+            site = web.SockSite(self._runner, self.sock)
+        else:
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def close(self) -> None:
+        await super().close()
+        if self.sock is not None:
+            self.sock.close()  # Idempotent; what releases the port if the server never started.
+
+    def _handler(self, collection: str) -> Any:
+        healthy = super()._handler(collection)
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            fault = self.fault() if self.fault is not None else None
+            if fault is None:
+                return cast(web.StreamResponse, await healthy(request))
+            self.requests.append(Recorded("GET", collection, request.match_info.get("namespace"), dict(request.query)))
+            self.faults.append((time.monotonic(), fault))
+            if fault == "close":
+                assert request.transport is not None
+                request.transport.abort()
+                return web.Response(status=500)  # Never sent: the connection is already gone.
+            return self._error(int(fault), f"scripted {fault}", self.retry_after)
+
+        return handle
+
+
+def reserve_port() -> socket.socket:
+    """A loopback socket bound to a free port but not listening: connecting to it is refused."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
