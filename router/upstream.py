@@ -99,6 +99,10 @@ class UpstreamConnection(asyncio.Protocol):
         "_framing",
         "_head_buf",
         "_collecting",
+        "_length",
+        "_body_seen",
+        "_raw_remaining",
+        "_keep_alive",
         "_started",
         "_head_request",
         "_head_done",
@@ -137,6 +141,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._broken = False
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._length = -1
+        self._body_seen = 0
+        self._raw_remaining = 0
+        """Body bytes still to come of a Content-Length response being passed through unparsed."""
+        self._keep_alive = False
         self._counted = True
         """Whether the pool still counts this connection towards its address's cap."""
 
@@ -158,6 +167,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.last_io = self._loop.time()
+        if self._raw_remaining:
+            self._pass_body(owner, data)
+            return
         if self._tunnel:
             owner.upstream_tunnel_data(data)
             return
@@ -182,6 +194,34 @@ class UpstreamConnection(asyncio.Protocol):
                 self._finish(reusable=False)
             else:
                 self._fail(Failure.BAD_RESPONSE)
+        else:
+            if self._length > 0 and self.owner is not None and not self._collecting:
+                remaining = self._length - self._body_seen
+                if remaining > 0:
+                    # The rest of a Content-Length body is opaque bytes: pass it through as
+                    # received instead of through the parser's per-chunk copies. A fresh
+                    # parser takes over for the next response.
+                    self._raw_remaining = remaining
+                    self._keep_alive = self._parser.should_keep_alive()
+                    self._length = -1
+
+    def _pass_body(self, owner: ExchangeOwner, data: bytes) -> None:
+        remaining = self._raw_remaining
+        if len(data) < remaining:
+            self._raw_remaining = remaining - len(data)
+            owner.upstream_body(data)
+            return
+        self._raw_remaining = 0
+        self._parser = httptools.HttpResponseParser(self)
+        if len(data) == remaining:
+            owner.upstream_body(data)
+            self._finish(reusable=self._keep_alive)
+        else:
+            # Bytes beyond the declared length: the upstream broke framing. The client gets
+            # exactly the declared body; the connection is never reused.
+            owner.upstream_body(data[:remaining])
+            self._broken = True
+            self._finish(reusable=False)
 
     def eof_received(self) -> bool | None:
         return None
@@ -241,6 +281,9 @@ class UpstreamConnection(asyncio.Protocol):
             framing = Framing.CHUNKED if value.rstrip(b" \t").endswith(b"chunked") else Framing.CLOSE
         elif b"\r\ncontent-length:" in lower:
             framing = Framing.LENGTH
+            at = lower.find(b"\r\ncontent-length:") + 17
+            self._length = int(lower[at : lower.find(b"\r\n", at)])
+            self._body_seen = 0
         else:
             framing = Framing.CLOSE
         self._framing = framing
@@ -250,10 +293,12 @@ class UpstreamConnection(asyncio.Protocol):
             raise _HeadDone
 
     def on_body(self, body: bytes) -> None:
+        self._body_seen += len(body)
         if self.owner is not None:
             self.owner.upstream_body(body)
 
     def on_message_complete(self) -> None:
+        self._length = -1
         if self._status < 200:
             return  # an interim (1xx) response; the final one follows on the same connection
         if self._status == 101:

@@ -379,3 +379,37 @@ async def test_restart_under_load_loses_no_request_when_clients_retry_connection
         await proc.wait()
     assert set(outcomes) == {200}
     print(f"{len(outcomes)} requests through a restart, {retries} connection-error retries")
+
+
+async def test_bytes_beyond_content_length_in_a_later_read_are_never_forwarded_or_reused() -> None:
+    go = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+        await writer.drain()
+        await go.wait()  # the first half has reached the client: the rest is a separate read
+        writer.write(b"67890HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled")
+        await writer.drain()
+        await reader.read()
+
+    origin = RawOrigin(script)
+    await origin.start()
+    try:
+        async with running_router(make_table({"a": {"baseline": origin.url}})) as server:
+            reader, writer = await asyncio.open_connection(*server.address)
+            writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            first = await asyncio.wait_for(reader.readuntil(b"12345"), 5)
+            go.set()
+            rest = await asyncio.wait_for(reader.readexactly(5), 5)
+            assert first.endswith(b"\r\n\r\n12345") and rest == b"67890"
+            assert server.ctx is not None
+            while server.stats.upstream_connections:
+                await asyncio.sleep(0.01)  # the broken connection is being closed, never pooled
+            assert server.ctx.pool.idle_count(("127.0.0.1", origin.port)) == 0
+            writer.write(b"GET /again HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            again = await asyncio.wait_for(reader.read(), 5)
+            assert b"smuggled" not in again
+            writer.close()
+    finally:
+        await origin.close()

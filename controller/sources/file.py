@@ -25,8 +25,13 @@ log = logging.getLogger("devstack.controller.file")
 __all__ = ["FileSource", "load_route_file", "parse_route_yaml"]
 
 
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader whose mappings remember the line of each key (for error messages)."""
+# libyaml's parser is an order of magnitude faster than the pure-Python one (a 10,000-service
+# file: seconds, not tens of seconds, spent holding the GIL while the router serves).
+_BaseLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _LineLoader(_BaseLoader):  # type: ignore[valid-type,misc]
+    """Safe loader whose mappings remember the line of each key (for error messages)."""
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:

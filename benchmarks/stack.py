@@ -1,0 +1,249 @@
+"""The stack under test: upstream nginx on core 0, candidate proxies on core 1, one timed cell.
+
+``Stack`` writes each process's configuration into the run's temporary directory, starts it
+through ``Processes`` (so it is always stopped) and waits until it answers. ``measure`` times one
+(candidate, scenario) cell: a warm-up, then wrk with the proxy's /proc counters read on both
+sides. Candidates are started once per run and stay up, idle, while others are timed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from benchmarks import configs
+from benchmarks.configs import SERVICE, Upstreams
+from benchmarks.processes import Background, Processes, ProcSample, busy_cores, free_ports, wait_http, wait_port
+from benchmarks.report import MIBS, P50, REQS, Cell
+from benchmarks.scenarios import Scenario
+from benchmarks.wrk import run_wrk
+
+__all__ = ["LOAD_CPU", "PROXY_CPU", "Candidate", "Quiet", "Stack", "measure", "router_command"]
+
+LOAD_CPU: Final = 0
+"""wrk, the upstream nginx, and this harness."""
+PROXY_CPU: Final = 1
+"""The proxy under test, alone."""
+_MIB: Final = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Candidate:
+    name: str
+    port: int | None
+    """The proxy's listener; None for ``direct`` (each scenario then targets its upstream)."""
+    proc: subprocess.Popen[bytes] | None = None
+    admin_port: int | None = None
+    routes_path: Path | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def url(self, scenario: Scenario, upstreams: Upstreams) -> str:
+        port = self.port if self.port is not None else upstreams.port_for(scenario.key)
+        return f"http://127.0.0.1:{port}{scenario.path}"
+
+    def admin_json(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def admin_text(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=10) as resp:
+            text: str = resp.read().decode()
+            return text
+
+
+def router_command() -> list[str]:
+    """The venv's ``devstack`` console script next to this interpreter, else ``python -m router``."""
+    script = Path(sys.executable).with_name("devstack")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "router"]
+
+
+class Stack:
+    def __init__(self, procs: Processes, workdir: Path, *, echo_module: str | None) -> None:
+        self.procs = procs
+        self.workdir = workdir
+        self.echo_module = echo_module
+        baseline, alice, bob = free_ports(3)
+        self.upstreams = Upstreams(baseline, alice, bob)
+        self._scripts: dict[str, str] = {}
+        self.quiet: Quiet | None = None
+        """Applied before every measured cell unless a cell passes its own."""
+
+    @property
+    def can_upload(self) -> bool:
+        return self.echo_module is not None
+
+    def _write(self, name: str, text: str) -> Path:
+        path = self.workdir / name
+        path.write_text(text)
+        return path
+
+    def script(self, name: str) -> str:
+        """Path of a wrk Lua script by scenario script name, written on first use."""
+        if name not in self._scripts:
+            if name == "upload":
+                text = configs.upload_lua()
+            elif name.startswith("check-"):
+                text = configs.body_check_lua(name.removeprefix("check-"))
+            else:
+                raise ValueError(f"unknown wrk script {name!r}")
+            self._scripts[name] = str(self._write(f"{name}.lua", text))
+        return self._scripts[name]
+
+    def start_upstream(self) -> None:
+        docroot = self.workdir / "www"
+        docroot.mkdir()
+        (docroot / "1m.bin").write_bytes(os.urandom(configs.BODY_FILE_BYTES))
+        conf = self._write(
+            "upstream.conf",
+            configs.nginx_upstream_conf(str(self.workdir), self.upstreams, str(docroot), echo_module=self.echo_module),
+        )
+        proc = self._nginx("upstream", conf, cpu=LOAD_CPU)
+        for port in self.upstreams.by_name().values():
+            wait_port(port, 10, proc, self.procs.log_path("upstream"))
+
+    def _nginx(self, name: str, conf: Path, *, cpu: int) -> subprocess.Popen[bytes]:
+        argv = ["nginx", "-p", str(self.workdir), "-e", str(self.workdir / f"{name}-error.log"), "-c", str(conf)]
+        return self.procs.start(name, argv, cpu=cpu)
+
+    def direct(self) -> Candidate:
+        return Candidate("direct", None)
+
+    def start_nginx(self) -> Candidate:
+        (port,) = free_ports(1)
+        conf = self._write("nginx-proxy.conf", configs.nginx_proxy_conf(str(self.workdir), port, self.upstreams))
+        proc = self._nginx("nginx-proxy", conf, cpu=PROXY_CPU)
+        wait_port(port, 10, proc, self.procs.log_path("nginx-proxy"))
+        return Candidate("nginx", port, proc)
+
+    def start_haproxy(self) -> Candidate:
+        (port,) = free_ports(1)
+        cfg = self._write("haproxy.cfg", configs.haproxy_proxy_cfg(port, self.upstreams))
+        proc = self.procs.start("haproxy", ["haproxy", "-db", "-f", str(cfg)], cpu=PROXY_CPU)
+        wait_port(port, 10, proc, self.procs.log_path("haproxy"))
+        return Candidate("haproxy", port, proc)
+
+    def start_router(
+        self, name: str = "router", routes: str | None = None, *, extra: Sequence[str] = (), ready_within: float = 60
+    ) -> tuple[Candidate, float]:
+        """Start the devstack router on the proxy core; returns it and the seconds until ready."""
+        port, admin = free_ports(2)
+        path = self._write(f"{name}-routes.yaml", routes if routes is not None else configs.route_yaml(self.upstreams))
+        argv = [
+            *router_command(), "router", "--routes", str(path),
+            "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--log-level", "WARNING", *extra,
+        ]  # fmt: skip
+        proc = self.procs.start(name, argv, cpu=PROXY_CPU)
+        took = wait_http(f"http://127.0.0.1:{admin}/readyz", ready_within, proc, self.procs.log_path(name))
+        wait_port(port, 10, proc, self.procs.log_path(name))
+        return Candidate(name, port, proc, admin, path), took
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Quiet:
+    """Before a cell, wait (bounded) until other processes use less than ``threshold`` cores.
+
+    The host is shared: a test suite started by someone else during a cell costs a candidate a
+    quarter of its throughput. Waiting for a quiet moment, and recording the load that remained
+    (``Cell.background_cores``), keeps such cells rare and visible.
+    """
+
+    threshold: float = 0.2
+    max_wait: float = 30.0
+
+    def wait(self) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < self.max_wait and busy_cores(0.5) > self.threshold:
+            pass
+        return time.monotonic() - started
+
+
+def _value(scenario: Scenario, requests: int, seconds: float, rps: float, latency: dict[str, float]) -> float:
+    if scenario.metric is REQS:
+        return rps
+    if scenario.metric is P50:
+        return latency.get("50", float("nan"))
+    if scenario.metric is MIBS:
+        return requests * scenario.bytes_per_request / seconds / _MIB
+    raise ValueError(f"unknown metric {scenario.metric}")
+
+
+def measure(
+    stack: Stack,
+    candidate: Candidate,
+    scenario: Scenario,
+    *,
+    rep: int,
+    duration: float,
+    warmup: float,
+    host: str = SERVICE,
+    script: str | None = None,
+    label: str | None = None,
+    quiet: Quiet | None = None,
+    on_timed_start: Callable[[], None] | None = None,
+) -> Cell:
+    """Wait for a quiet host, warm up, then one timed wrk run, the proxy's /proc read around it."""
+    url = candidate.url(scenario, stack.upstreams)
+    script_name = script or scenario.script
+    script_path = stack.script(script_name) if script_name else None
+    kwargs = {
+        "connections": scenario.connections,
+        "headers": scenario.headers(host),
+        "script": script_path,
+        "timeout": scenario.timeout,
+        "cpu": LOAD_CPU,
+    }
+    quiet = quiet or stack.quiet
+    waited = quiet.wait() if quiet is not None else 0.0
+    if warmup > 0:
+        run_wrk(url, duration=warmup, **kwargs)  # type: ignore[arg-type]
+    pid = candidate.pid
+    before = ProcSample.read(pid) if pid else None
+    background = Background()
+    background.start()
+    started = time.monotonic()
+    if on_timed_start is not None:
+        on_timed_start()
+    result = run_wrk(url, duration=duration, **kwargs)  # type: ignore[arg-type]
+    wall = time.monotonic() - started
+    other = background.stop()
+    after = ProcSample.read(pid) if pid else None
+    stack.procs.check_alive()
+    cpu_us = util = None
+    if before is not None and after is not None:
+        spent = after.cpu_seconds - before.cpu_seconds
+        cpu_us = spent / result.requests * 1e6 if result.requests else None
+        util = spent / wall
+    value = _value(scenario, result.requests, result.seconds, result.requests_per_second, result.latency_us)
+    return Cell(
+        rep=rep,
+        scenario=scenario.name,
+        candidate=label or candidate.name,
+        value=value,
+        requests=result.requests,
+        seconds=result.seconds,
+        requests_per_second=result.requests_per_second,
+        errors=result.errors,
+        cpu_us_per_request=cpu_us,
+        cpu_utilisation=util,
+        rss_kib=after.rss_kib if after else None,
+        background_cores=other,
+        detail={
+            "waited_for_quiet_s": waited,
+            "latency_us": result.latency_us,
+            "non_2xx": result.non_2xx,
+            "socket_errors": result.socket_errors,
+            "body_mismatches": result.body_mismatches,
+            "rss_hwm_kib": after.hwm_kib if after else None,
+        },
+    )
