@@ -506,6 +506,10 @@ class ClientConnection(asyncio.Protocol):
             req.has_body = True
         elif content_length > 0:
             req.has_body = True
+        if req.upgrade and req.has_body:
+            # llhttp hands everything after an Upgrade head to the tunnel, so a body here would
+            # be forwarded as tunnel bytes under a framing header that promises otherwise.
+            raise _Reject(400, "an Upgrade request cannot carry a body")
         max_body = ctx.settings.limits.max_body_bytes
         if max_body and content_length > max_body:
             raise _Reject(413, "request body too large")
@@ -662,18 +666,20 @@ class ClientConnection(asyncio.Protocol):
         req = self._active
         assert req is not None and self.transport is not None
         target = decision.target.url if decision is not None and decision.target is not None else None
-        close = not req.keep_alive or (req.has_body and not req.complete) or status in _CLOSING_STATUSES
-        self.transport.write(
-            error_response(
-                status,
-                reason,
-                service=decision.service if decision is not None else None,
-                key=req.key,
-                target=target,
-                close=close,
-                route_header=decision.route_header(req.key) if decision is not None and req.debug else None,
-            )
+        # After an Upgrade head the parser reads no further requests: the connection must end.
+        close = not req.keep_alive or req.upgrade or (req.has_body and not req.complete) or status in _CLOSING_STATUSES
+        answer = error_response(
+            status,
+            reason,
+            service=decision.service if decision is not None else None,
+            key=req.key,
+            target=target,
+            close=close,
+            route_header=decision.route_header(req.key) if decision is not None and req.debug else None,
         )
+        if req.method == b"HEAD":
+            answer = answer[: answer.find(b"\r\n\r\n") + 4]  # same head, no body (RFC 9110 9.3.2)
+        self.transport.write(answer)
         self._resp_keep_alive = not close
         self._resp_status = status
         self._finish_exchange()
@@ -698,7 +704,9 @@ class ClientConnection(asyncio.Protocol):
         if self._paused & _PAUSE_DONE:
             self._close()
             return
-        self._arm(self.ctx.settings.timeouts.keepalive_idle)
+        timeouts = self.ctx.settings.timeouts
+        # A head already begun (pipelined behind this exchange) gets the head deadline.
+        self._arm(timeouts.header_read if self._parsing is not None else timeouts.keepalive_idle)
 
     def _start_next(self) -> None:
         if self._closed or self._active is not None or not self._queue:
