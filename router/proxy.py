@@ -425,6 +425,8 @@ class ClientConnection(asyncio.Protocol):
         """Validate the parsed head, route it, and render the upstream head; raises _Reject."""
         parser = self._parser
         ctx = self.ctx
+        method = parser.get_method()
+        req.method = method  # first, so even a refusal of a HEAD request is sent without a body
         version = parser.get_http_version()
         if version == "1.1":
             req.http11 = True
@@ -434,8 +436,6 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(400, "HTTP/0.9 is not supported")
         else:
             raise _Reject(505, "HTTP version not supported")
-        method = parser.get_method()
-        req.method = method
         if method == b"CONNECT":
             raise _Reject(405, "CONNECT is not supported: this router never opens tunnels")
         req.keep_alive = parser.should_keep_alive() and not ctx.draining
@@ -732,6 +732,13 @@ class ClientConnection(asyncio.Protocol):
                 return
             req.keep_alive = False
             self._answer(status, reason, req.decision)
+            return
+        if req is not None and req in self._queue:
+            # Pipelined behind the active exchange and found bad mid-body: it has not been
+            # forwarded yet, and now it never will be; it is answered in its turn.
+            req.error = (status, reason)
+            req.keep_alive = False
+            req.complete = True
             return
         bad = _Request()
         bad.error = (status, reason)
