@@ -54,6 +54,7 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     t = Timeouts()
     p.add_argument("--header-timeout", type=float, default=t.header_read)
     p.add_argument("--keepalive-timeout", type=float, default=t.keepalive_idle)
+    p.add_argument("--body-timeout", type=float, default=t.body_idle)
     p.add_argument("--connect-timeout", type=float, default=t.upstream_connect)
     p.add_argument("--upstream-timeout", type=float, default=t.upstream_response)
     p.add_argument("--drain-timeout", type=float, default=t.drain)
@@ -61,6 +62,9 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, default=lim.max_client_connections)
     p.add_argument("--max-body", type=int, default=lim.max_body_bytes, help="bytes, 0 = unlimited")
     p.add_argument("--pool-size", type=int, default=lim.upstream_pool_size)
+    p.add_argument("--pool-queue", type=int, default=lim.upstream_pool_queue)
+    p.add_argument("--max-header-bytes", type=int, default=lim.max_header_bytes)
+    p.add_argument("--max-headers", type=int, default=lim.max_headers)
     p.add_argument("--log-level", default="INFO")
 
 
@@ -72,6 +76,7 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         timeouts=Timeouts(
             header_read=args.header_timeout,
             keepalive_idle=args.keepalive_timeout,
+            body_idle=args.body_timeout,
             upstream_connect=args.connect_timeout,
             upstream_response=args.upstream_timeout,
             drain=args.drain_timeout,
@@ -80,6 +85,9 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
             max_client_connections=args.max_connections,
             max_body_bytes=args.max_body,
             upstream_pool_size=args.pool_size,
+            upstream_pool_queue=args.pool_queue,
+            max_header_bytes=args.max_header_bytes,
+            max_headers=args.max_headers,
         ),
     )
 
