@@ -286,7 +286,7 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(exc, _Reject):
                 pending = exc
             if pending is not None:
-                self._reject(pending.status, pending.reason)
+                self._reject(pending.status, pending.reason, parsed_so_far=True)
             else:
                 self._reject(400, f"malformed request: {exc}")
         except _Stop:
@@ -716,7 +716,7 @@ class ClientConnection(asyncio.Protocol):
             # The started request may still be mid-body in the parser: let it read on.
             self._resume(_PAUSE_PIPELINE)
 
-    def _reject(self, status: int, reason: str) -> None:
+    def _reject(self, status: int, reason: str, *, parsed_so_far: bool = False) -> None:
         """A request could not be parsed: answer in order, then close. Never forward it."""
         self.ctx.stats.rejected[status] += 1
         self._pause(_PAUSE_DONE)
@@ -743,6 +743,10 @@ class ClientConnection(asyncio.Protocol):
         bad = _Request()
         bad.error = (status, reason)
         bad.complete = True
+        if req is not None and parsed_so_far:
+            # A limit, not a syntax error, stopped a well-formed request: if it is a HEAD
+            # request its refusal has no body. An unparseable request's method is not trusted.
+            bad.method = req.method or self._parser.get_method()
         if self._active is None:
             self._start(bad)
         else:
