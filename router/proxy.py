@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import socket
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, cast
@@ -39,8 +38,6 @@ from router.upstream import Failure, Framing, PoolFull, UnexpectedUpgrade, Upstr
 
 if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when tracing is switched on
     from router.tracing import RequestTracer
-
-log = logging.getLogger("devstack.router")
 
 __all__ = ["ClientConnection", "ProxyContext", "TableSlot"]
 

@@ -15,7 +15,7 @@ import collections
 import enum
 import socket
 from collections.abc import Callable
-from typing import Final, Protocol, cast
+from typing import Protocol, cast
 
 import httptools
 
@@ -76,9 +76,6 @@ class UnexpectedUpgrade(Exception):
 
 class _HeadDone(Exception):
     """Raised from the parser callback to stop after a bodiless (HEAD) response head."""
-
-
-_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -222,9 +219,6 @@ class UpstreamConnection(asyncio.Protocol):
             owner.upstream_body(data[:remaining])
             self._broken = True
             self._finish(reusable=False)
-
-    def eof_received(self) -> bool | None:
-        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True

@@ -7,7 +7,7 @@ import asyncio
 import inspect
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import uvloop
@@ -78,7 +78,3 @@ async def origins() -> AsyncIterator[dict[str, Origin]]:
     for origin in made.values():
         await origin.close()
 
-
-@pytest.fixture
-def anyio_backend() -> Iterator[str]:
-    yield "asyncio"
