@@ -32,6 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, TypeVar
 
+import router
 from benchmarks import configs, profiling, scale, scenarios
 from benchmarks.correctness import RoutingError, check_direct, check_proxy
 from benchmarks.processes import INSTALL_HINT, Processes, ProcSample, StartError, missing_tools, raise_fd_limit
@@ -133,6 +134,7 @@ def _host_info() -> dict[str, Any]:
         "haproxy": first_line(["haproxy", "-v"]),
         "wrk": first_line(["wrk", "-v"]),
         "git_commit": first_line(["git", "-C", str(repo), "rev-parse", "HEAD"]),
+        "router_hot_path": router.HOT_PATH_MODE,
         "git_dirty_router": bool(first_line(["git", "-C", str(repo), "status", "--porcelain", "router"])),
     }
 
@@ -216,7 +218,7 @@ def _header(title: str, args: argparse.Namespace, host: dict[str, Any]) -> str:
         f"{datetime.datetime.now().isoformat(timespec='seconds')}, {host['cpu']} ({host['cpus']} CPUs), kernel "
         f"{host['kernel']}, Python {host['python']}, {host['nginx']}, {host['haproxy'].split(' - ')[0]}, wrk "
         f"{host['wrk'].split(' [')[0].removeprefix('wrk ')}, commit {host['git_commit'][:12]}"
-        f"{' (router/ modified)' if host['git_dirty_router'] else ''}.\n"
+        f"{' (router/ modified)' if host['git_dirty_router'] else ''}, router hot path {host['router_hot_path']}.\n"
         f"Core {LOAD_CPU}: wrk -t1 + upstream nginx (1 worker); core {PROXY_CPU}: the proxy under test alone. "
         f"{args.reps} interleaved repetition(s) × {args.duration:g}s per cell after {args.warmup:g}s warm-up, each "
         f"started once other load was below {args.quiet_threshold:g} cores (waiting at most {args.quiet_wait:g}s); "

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+import router
 from router.keys import is_valid_key
 from router.stats import LATENCY_BUCKETS, RouterStats
 from router.table import RouteTable
@@ -85,7 +86,7 @@ def make_admin_app(state: AdminState) -> web.Application:
     registry.register(_RouterCollector(state))
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return web.json_response({"status": "ok", "hot_path": router.HOT_PATH_MODE})
 
     async def readyz(_: web.Request) -> web.Response:
         ready, detail = state.readiness()

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import router
 from controller.aggregator import Aggregator
 from controller.build import BuildError
 from controller.sources.file import FileSource, load_route_file
@@ -123,11 +124,12 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
             tasks.append(asyncio.create_task(factory(aggregator), name=f"{name}-source"))
     await server.start(parse_hostport(args.listen), parse_hostport(args.admin))
     log.info(
-        "devstack router (%s mode) on %s:%d, admin on %s:%d, table v%d",
+        "devstack router (%s mode) on %s:%d, admin on %s:%d, table v%d, hot path %s",
         settings.mode.value,
         *server.address,
         *server.admin_address,
         server.table.version,
+        router.HOT_PATH_MODE,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

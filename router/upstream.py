@@ -41,9 +41,16 @@ class Failure(enum.Enum):
     BAD_RESPONSE = ("bad-response", 502)
     POOL_FULL = ("pool-full", 503)
 
-    def __init__(self, label: str, status: int) -> None:
-        self.label = label
-        self.status = status
+    # Properties over the value rather than an __init__: compiled (mypyc) enums take no custom __init__.
+    @property
+    def label(self) -> str:
+        label: str = self.value[0]
+        return label
+
+    @property
+    def status(self) -> int:
+        status: int = self.value[1]
+        return status
 
 
 class ExchangeOwner(Protocol):
