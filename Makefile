@@ -17,7 +17,7 @@ setup: $(VENV)/.installed router/_compiled.json
 # The editable install stays pure Python; `compile` builds the hot path in place next to it.
 $(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip 'setuptools>=77'  # `make compile` builds outside pip's isolation
 	DEVSTACK_COMPILE=0 $(BIN)/pip install -q -e '.[test]'
 	touch $@
 
@@ -25,8 +25,10 @@ $(VENV)/.installed: pyproject.toml setup.py
 compile: router/_compiled.json
 
 router/_compiled.json: $(VENV)/.installed $(HOT_PATH_SOURCES) setup.py
-	$(PY) setup.py -q build_ext --inplace 2>&1 | grep -v '^gcc ' || true
-	@$(PY) -c 'import router, sys; print("router hot path:", router.HOT_PATH_MODE); sys.exit(not router.COMPILED)'
+	@mkdir -p build
+	$(PY) setup.py -q build_ext --inplace > build/compile.log 2>&1 || true
+	@$(PY) -W ignore -c 'import router, sys; print("router hot path:", router.HOT_PATH_MODE); sys.exit(not router.COMPILED)' \
+		|| { tail -40 build/compile.log; exit 1; }
 
 ## The main job: router + demo services on loopback, with curl lines to try.
 run: setup

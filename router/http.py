@@ -9,7 +9,6 @@ framing header through unchanged: framing is always rendered by ``render_*`` fro
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Final
@@ -17,7 +16,7 @@ from typing import Final
 __all__ = [
     "HOP_BY_HOP",
     "head_fields",
-    "passthrough_head",
+    "scan_response_head",
     "status_reason",
     "PROTECTED",
     "connection_tokens",
@@ -124,10 +123,6 @@ def error_response(
     return b"".join(head)
 
 
-_RESPONSE_HOP: Final = re.compile(
-    rb"\r\n(connection|keep-alive|proxy-connection|proxy-authenticate|proxy-authorization|te|trailer"
-    rb"|transfer-encoding|upgrade)[ \t]*:([^\r]*)"
-)
 _SIMPLE_CONNECTION: Final = frozenset({b"keep-alive", b"close", b""})
 
 
@@ -148,29 +143,69 @@ def status_reason(head: bytes) -> bytes:
     return parts[2] if len(parts) > 2 else b""
 
 
-def passthrough_head(head: bytes, lower: bytes) -> bytes | None:
-    """``head`` ready to forward as-is, or None when it needs rebuilding field by field.
+TE_NONE: Final = 0
+TE_CHUNKED: Final = 1
+"""Transfer-Encoding present with chunked as its last coding."""
+TE_OTHER: Final = 2
+"""Transfer-Encoding present without chunked last: the body runs until the upstream closes."""
 
-    The fast path of the response side: an HTTP/1.1 head whose only hop-by-hop fields are a
-    plain ``Connection: keep-alive|close`` or ``Keep-Alive`` is forwarded without those lines
-    and otherwise byte for byte (llhttp has validated every byte of it). Anything else (other
-    hop-by-hop fields, Connection naming headers, HTTP/1.0) takes the rebuilding path.
+_HOP_OTHER: Final = frozenset(
+    {b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer", b"upgrade"}
+)
+
+
+def scan_response_head(buf: bytes) -> tuple[int, int, int, bytes | None]:
+    """One pass over the response head llhttp accepted at the start of ``buf``.
+
+    Returns ``(end, content_length, coding, passthrough)``: the offset just past the blank line
+    (-1 if there is none yet); the Content-Length value or -1; TE_NONE, TE_CHUNKED or TE_OTHER;
+    and the head ready to forward as received, or None when it needs rebuilding field by field.
+    Passthrough is offered for HTTP/1.1 heads whose only hop-by-hop fields are a plain
+    ``Connection: keep-alive|close`` or ``Keep-Alive`` (cut out, byte for byte otherwise);
+    other hop-by-hop fields, Connection naming fields, Transfer-Encoding or HTTP/1.0 take the
+    rebuilding path. Lines are found with single-byte searches (memchr), and only lines whose
+    name starts like a field of interest are looked at further: the response side's hot path.
     """
-    if not head.startswith(b"HTTP/1.1 "):
-        return None
-    cuts = []
-    for match in _RESPONSE_HOP.finditer(lower):
-        name = match.group(1)
-        if name == b"keep-alive" or (name == b"connection" and match.group(2).strip(b" \t") in _SIMPLE_CONNECTION):
-            cuts.append(match.span())
-        else:
-            return None
+    passthrough_ok = buf.startswith(b"HTTP/1.1 ")
+    content_length = -1
+    coding = TE_NONE
+    cuts: list[int] = []
+    pos = buf.find(b"\n") + 1
+    if pos == 0:
+        return -1, -1, TE_NONE, None
+    while True:
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            return -1, -1, TE_NONE, None
+        if nl - pos <= 1:  # the blank line ("\r\n") that ends the head
+            end = nl + 1
+            break
+        first = buf[pos] | 0x20
+        if first in (99, 107, 112, 116, 117):  # c k p t u: first letters of every name we look at
+            colon = buf.find(b":", pos, nl)
+            name = buf[pos:colon].lower()
+            if name == b"content-length":
+                content_length = int(buf[colon + 1 : nl])  # llhttp checked: digits and whitespace only
+            elif name == b"connection":
+                if buf[colon + 1 : nl].strip(b" \t\r").lower() in _SIMPLE_CONNECTION:
+                    cuts += (pos - 2, nl - 1)
+                else:
+                    passthrough_ok = False
+            elif name == b"keep-alive":
+                cuts += (pos - 2, nl - 1)
+            elif name == b"transfer-encoding":
+                chunked = buf[colon + 1 : nl].rstrip(b" \t\r").lower().endswith(b"chunked")
+                coding = TE_CHUNKED if chunked else TE_OTHER
+                passthrough_ok = False
+            elif name in _HOP_OTHER:
+                passthrough_ok = False
+        pos = nl + 1
+    if not passthrough_ok:
+        return end, content_length, coding, None
     if not cuts:
-        return head
-    pieces = []
-    start = 0
-    for begin, end in cuts:
-        pieces.append(head[start:begin])
-        start = end
-    pieces.append(head[start:])
-    return b"".join(pieces)
+        return end, content_length, coding, buf[:end] if end < len(buf) else buf
+    pieces = [buf[: cuts[0]]]
+    for i in range(1, len(cuts) - 1, 2):
+        pieces.append(buf[cuts[i] : cuts[i + 1]])
+    pieces.append(buf[cuts[-1] : end])
+    return end, content_length, coding, b"".join(pieces)

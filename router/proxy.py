@@ -26,7 +26,6 @@ from router.http import (
     error_response,
     head_fields,
     is_valid_authority,
-    passthrough_head,
     reason_phrase,
     status_reason,
 )
@@ -762,17 +761,14 @@ class ClientConnection(asyncio.Protocol):
         out.append(_CRLF)
         self.transport.write(b"".join(out))
 
-    def upstream_head(self, status: int, head: bytes, lower: bytes, framing: Framing, keep_alive: bool) -> None:
+    def upstream_head(
+        self, status: int, head: bytes, passthrough: bytes | None, framing: Framing, keep_alive: bool
+    ) -> None:
         req = self._active
         assert req is not None
         self._resp_status = status
         client_keep_alive = self._resp_keep_alive and not req.upgrade and not self.ctx.draining
-        if (
-            framing is Framing.LENGTH
-            and req.http11
-            and status != 101
-            and (passthrough := passthrough_head(head, lower)) is not None
-        ):
+        if passthrough is not None and framing is Framing.LENGTH and req.http11 and status != 101:
             # Fast path: forward the validated head as received, adding only what we must.
             self._resp_keep_alive = client_keep_alive
             if not client_keep_alive or req.debug:

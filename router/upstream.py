@@ -19,6 +19,7 @@ from typing import Protocol, cast
 
 import httptools
 
+from router.http import TE_CHUNKED, TE_NONE, scan_response_head
 from router.settings import Limits, Timeouts
 from router.stats import RouterStats
 
@@ -56,8 +57,11 @@ class Failure(enum.Enum):
 class ExchangeOwner(Protocol):
     """What an upstream connection reports to the client-side exchange using it."""
 
-    def upstream_head(self, status: int, head: bytes, lower: bytes, framing: Framing, keep_alive: bool) -> None:
-        """The final response head: raw bytes as received (validated) and lower-cased."""
+    def upstream_head(
+        self, status: int, head: bytes, passthrough: bytes | None, framing: Framing, keep_alive: bool
+    ) -> None:
+        """The final response head: raw bytes as received (validated), and the same ready to
+        forward when only plain keep-alive fields had to go (see ``scan_response_head``)."""
         ...
 
     def upstream_interim(self, status: int, head: bytes) -> None: ...
@@ -264,31 +268,29 @@ class UpstreamConnection(asyncio.Protocol):
         if owner is None:
             raise UnexpectedUpgrade  # a response nobody asked for: the connection is broken
         buf = self._head_buf
-        end = buf.find(b"\r\n\r\n") + 4
-        head = buf[:end]
+        end, length, coding, passthrough = scan_response_head(buf)
+        if end < 0:
+            raise UnexpectedUpgrade  # llhttp saw a whole head that we cannot find: never forward it
+        head = buf[:end] if end < len(buf) else buf
         if 100 <= status < 200 and status != 101:
             self._head_buf = buf[end:]  # the final response's head starts right after
             owner.upstream_interim(status, head)
             return
         self._collecting = False
         self._head_buf = b""
-        lower = head.lower()
         if self._head_request or status in (204, 304):
             framing = Framing.NONE
-        elif b"\r\ntransfer-encoding:" in lower:
+        elif coding != TE_NONE:
             # llhttp accepted it, so chunked is last if present; otherwise the body runs to close.
-            at = lower.find(b"\r\ntransfer-encoding:")
-            value = lower[at + 20 : lower.find(b"\r\n", at + 2)]
-            framing = Framing.CHUNKED if value.rstrip(b" \t").endswith(b"chunked") else Framing.CLOSE
-        elif b"\r\ncontent-length:" in lower:
+            framing = Framing.CHUNKED if coding == TE_CHUNKED else Framing.CLOSE
+        elif length >= 0:
             framing = Framing.LENGTH
-            at = lower.find(b"\r\ncontent-length:") + 17
-            self._length = int(lower[at : lower.find(b"\r\n", at)])
+            self._length = length
             self._body_seen = 0
         else:
             framing = Framing.CLOSE
         self._framing = framing
-        owner.upstream_head(status, head, lower, framing, parser.should_keep_alive())
+        owner.upstream_head(status, head, passthrough, framing, parser.should_keep_alive())
         if self._head_request:
             self._head_done = True
             raise _HeadDone
