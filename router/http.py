@@ -163,43 +163,41 @@ def scan_response_head(buf: bytes) -> tuple[int, int, int, bytes | None]:
     Passthrough is offered for HTTP/1.1 heads whose only hop-by-hop fields are a plain
     ``Connection: keep-alive|close`` or ``Keep-Alive`` (cut out, byte for byte otherwise);
     other hop-by-hop fields, Connection naming fields, Transfer-Encoding or HTTP/1.0 take the
-    rebuilding path. Lines are found with single-byte searches (memchr), and only lines whose
-    name starts like a field of interest are looked at further: the response side's hot path.
+    rebuilding path. The response side's hot path: one split into lines, and only lines whose
+    name starts like a field of interest (c, k, p, t, u) are looked at further.
     """
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return -1, -1, TE_NONE, None
+    end += 4
     passthrough_ok = buf.startswith(b"HTTP/1.1 ")
     content_length = -1
     coding = TE_NONE
     cuts: list[int] = []
-    pos = buf.find(b"\n") + 1
-    if pos == 0:
-        return -1, -1, TE_NONE, None
-    while True:
-        nl = buf.find(b"\n", pos)
-        if nl < 0:
-            return -1, -1, TE_NONE, None
-        if nl - pos <= 1:  # the blank line ("\r\n") that ends the head
-            end = nl + 1
-            break
-        first = buf[pos] | 0x20
-        if first in (99, 107, 112, 116, 117):  # c k p t u: first letters of every name we look at
-            colon = buf.find(b":", pos, nl)
-            name = buf[pos:colon].lower()
+    lines = buf[: end - 4].split(b"\r\n")
+    offset = len(lines[0]) + 2
+    for i in range(1, len(lines)):
+        line = lines[i]
+        first = line[0] | 0x20
+        if first in (99, 107, 112, 116, 117):
+            colon = line.find(b":")
+            name = line[:colon].lower()
             if name == b"content-length":
-                content_length = int(buf[colon + 1 : nl])  # llhttp checked: digits and whitespace only
+                content_length = int(line[colon + 1 :])  # llhttp checked: digits and whitespace only
             elif name == b"connection":
-                if buf[colon + 1 : nl].strip(b" \t\r").lower() in _SIMPLE_CONNECTION:
-                    cuts += (pos - 2, nl - 1)
+                if line[colon + 1 :].strip(b" \t").lower() in _SIMPLE_CONNECTION:
+                    cuts += (offset - 2, offset + len(line))
                 else:
                     passthrough_ok = False
             elif name == b"keep-alive":
-                cuts += (pos - 2, nl - 1)
+                cuts += (offset - 2, offset + len(line))
             elif name == b"transfer-encoding":
-                chunked = buf[colon + 1 : nl].rstrip(b" \t\r").lower().endswith(b"chunked")
+                chunked = line[colon + 1 :].rstrip(b" \t").lower().endswith(b"chunked")
                 coding = TE_CHUNKED if chunked else TE_OTHER
                 passthrough_ok = False
             elif name in _HOP_OTHER:
                 passthrough_ok = False
-        pos = nl + 1
+        offset += len(line) + 2
     if not passthrough_ok:
         return end, content_length, coding, None
     if not cuts:
