@@ -15,13 +15,23 @@ import collections
 import enum
 import socket
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from router.http import TE_CHUNKED, TE_NONE, scan_response_head
 from router.settings import Limits, Timeouts
 from router.stats import RouterStats
+
+if TYPE_CHECKING:
+    # The exchange an upstream connection reports to: the client side's connection, named as a
+    # class rather than a Protocol so the compiled build calls it natively (one cycle-free
+    # TYPE_CHECKING import). What it is told, in order: upstream_interim* (1xx heads), then
+    # upstream_head (the final head: raw bytes llhttp validated, plus the same ready to forward
+    # when only plain keep-alive fields had to go), upstream_body*, and upstream_complete; or
+    # upstream_failed at any point; upstream_upgraded / upstream_tunnel_data after a 101; and
+    # upstream_pause / upstream_resume for write backpressure on this connection.
+    from router.proxy import ClientConnection as ExchangeOwner
 
 Address = tuple[str, int]
 
@@ -52,33 +62,6 @@ class Failure(enum.Enum):
     def status(self) -> int:
         status: int = self.value[1]
         return status
-
-
-class ExchangeOwner(Protocol):
-    """What an upstream connection reports to the client-side exchange using it."""
-
-    def upstream_head(
-        self, status: int, head: bytes, passthrough: bytes | None, framing: Framing, keep_alive: bool
-    ) -> None:
-        """The final response head: raw bytes as received (validated), and the same ready to
-        forward when only plain keep-alive fields had to go (see ``scan_response_head``)."""
-        ...
-
-    def upstream_interim(self, status: int, head: bytes) -> None: ...
-
-    def upstream_body(self, data: bytes) -> None: ...
-
-    def upstream_complete(self, reusable: bool) -> None: ...
-
-    def upstream_upgraded(self, rest: bytes) -> None: ...
-
-    def upstream_tunnel_data(self, data: bytes) -> None: ...
-
-    def upstream_failed(self, failure: Failure, response_started: bool) -> None: ...
-
-    def upstream_pause(self) -> None: ...
-
-    def upstream_resume(self) -> None: ...
 
 
 class UnexpectedUpgrade(Exception):
@@ -175,6 +158,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.last_io = self._loop.time()
+        self._started = True  # a response has begun (no on_message_begin callback: one call less)
         if self._raw_remaining:
             self._pass_body(owner, data)
             return
@@ -256,10 +240,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks ------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._started = True
-        self._framing = Framing.CLOSE
-
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
@@ -317,6 +297,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_request = is_head_request
         self._head_done = False
         self._started = False
+        self._framing = Framing.CLOSE
         self._status = 0
         self._collecting = True
         self._head_buf = b""
