@@ -217,6 +217,7 @@ class ClientConnection(asyncio.Protocol):
         self._url_len = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
+        self._connection_field = False
         self._head_bytes = 0
         self._reading_head = True
         self._parsing: _Request | None = None
@@ -258,7 +259,7 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._arm(ctx.settings.timeouts.header_read)
+        self._arm(ctx.settings.timeouts.header_read, self.loop.time())
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel:
@@ -341,10 +342,11 @@ class ClientConnection(asyncio.Protocol):
         self._url_len = 0
         self._headers = []
         self._header_bytes = 0
+        self._connection_field = False
         self._head_bytes = 0
         self._reading_head = True
         if self._active is None:
-            self._arm(self.ctx.settings.timeouts.header_read)
+            self._arm(self.ctx.settings.timeouts.header_read, self.loop.time())
 
     def on_url(self, url: bytes) -> None:
         self._url_len += len(url)
@@ -360,6 +362,8 @@ class ClientConnection(asyncio.Protocol):
         if self._header_bytes > limits.max_header_bytes or len(self._headers) >= limits.max_headers:
             raise self._park(_Reject(431, "request header fields too large"))
         self._headers.append((name, value))
+        if len(name) == 10 and name.lower() == b"connection":
+            self._connection_field = True
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
@@ -423,18 +427,25 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         method = parser.get_method()
         req.method = method  # first, so even a refusal of a HEAD request is sent without a body
-        version = parser.get_http_version()
-        if version == "1.1":
+        keep_alive = parser.should_keep_alive()
+        if keep_alive and not self._connection_field:
+            # llhttp keeps only HTTP/1.1 alive by default (it refuses 1.x for x > 1), so with no
+            # Connection field keep-alive means 1.1: get_http_version, which formats a string
+            # on every call, is left for the other cases.
             req.http11 = True
-        elif version == "1.0":
-            req.http11 = False
-        elif version == "0.9":
-            raise _Reject(400, "HTTP/0.9 is not supported")
         else:
-            raise _Reject(505, "HTTP version not supported")
+            version = parser.get_http_version()
+            if version == "1.1":
+                req.http11 = True
+            elif version == "1.0":
+                req.http11 = False
+            elif version == "0.9":
+                raise _Reject(400, "HTTP/0.9 is not supported")
+            else:
+                raise _Reject(505, "HTTP version not supported")
         if method == b"CONNECT":
             raise _Reject(405, "CONNECT is not supported: this router never opens tunnels")
-        req.keep_alive = parser.should_keep_alive() and not ctx.draining
+        req.keep_alive = keep_alive and not ctx.draining
         req.upgrade = parser.should_upgrade()
 
         headers = self._headers
@@ -683,8 +694,9 @@ class ClientConnection(asyncio.Protocol):
     def _finish_exchange(self) -> None:
         req = self._active
         self._active = None
+        now = self.loop.time()
         if req is not None:
-            self.ctx.stats.observe_latency(self.loop.time() - req.started_at)
+            self.ctx.stats.observe_latency(now - req.started_at)
             if req.span is not None and self.ctx.tracer is not None:
                 self.ctx.tracer.finish(req.span, self._resp_status)
         if self._closed or self.transport is None:
@@ -702,7 +714,7 @@ class ClientConnection(asyncio.Protocol):
             return
         timeouts = self.ctx.settings.timeouts
         # A head already begun (pipelined behind this exchange) gets the head deadline.
-        self._arm(timeouts.header_read if self._parsing is not None else timeouts.keepalive_idle)
+        self._arm(timeouts.header_read if self._parsing is not None else timeouts.keepalive_idle, now)
 
     def _start_next(self) -> None:
         if self._closed or self._active is not None or not self._queue:
@@ -959,8 +971,8 @@ class ClientConnection(asyncio.Protocol):
         if not self._paused and self.transport is not None and not self._closed:
             self.transport.resume_reading()
 
-    def _arm(self, timeout: float) -> None:
-        deadline = self.loop.time() + timeout
+    def _arm(self, timeout: float, now: float) -> None:
+        deadline = now + timeout
         self._deadline = deadline
         timer = self._timer
         if timer is not None:

@@ -7,7 +7,6 @@ module does no I/O and takes no locks (one event loop owns it).
 
 from __future__ import annotations
 
-import bisect
 from collections import defaultdict
 from typing import Final
 
@@ -41,5 +40,11 @@ class RouterStats:
         self.refused_connections = 0
 
     def observe_latency(self, seconds: float) -> None:
-        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        # bisect_left by hand: compiled, a loop over 14 floats costs less than the call to bisect.
+        index = 0
+        for bound in LATENCY_BUCKETS:
+            if seconds <= bound:
+                break
+            index += 1
+        self.latency_counts[index] += 1
         self.latency_sum += seconds

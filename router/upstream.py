@@ -460,7 +460,7 @@ class UpstreamPool:
             # Called soon, not now: the releasing connection may still be inside feed_data.
             self.loop.call_soon(waiter, conn, None)
             return
-        conn.idle_since = self.loop.time()
+        conn.idle_since = conn.last_io  # its last response just ended: no clock read needed
         pool.idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self.timeouts.upstream_pool_idle, self._sweep)

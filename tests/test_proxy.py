@@ -126,6 +126,34 @@ async def test_keep_alive_reuses_one_upstream_connection(router: RouterServer, o
     assert router.stats.upstream_connections == 1
 
 
+@pytest.mark.parametrize(
+    ("request_head", "open_after", "connection"),
+    [
+        # The HTTP version is read without get_http_version when keep-alive needs no Connection
+        # field (then it can only be 1.1); every other combination takes the full check.
+        (b"GET / HTTP/1.1\r\nHost: payments\r\n\r\n", True, None),
+        (b"GET / HTTP/1.1\r\nHost: payments\r\nConnection: keep-alive\r\n\r\n", True, None),
+        (b"GET / HTTP/1.1\r\nHost: payments\r\nConnection: close\r\n\r\n", False, "close"),
+        (b"GET / HTTP/1.0\r\nHost: payments\r\n\r\n", False, "close"),
+        (b"GET / HTTP/1.0\r\n\r\n", False, None),
+        (b"GET / HTTP/1.0\r\nHost: payments\r\nConnection: keep-alive\r\n\r\n", True, "keep-alive"),
+        (b"GET / HTTP/1.0\r\nHost: payments\r\nCONNECTION: Keep-Alive\r\n\r\n", True, "keep-alive"),
+    ],
+)
+async def test_http_version_and_keep_alive_of_each_request(
+    router: RouterServer, request_head: bytes, open_after: bool, connection: str | None
+) -> None:
+    raw, closed = await exchange(router.address[1], request_head, timeout=1.0)
+    [(status, headers, body)] = split_responses(raw)
+    if b"Host" not in request_head:
+        assert status == 400  # HTTP/1.0 may omit Host, but then there is nothing to route on
+        return
+    assert status == 200 and json.loads(body)["origin"] == "baseline"
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert headers.get("connection") == connection
+    assert closed is not open_after
+
+
 async def test_request_and_response_bodies_stream_both_framings(
     router: RouterServer, origins: dict[str, Origin]
 ) -> None:
