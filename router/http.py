@@ -149,6 +149,10 @@ TE_CHUNKED: Final = 1
 TE_OTHER: Final = 2
 """Transfer-Encoding present without chunked last: the body runs until the upstream closes."""
 
+_SCAN_LINES: Final = 40
+"""Lines split off per response head scan: more than most heads have, few enough that a body
+full of CRLFs read along with its head costs little."""
+
 _HOP_OTHER: Final = frozenset(
     {b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer", b"upgrade"}
 )
@@ -166,17 +170,27 @@ def scan_response_head(buf: bytes) -> tuple[int, int, int, bytes | None]:
     rebuilding path. The response side's hot path: one split into lines, and only lines whose
     name starts like a field of interest (c, k, p, t, u) are looked at further.
     """
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return -1, -1, TE_NONE, None
-    end += 4
+    # Split head and (a bounded part of) what follows in one pass; the blank line is the head's
+    # end. Only a head longer than _SCAN_LINES lines needs a second search.
+    lines = buf.split(b"\r\n", _SCAN_LINES)
+    last = len(lines) - 1  # the part after the last split: a remainder, never the blank line
+    blank = 1
+    while blank < last and lines[blank]:
+        blank += 1
+    if blank >= last:
+        if last < _SCAN_LINES:
+            return -1, -1, TE_NONE, None  # everything was split: no blank line yet
+        cut = buf.find(b"\r\n\r\n")
+        if cut < 0:
+            return -1, -1, TE_NONE, None
+        lines = buf[:cut].split(b"\r\n")
+        blank = len(lines)
     passthrough_ok = buf.startswith(b"HTTP/1.1 ")
     content_length = -1
     coding = TE_NONE
     cuts: list[int] = []
-    lines = buf[: end - 4].split(b"\r\n")
     offset = len(lines[0]) + 2
-    for i in range(1, len(lines)):
+    for i in range(1, blank):
         line = lines[i]
         first = line[0] | 0x20
         if first in (99, 107, 112, 116, 117):
@@ -198,6 +212,7 @@ def scan_response_head(buf: bytes) -> tuple[int, int, int, bytes | None]:
             elif name in _HOP_OTHER:
                 passthrough_ok = False
         offset += len(line) + 2
+    end = offset + 2
     if not passthrough_ok:
         return end, content_length, coding, None
     if not cuts:

@@ -625,7 +625,7 @@ class ClientConnection(asyncio.Protocol):
         decision = req.decision
         assert decision is not None and decision.target is not None
         try:
-            conn = self.ctx.pool.acquire(decision.target.address, self._upstream_ready, fresh=fresh)
+            conn = self.ctx.pool.acquire(decision.target.address, self, fresh=fresh)
         except PoolFull:
             self.ctx.stats.upstream_errors[Failure.POOL_FULL.label] += 1
             self._answer(Failure.POOL_FULL.status, Failure.POOL_FULL.label, decision)
@@ -633,7 +633,7 @@ class ClientConnection(asyncio.Protocol):
         if conn is not None:
             self._attach(conn)
 
-    def _upstream_ready(self, conn: UpstreamConnection | None, failure: Failure | None) -> None:
+    def upstream_ready(self, conn: UpstreamConnection | None, failure: Failure | None) -> None:
         req = self._active
         if self._closed or req is None or self._upstream is not None:
             if conn is not None:

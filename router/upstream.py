@@ -14,7 +14,6 @@ import asyncio
 import collections
 import enum
 import socket
-from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -30,7 +29,8 @@ if TYPE_CHECKING:
     # upstream_head (the final head: raw bytes llhttp validated, plus the same ready to forward
     # when only plain keep-alive fields had to go), upstream_body*, and upstream_complete; or
     # upstream_failed at any point; upstream_upgraded / upstream_tunnel_data after a 101; and
-    # upstream_pause / upstream_resume for write backpressure on this connection.
+    # upstream_pause / upstream_resume for write backpressure on this connection. The pool
+    # tells a waiting owner upstream_ready(connection or None, failure or None).
     from router.proxy import ClientConnection as ExchangeOwner
 
 Address = tuple[str, int]
@@ -387,7 +387,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = None
 
 
-Waiter = Callable[["UpstreamConnection | None", "Failure | None"], None]
 
 
 class PoolFull(Exception):
@@ -401,7 +400,7 @@ class _AddressPool:
         self.idle: list[UpstreamConnection] = []
         """LIFO: the most recently used connection is the least likely to have been closed."""
         self.total = 0
-        self.waiters: collections.deque[Waiter] = collections.deque()
+        self.waiters: collections.deque[ExchangeOwner] = collections.deque()
 
 
 class UpstreamPool:
@@ -423,8 +422,8 @@ class UpstreamPool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
 
-    def acquire(self, address: Address, waiter: Waiter, *, fresh: bool = False) -> UpstreamConnection | None:
-        """An idle connection now, or None with ``waiter`` called later (connected or failed).
+    def acquire(self, address: Address, waiter: ExchangeOwner, *, fresh: bool = False) -> UpstreamConnection | None:
+        """An idle connection now, or None and ``waiter.upstream_ready`` later (connected or failed).
 
         Raises ``PoolFull`` when the cap and the wait queue are both exhausted.
         """
@@ -458,7 +457,7 @@ class UpstreamPool:
             waiter = pool.waiters.popleft()
             conn.reused = True
             # Called soon, not now: the releasing connection may still be inside feed_data.
-            self.loop.call_soon(waiter, conn, None)
+            self.loop.call_soon(waiter.upstream_ready, conn, None)
             return
         conn.idle_since = conn.last_io  # its last response just ended: no clock read needed
         pool.idle.append(conn)
@@ -478,14 +477,14 @@ class UpstreamPool:
         if pool.waiters and pool.total < self.limits.upstream_pool_size and not self._closing:
             self._connect(conn.address, pool, pool.waiters.popleft())
 
-    def _connect(self, address: Address, pool: _AddressPool, waiter: Waiter) -> None:
+    def _connect(self, address: Address, pool: _AddressPool, waiter: ExchangeOwner) -> None:
         pool.total += 1
         self.stats.upstream_connections += 1
         task = self.loop.create_task(self._open(address, pool, waiter), name=f"upstream-connect {address}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _open(self, address: Address, pool: _AddressPool, waiter: Waiter) -> None:
+    async def _open(self, address: Address, pool: _AddressPool, waiter: ExchangeOwner) -> None:
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(lambda: UpstreamConnection(self, address), *address),
@@ -499,9 +498,9 @@ class UpstreamPool:
             pool.total -= 1
             self.stats.upstream_connections -= 1
             failure = Failure.TIMEOUT if isinstance(exc, asyncio.TimeoutError) else Failure.CONNECT
-            waiter(None, failure)
+            waiter.upstream_ready(None, failure)
             return
-        waiter(conn, None)
+        waiter.upstream_ready(conn, None)
 
     def _sweep(self) -> None:
         self._sweeper = None

@@ -76,9 +76,23 @@ def test_scan_response_head(head: bytes, length: int, coding: int, forwarded: by
     assert reference(head + body) == (end, got_length, got_coding, passthrough)
 
 
+@pytest.mark.parametrize("fields", [0, 1, 38, 39, 40, 41, 100])
+@pytest.mark.parametrize("body", [b"", b"\r\n", b"\r\n\r\n" * 50, b"x\r\n" * 100])
+def test_scan_finds_the_end_of_long_heads_followed_by_bodies_full_of_crlf(fields: int, body: bytes) -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-F%d: v\r\n" % i for i in range(fields))
+    head += b"Connection: keep-alive\r\nContent-Length: %d\r\n\r\n" % len(body)
+    got = scan_response_head(head + body)
+    assert got == reference(head + body)
+    assert got[0] == len(head) and got[1] == len(body)
+    assert got[3] == head.replace(b"Connection: keep-alive\r\n", b"")
+
+
 def test_an_unfinished_head_has_no_end() -> None:
     assert scan_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n")[0] == -1
     assert scan_response_head(b"HTTP/1.1 200 OK")[0] == -1
+    assert scan_response_head(b"HTTP/1.1 200 OK\r\n")[0] == -1
+    long = b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 60
+    assert scan_response_head(long)[0] == -1
 
 
 FIELD_NAMES = st.sampled_from(
