@@ -77,7 +77,8 @@ def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
 
 def is_valid_authority(value: bytes) -> bool:
     """A Host value: reg-name or IP literal with optional port; no userinfo, no spaces."""
-    return 0 < len(value) <= 255 and not value.translate(None, _AUTHORITY_BYTES)
+    # strip() removes allowed bytes from both ends: anything left is a byte that is not allowed.
+    return 0 < len(value) <= 255 and not value.strip(_AUTHORITY_BYTES)
 
 
 def reason_phrase(status: int) -> bytes:
