@@ -124,7 +124,7 @@ def error_response(
     return b"".join(head)
 
 
-_SIMPLE_CONNECTION: Final = frozenset({b"keep-alive", b"close", b""})
+_CUT_CONNECTION: Final = frozenset({b"close", b""})
 
 
 def head_fields(head: bytes) -> list[tuple[bytes, bytes]]:
@@ -164,15 +164,17 @@ def scan_response_head(buf: bytes) -> tuple[int, int, int, bytes | None]:
 
     Returns ``(end, content_length, coding, passthrough)``: the offset just past the blank line
     (-1 if there is none yet); the Content-Length value or -1; TE_NONE, TE_CHUNKED or TE_OTHER;
-    and the head ready to forward as received, or None when it needs rebuilding field by field.
-    Passthrough is offered for HTTP/1.1 heads whose only hop-by-hop fields are a plain
-    ``Connection: keep-alive|close`` or ``Keep-Alive`` (cut out, byte for byte otherwise);
-    other hop-by-hop fields, Connection naming fields, Transfer-Encoding or HTTP/1.0 take the
-    rebuilding path. The response side's hot path: one split into lines, and only lines whose
-    name starts like a field of interest (c, k, p, t, u) are looked at further.
+    and the head ready to forward as received to a client whose connection stays open, or None
+    when it needs rebuilding field by field. Passthrough is offered for HTTP/1.1 heads whose
+    only hop-by-hop fields are ``Keep-Alive`` and a plain ``Connection: keep-alive|close``:
+    ``Keep-Alive`` and ``Connection: close`` lines are cut, ``Connection: keep-alive`` is kept
+    (for a persistent client connection it is the router's own option too, RFC 9110 7.6.1), and
+    everything else is byte for byte. Other hop-by-hop fields, Connection naming fields,
+    Transfer-Encoding or HTTP/1.0 take the rebuilding path. The response side's hot path: one
+    split into lines; canonical Content-Length/Content-Type lines are decided without
+    allocating, and only lines whose name starts like a field of interest (c, k, p, t, u) are
+    looked at further.
     """
-    # Split head and (a bounded part of) what follows in one pass; the blank line is the head's
-    # end. Only a head longer than _SCAN_LINES lines needs a second search.
     lines = buf.split(b"\r\n", _SCAN_LINES)
     last = len(lines) - 1  # the part after the last split: a remainder, never the blank line
     blank = 1
@@ -194,15 +196,24 @@ def scan_response_head(buf: bytes) -> tuple[int, int, int, bytes | None]:
     for i in range(1, blank):
         line = lines[i]
         first = line[0] | 0x20
-        if first in (99, 107, 112, 116, 117):
+        if first == 99 and line.startswith(b"Content-"):
+            if line.startswith(b"Content-Length:"):
+                content_length = int(line[15:])  # llhttp checked: digits and whitespace only
+                offset += len(line) + 2
+                continue
+            if line.startswith(b"Content-Type:"):
+                offset += len(line) + 2
+                continue
+        if first in (99, 107, 112, 116, 117):  # c k p t u: first letters of every name we look at
             colon = line.find(b":")
             name = line[:colon].lower()
             if name == b"content-length":
                 content_length = int(line[colon + 1 :])  # llhttp checked: digits and whitespace only
             elif name == b"connection":
-                if line[colon + 1 :].strip(b" \t").lower() in _SIMPLE_CONNECTION:
+                option = line[colon + 1 :].strip(b" \t").lower()
+                if option in _CUT_CONNECTION:
                     cuts += (offset - 2, offset + len(line))
-                else:
+                elif option != b"keep-alive":
                     passthrough_ok = False
             elif name == b"keep-alive":
                 cuts += (offset - 2, offset + len(line))

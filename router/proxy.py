@@ -797,16 +797,19 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         self._resp_status = status
         client_keep_alive = self._resp_keep_alive and not req.upgrade and not self.ctx.draining
-        if passthrough is not None and framing is Framing.LENGTH and req.http11 and status != 101:
-            # Fast path: forward the validated head as received, adding only what we must.
-            self._resp_keep_alive = client_keep_alive
-            if not client_keep_alive or req.debug:
-                extra: list[bytes] = []
-                if req.debug and req.decision is not None:
-                    extra += (b"x-devstack-route: ", req.decision.route_header(req.key), _CRLF)
-                if not client_keep_alive:
-                    extra.append(b"Connection: close\r\n")
-                passthrough = passthrough[:-2] + b"".join(extra) + _CRLF
+        if (
+            passthrough is not None
+            and client_keep_alive
+            and framing is Framing.LENGTH
+            and req.http11
+            and status != 101
+        ):
+            # Fast path: forward the validated head as received, adding only what we must. A
+            # client connection about to close takes the rebuilding path, which says so.
+            self._resp_keep_alive = True
+            if req.debug and req.decision is not None:
+                route = req.decision.route_header(req.key)
+                passthrough = passthrough[:-2] + b"x-devstack-route: " + route + _CRLF + _CRLF
             self._resp_head = passthrough
             return
         self._rebuild_head(req, status, head, framing, client_keep_alive)

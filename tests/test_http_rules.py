@@ -37,7 +37,10 @@ def reference(buf: bytes) -> tuple[int, int, int, bytes | None]:
             content_length = int(value)
         if lower == b"transfer-encoding":
             coding = TE_CHUNKED if value.endswith(b"chunked") else TE_OTHER
-        if lower == b"keep-alive" or (lower == b"connection" and value in {b"keep-alive", b"close", b""}):
+        if lower == b"keep-alive" or (lower == b"connection" and value in {b"close", b""}):
+            continue
+        if lower == b"connection" and value == b"keep-alive":
+            kept.append(line)
             continue
         if lower in HOP:
             ok = False
@@ -54,7 +57,7 @@ NGINX = (
 @pytest.mark.parametrize(
     ("head", "length", "coding", "forwarded"),
     [
-        (NGINX, 6, TE_NONE, NGINX.replace(b"Connection: keep-alive\r\n", b"")),
+        (NGINX, 6, TE_NONE, NGINX),
         (b"HTTP/1.1 204 No Content\r\n\r\n", -1, TE_NONE, b"HTTP/1.1 204 No Content\r\n\r\n"),
         (b"HTTP/1.1 200 OK\r\nconnection:close\r\nkeep-alive: timeout=5\r\ncontent-length: 0\r\n\r\n", 0, TE_NONE,
          b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
@@ -84,7 +87,7 @@ def test_scan_finds_the_end_of_long_heads_followed_by_bodies_full_of_crlf(fields
     got = scan_response_head(head + body)
     assert got == reference(head + body)
     assert got[0] == len(head) and got[1] == len(body)
-    assert got[3] == head.replace(b"Connection: keep-alive\r\n", b"")
+    assert got[3] == head
 
 
 def test_an_unfinished_head_has_no_end() -> None:
@@ -99,7 +102,7 @@ FIELD_NAMES = st.sampled_from(
     [
         b"Connection", b"connection", b"Keep-Alive", b"Content-Type", b"Content-Length", b"Transfer-Encoding", b"TE",
         b"Trailer", b"Upgrade", b"Proxy-Connection", b"Proxy-Authenticate", b"Cache-Control", b"ETag", b"Tk", b"Up",
-        b"Server", b"Date", b"Kept", b"Pragma", b"Via", b"uPgRaDe",
+        b"Server", b"Date", b"Kept", b"Pragma", b"Via", b"uPgRaDe", b"content-length", b"CONTENT-TYPE", b"Content-Typo",
     ]
 )  # fmt: skip
 FIELD_VALUES = st.sampled_from([b"keep-alive", b"close", b"", b"chunked", b"gzip, chunked", b"x-other", b"1", b" 42 "])
