@@ -565,8 +565,8 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(400, "no authority to route on")
 
         table = ctx.slot.table
-        service = table.service_for_authority(authority.decode("latin-1"))
-        if service is None:
+        routes = table.routes_for_authority(authority.decode("latin-1"))
+        if routes is None:
             req.error = (ctx.no_route_status, "no-route")
             ctx.stats.rejected[ctx.no_route_status] += 1
             return
@@ -579,7 +579,7 @@ class ClientConnection(asyncio.Protocol):
                     if key is not None:
                         break
         req.key = key
-        decision = table.services[service].resolve(key)
+        decision = routes.resolve(key)
         req.decision = decision
         if decision.target is None:
             return
@@ -591,7 +591,7 @@ class ClientConnection(asyncio.Protocol):
                 out = _without_fields(out, stripped)
         if ctx.tracer is not None:
             req.span, traceparent = ctx.tracer.start(
-                method, target, headers, service, key, decision.kind.value, decision.target.url
+                method, target, headers, routes.service, key, decision.kind.value, decision.target.url
             )
             if traceparent is not None:
                 out = _without_fields(out, frozenset({b"traceparent"}))

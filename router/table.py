@@ -135,7 +135,9 @@ class Routes:
     hosts: tuple[str, ...] = ()
     baseline_decision: Decision = dataclasses.field(init=False)
     no_override_decision: Decision = dataclasses.field(init=False, repr=False)
-    _by_key: Mapping[str, _OverrideDecisions] = dataclasses.field(init=False, repr=False)
+    _by_key: dict[str, _OverrideDecisions] = dataclasses.field(init=False, repr=False)
+    """Private, so a plain dict: the hot path reads it natively (a MappingProxyType would cost a
+    generic method call per request)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
@@ -153,7 +155,7 @@ class Routes:
                 not_ready=self._unusable(ov, "override-not-ready"),
                 expired=self._unusable(ov, "override-expired"),
             )
-        object.__setattr__(self, "_by_key", MappingProxyType(by_key))
+        object.__setattr__(self, "_by_key", by_key)
 
     def _unusable(self, ov: Override, reason: str) -> Decision:
         if ov.fallback is Fallback.BASELINE:
@@ -189,6 +191,8 @@ class RouteTable:
     version: int = 0
     sources: tuple[str, ...] = ()
     hosts: Mapping[str, str] = dataclasses.field(init=False)
+    _by_host: dict[str, Routes] = dataclasses.field(init=False, repr=False, compare=False)
+    """``hosts`` resolved to the routes themselves, as a plain dict: one native lookup per request."""
 
     def __post_init__(self) -> None:
         services = MappingProxyType(dict(self.services))
@@ -204,20 +208,27 @@ class RouteTable:
                 hosts[host] = name
         object.__setattr__(self, "services", services)
         object.__setattr__(self, "hosts", MappingProxyType(hosts))
+        object.__setattr__(self, "_by_host", {host: services[name] for host, name in hosts.items()})
 
-    def service_for_authority(self, authority: str) -> str | None:
-        """Map a Host header or absolute-form authority to a service name, port optional."""
+    def routes_for_authority(self, authority: str) -> Routes | None:
+        """The routes a Host header or absolute-form authority names, port optional."""
         authority = authority.lower()
-        found = self.hosts.get(authority)
+        by_host = self._by_host
+        found = by_host.get(authority)
         if found is not None:
             return found
         if authority.startswith("["):
             end = authority.find("]")
-            return self.hosts.get(authority[: end + 1]) if end > 0 else None
+            return by_host.get(authority[: end + 1]) if end > 0 else None
         colon = authority.rfind(":")
         if colon > 0:
-            return self.hosts.get(authority[:colon])
+            return by_host.get(authority[:colon])
         return None
+
+    def service_for_authority(self, authority: str) -> str | None:
+        """Map a Host header or absolute-form authority to a service name, port optional."""
+        routes = self.routes_for_authority(authority)
+        return None if routes is None else routes.service
 
     def resolve(self, service: str, key: str | None, now: float | None = None) -> Decision | None:
         """Dry-run entry point: the decision for ``service`` and ``key``, or None if unknown."""
