@@ -215,6 +215,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._peer = b""
+        self._forwarded_authority: bytes | None = None
+        self._forwarded = b""
+        """X-Forwarded-* lines for the last authority seen (see _prepare)."""
         self._url: list[bytes] = []
         self._url_len = 0
         self._headers: list[tuple[bytes, bytes]] = []
@@ -239,6 +242,8 @@ class ClientConnection(asyncio.Protocol):
         self._resp_keep_alive = True
         self._resp_status = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        """When ``_timer`` fires: kept here because TimerHandle.when() is a method call."""
         self._deadline = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -596,13 +601,23 @@ class ClientConnection(asyncio.Protocol):
             if traceparent is not None:
                 out = _without_fields(out, frozenset({b"traceparent"}))
                 out += (b"traceparent: ", traceparent, _CRLF)
-        out += (
-            b"X-Forwarded-For: ",
-            forwarded_for + b", " + self._peer if forwarded_for else self._peer,
-            _CRLF,
-        )
-        if not ctx.settings.trust_forwarded:
-            out += (b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: ", authority, _CRLF)
+        if not forwarded_for and not ctx.settings.trust_forwarded:
+            # The usual case, rendered once per connection and authority rather than per request.
+            if authority != self._forwarded_authority:
+                self._forwarded_authority = authority
+                self._forwarded = (
+                    b"X-Forwarded-For: " + self._peer + b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
+                    + authority + _CRLF
+                )  # fmt: skip
+            out.append(self._forwarded)
+        else:
+            out += (
+                b"X-Forwarded-For: ",
+                forwarded_for + b", " + self._peer if forwarded_for else self._peer,
+                _CRLF,
+            )
+            if not ctx.settings.trust_forwarded:
+                out += (b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: ", authority, _CRLF)
         if req.chunked:
             out.append(b"Transfer-Encoding: chunked\r\n")
         elif content_length >= 0 and (content_length > 0 or method not in (b"GET", b"HEAD")):
@@ -797,13 +812,7 @@ class ClientConnection(asyncio.Protocol):
         assert req is not None
         self._resp_status = status
         client_keep_alive = self._resp_keep_alive and not req.upgrade and not self.ctx.draining
-        if (
-            passthrough is not None
-            and client_keep_alive
-            and framing is Framing.LENGTH
-            and req.http11
-            and status != 101
-        ):
+        if passthrough is not None and client_keep_alive and framing is Framing.LENGTH and req.http11 and status != 101:
             # Fast path: forward the validated head as received, adding only what we must. A
             # client connection about to close takes the rebuilding path, which says so.
             self._resp_keep_alive = True
@@ -996,10 +1005,11 @@ class ClientConnection(asyncio.Protocol):
         self._deadline = deadline
         timer = self._timer
         if timer is not None:
-            if timer.when() <= deadline:
+            if self._timer_at <= deadline:
                 return
             timer.cancel()
         self._timer = self.loop.call_at(deadline, self._on_timer)
+        self._timer_at = deadline
 
     def _cancel_timer(self) -> None:
         self._deadline = 0.0
@@ -1011,6 +1021,7 @@ class ClientConnection(asyncio.Protocol):
         now = self.loop.time()
         if now < self._deadline:
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            self._timer_at = self._deadline
             return
         # Idle keep-alive or a head that never finished (slowloris): close, answering 408 only
         # when a request had begun.

@@ -100,6 +100,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_tunnel",
         "_broken",
         "_timer",
+        "_timer_at",
         "_closed",
         "_counted",
     )
@@ -131,6 +132,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._tunnel = False
         self._broken = False
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        """When ``_timer`` fires: kept here because TimerHandle.when() is a method call."""
         self._closed = False
         self._length = -1
         self._body_seen = 0
@@ -306,10 +309,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_limit = self._timeouts.body_idle if body_pending else self._timeouts.upstream_response
         deadline = now + self.idle_limit
         timer = self._timer
-        if timer is None or timer.when() > deadline:
+        if timer is None or self._timer_at > deadline:
             if timer is not None:
                 timer.cancel()
             self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
         self.transport.write(head)
 
     def request_sent(self) -> None:
@@ -378,6 +382,7 @@ class UpstreamConnection(asyncio.Protocol):
         deadline = self.last_io + self.idle_limit
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
             return
         self._fail(Failure.TIMEOUT)
 
@@ -385,8 +390,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
 
 
 class PoolFull(Exception):
