@@ -10,7 +10,7 @@ INTERPRETED_TESTS ?= tests/test_keys.py tests/test_table.py tests/test_proxy.py 
 
 HOT_PATH_SOURCES := $(wildcard router/http.py router/keys.py router/proxy.py router/settings.py router/stats.py router/table.py router/upstream.py)
 
-.PHONY: setup compile run test lint unit kube-test bench bench-quick bench-scale fuzz soak clean
+.PHONY: setup compile run test lint unit kube-test bench bench-quick bench-scale bench-micro fuzz soak clean
 
 setup: $(VENV)/.installed router/_compiled.json
 
@@ -57,6 +57,11 @@ bench-quick: setup
 
 bench-scale: setup
 	$(PY) -m benchmarks.run --scale
+
+## The hot path's own cost per exchange, no sockets: time, then instructions (needs valgrind).
+bench-micro: setup
+	$(PY) -m benchmarks.micro
+	$(PY) -m benchmarks.micro --instructions
 
 ## A long fuzzing run (the test command runs a bounded one).
 fuzz: setup

@@ -183,3 +183,27 @@ def test_quick_mode_runs_end_to_end_and_writes_results(tmp_path: Path) -> None:
     assert {c["candidate"] for c in document["cells"]} == {"direct", "nginx", "router"}
     if done.returncode == 1:  # only a throughput floor may fail on a loaded host, never routing
         assert "x nginx" in (document["quick_failure"] or ""), done.stdout
+
+
+def test_micro_benchmark_exchanges_route_to_alice_and_report_the_mode() -> None:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.micro", "--exchanges", "300"],
+        cwd=root, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert re.fullmatch(r"\d+\.\d\d us per exchange \(best of 5 x 300\), hot path \S.*\n", done.stdout), done.stdout
+
+
+async def test_micro_benchmark_exchange_is_a_routed_keep_alive_exchange() -> None:
+    import asyncio
+
+    from benchmarks import micro
+
+    client, upstream = micro._exchange_pair(asyncio.get_running_loop())
+    for _ in range(3):
+        client.data_received(micro.REQUEST)
+        assert upstream.owner is client, "alice's pooled connection carries the request"
+        upstream.data_received(micro.RESPONSE)
+        assert upstream.owner is None and client.ctx.stats.upstream_connections == 0
+    assert client.ctx.stats.requests[("bench", "override")] == 3
+    assert client.transport is not None and client.transport.writes == 3  # type: ignore[attr-defined]

@@ -1,0 +1,141 @@
+"""The router's own CPU cost per exchange, without sockets: a repeatable yardstick for hot-path work.
+
+One exchange is a keep-alive ``GET`` with ``baggage: devstack=alice`` fed to a ``ClientConnection``
+and an nginx-like 200 response fed to its pooled ``UpstreamConnection``; transports are stubs,
+so what is measured is parsing, routing, head rendering and bookkeeping (the kernel's share of a
+real request is not). Two measures:
+
+- ``python -m benchmarks.micro``: microseconds per exchange (best of five; noisy on a shared host).
+- ``python -m benchmarks.micro --instructions``: instructions per exchange counted by valgrind's
+  callgrind (runs with 0 and N exchanges, subtracts): the same figure on every run of the same
+  build, whatever else the machine is doing. Needs the Debian package ``valgrind``.
+
+The README's hot-path notes quote the instruction counts; ``router.HOT_PATH_MODE`` says whether
+the compiled or the interpreted hot path was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import uvloop
+
+import router
+from router.proxy import ClientConnection, ProxyContext, TableSlot
+from router.settings import RouterSettings
+from router.table import Override, Routes, RouteTable, Target
+from router.upstream import UpstreamConnection, _AddressPool
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nbaggage: devstack=alice\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 22 Nov 2026 10:00:00 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 6\r\nLast-Modified: Sun, 22 Nov 2026 09:00:00 GMT\r\n"
+    b'Connection: keep-alive\r\nETag: "6-a"\r\nAccept-Ranges: bytes\r\n\r\nalice\n'
+)
+ALICE = ("127.0.0.1", 9802)
+
+
+class _Transport:
+    """Stands in for uvloop's transport: accepts writes and forgets them."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def writelines(self, data: Any) -> None:
+        self.writes += 1
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 50000) if name == "peername" else default
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def _exchange_pair(loop: asyncio.AbstractEventLoop) -> tuple[ClientConnection, UpstreamConnection]:
+    alice = Override("alice", Target(f"http://{ALICE[0]}:{ALICE[1]}"))
+    table = RouteTable({"bench": Routes("bench", Target("http://127.0.0.1:9801"), {"alice": alice})}, version=1)
+    ctx = ProxyContext(loop, RouterSettings(), TableSlot(table))
+    client = ClientConnection(ctx)
+    client.connection_made(_Transport())  # type: ignore[arg-type]
+    upstream = UpstreamConnection(ctx.pool, ALICE)
+    upstream.connection_made(_Transport())  # type: ignore[arg-type]
+    # One idle pooled connection to alice's address, as after the first request of a run.
+    pools: Any = ctx.pool._pools  # a benchmark seeds the pool it measures
+    pools[ALICE] = pool = _AddressPool()
+    pool.total = 1
+    upstream.idle_since = upstream.last_io = loop.time()
+    pool.idle.append(upstream)
+    return client, upstream
+
+
+async def _run(count: int, timed: bool) -> None:
+    client, upstream = _exchange_pair(asyncio.get_running_loop())
+
+    def exchange() -> None:
+        client.data_received(REQUEST)
+        upstream.data_received(RESPONSE)
+
+    for _ in range(200):
+        exchange()
+    if not timed:
+        for _ in range(count):
+            exchange()
+        return
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(count):
+            exchange()
+        best = min(best, (time.perf_counter() - start) / count)
+    print(f"{best * 1e6:.2f} us per exchange (best of 5 x {count}), hot path {router.HOT_PATH_MODE}")
+
+
+def _callgrind(count: int) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "cg.out")
+        done = subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "benchmarks.micro",
+             "--exchanges", str(count), "--untimed"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    found = re.search(r"refs:\s+([\d,]+)", done.stderr)
+    if found is None:
+        raise SystemExit(f"no instruction count from valgrind:\n{done.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instructions", action="store_true", help="count instructions with callgrind")
+    parser.add_argument("--exchanges", type=int, default=50_000)
+    parser.add_argument("--untimed", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.instructions:
+        count = 5000
+        per = (_callgrind(count) - _callgrind(0)) / count
+        print(f"{per:,.0f} instructions per exchange (callgrind), hot path {router.HOT_PATH_MODE}")
+        return
+    uvloop.run(_run(args.exchanges, timed=not args.untimed))
+
+
+if __name__ == "__main__":
+    main()
