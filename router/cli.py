@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import router
 from controller.aggregator import Aggregator
@@ -198,6 +199,27 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+_M_TRIM_THRESHOLD: Final = -1
+_M_MMAP_THRESHOLD: Final = -3
+
+
+def _keep_freed_memory() -> None:
+    """Ask glibc to reuse freed memory instead of handing it back to the kernel at once.
+
+    Streaming allocates a read-sized bytes object per chunk (up to 256 KiB from uvloop). By
+    default glibc maps blocks of 128 KiB and more fresh and trims the heap's free top, so every
+    such chunk costs a page fault per 4 KiB: 15% of the router's CPU when relaying 1 MiB bodies.
+    Holding up to 32 MiB of freed heap removes that. No-op where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 32 << 20)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -209,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _install_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
         if args.command == "router":
+            _keep_freed_memory()
             return asyncio.run(run_router(args))
         if args.command == "demo":
             from devstack_examples.demo import run_demo  # noqa: PLC0415 - the demo is optional

@@ -150,9 +150,8 @@ TE_CHUNKED: Final = 1
 TE_OTHER: Final = 2
 """Transfer-Encoding present without chunked last: the body runs until the upstream closes."""
 
-_SCAN_LINES: Final = 40
-"""Lines split off per response head scan: more than most heads have, few enough that a body
-full of CRLFs read along with its head costs little."""
+_SPLIT_WHOLE: Final = 1024
+"""Buffers up to this size are split whole: a small response's head and body cost one pass."""
 
 _HOP_OTHER: Final = frozenset(
     {b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer", b"upgrade"}
@@ -171,18 +170,21 @@ def scan_response_head(buf: bytes) -> tuple[int, int, int, bytes | None]:
     (for a persistent client connection it is the router's own option too, RFC 9110 7.6.1), and
     everything else is byte for byte. Other hop-by-hop fields, Connection naming fields,
     Transfer-Encoding or HTTP/1.0 take the rebuilding path. The response side's hot path: one
-    split into lines; canonical Content-Length/Content-Type lines are decided without
+    split of the head into lines; canonical Content-Length/Content-Type lines are decided without
     allocating, and only lines whose name starts like a field of interest (c, k, p, t, u) are
     looked at further.
     """
-    lines = buf.split(b"\r\n", _SCAN_LINES)
-    last = len(lines) - 1  # the part after the last split: a remainder, never the blank line
-    blank = 1
-    while blank < last and lines[blank]:
-        blank += 1
-    if blank >= last:
-        if last < _SCAN_LINES:
-            return -1, -1, TE_NONE, None  # everything was split: no blank line yet
+    # A short buffer (a small response read whole) is split in one pass, the blank line marking
+    # the head's end. A longer one is searched for the end first, so a large body read along
+    # with its head is never scanned.
+    if len(buf) <= _SPLIT_WHOLE:
+        lines = buf.split(b"\r\n")
+        blank = 1
+        while blank < len(lines) - 1 and lines[blank]:
+            blank += 1
+        if blank >= len(lines) - 1:
+            return -1, -1, TE_NONE, None  # no blank line yet
+    else:
         cut = buf.find(b"\r\n\r\n")
         if cut < 0:
             return -1, -1, TE_NONE, None
