@@ -170,9 +170,9 @@ def scan_response_head(buf: bytes) -> tuple[int, int, int, bytes | None]:
     (for a persistent client connection it is the router's own option too, RFC 9110 7.6.1), and
     everything else is byte for byte. Other hop-by-hop fields, Connection naming fields,
     Transfer-Encoding or HTTP/1.0 take the rebuilding path. The response side's hot path: one
-    split of the head into lines; canonical Content-Length/Content-Type lines are decided without
-    allocating, and only lines whose name starts like a field of interest (c, k, p, t, u) are
-    looked at further.
+    split of the head into lines; canonical Content-Length, Content-Type and Connection:
+    keep-alive lines are decided without allocating, and only lines whose name starts like a
+    field of interest (c, k, p, t, u) are looked at further.
     """
     # A short buffer (a small response read whole) is split in one pass, the blank line marking
     # the head's end. A longer one is searched for the end first, so a large body read along
@@ -198,7 +198,10 @@ def scan_response_head(buf: bytes) -> tuple[int, int, int, bytes | None]:
     for i in range(1, blank):
         line = lines[i]
         first = line[0] | 0x20
-        if first == 99 and line.startswith(b"Content-"):
+        if first == 99 and line.startswith(b"Con"):
+            if line == b"Connection: keep-alive":
+                offset += len(line) + 2
+                continue
             if line.startswith(b"Content-Length:"):
                 content_length = int(line[15:])  # llhttp checked: digits and whitespace only
                 offset += len(line) + 2

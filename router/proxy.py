@@ -453,7 +453,8 @@ class ClientConnection(asyncio.Protocol):
         if method == b"CONNECT":
             raise _Reject(405, "CONNECT is not supported: this router never opens tunnels")
         req.keep_alive = keep_alive and not ctx.draining
-        req.upgrade = parser.should_upgrade()
+        # llhttp upgrades only with a Connection field naming "upgrade" (CONNECT is refused above).
+        req.upgrade = self._connection_field and parser.should_upgrade()
 
         headers = self._headers
         target = self._url[0] if len(self._url) == 1 else b"".join(self._url)
