@@ -131,3 +131,29 @@ def test_a_service_defined_by_two_sources_is_reported_not_resolved() -> None:
     aggregator.update("file", parse_route_yaml(GOOD))
     aggregator.update("kubernetes", parse_route_yaml(GOOD))
     assert "defined by both" in aggregator.errors["kubernetes"]
+
+
+def test_the_cyclic_collector_is_paused_while_parsing_and_resumed_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from controller.sources import file as file_source
+
+    seen: list[bool] = []
+    real_parse = file_source.parse_route_yaml
+
+    def recording_parse(text: str, origin: str = "<routes>") -> object:
+        seen.append(gc.isenabled())
+        return real_parse(text, origin)
+
+    monkeypatch.setattr(file_source, "parse_route_yaml", recording_parse)
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(GOOD)
+    bad.write_text("services: [")
+    assert gc.isenabled()
+    assert "payments" in load_route_file(good)
+    with pytest.raises(BuildError):
+        load_route_file(bad)
+    assert seen == [False, False], "paused during both parses"
+    assert gc.isenabled(), "resumed after a good and after a bad file"

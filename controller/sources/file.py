@@ -9,9 +9,11 @@ invalid snapshot: a bad edit is reported through ``on_error`` and the previous s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +72,33 @@ def parse_route_yaml(text: str, origin: str = "<routes>") -> dict[str, Routes]:
     return routes_from_spec(document, origin=origin)
 
 
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector around a parse.
+
+    A large route file becomes millions of short-lived, acyclic objects, and every few thousand
+    allocations the collector walks the young ones, every few collections the whole heap: for a
+    10,000-service file that was two thirds of an 8.8 s parse, in stretches of up to 1.6 s during
+    which the event loop (sharing the GIL with the parsing thread) served nothing. Reference
+    counting frees everything the parse leaves behind; the collector resumes afterwards.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def load_route_file(path: str | os.PathLike[str]) -> dict[str, Routes]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise BuildError(f"cannot read route file: {exc}", origin=str(path)) from None
-    return parse_route_yaml(text, origin=str(path))
+    with _cyclic_gc_paused():
+        return parse_route_yaml(text, origin=str(path))
 
 
 class FileSource:
