@@ -120,6 +120,13 @@ class RawOrigin:
         if self.server is not None:
             self.server.close()
 
+    async def __aenter__(self) -> RawOrigin:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")

@@ -147,17 +147,13 @@ async def test_an_upgrade_request_with_a_body_is_refused_or_forwarded_whole() ->
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
         await writer.drain()
 
-    origin = RawOrigin(script)
-    await origin.start()
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}}), RouterSettings(timeouts=TIMEOUTS)) as r:
             raw = (
                 b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                 b"Content-Length: 5\r\n\r\nhello"
             )
             response, _ = await exchange(r.address[1], raw, timeout=2.0)
-    finally:
-        await origin.close()
     if status_of(response) == 400:
         assert seen == []
     else:
@@ -183,9 +179,7 @@ async def test_bug_a_queued_request_found_malformed_is_refused_not_forwarded() -
             if data.startswith(b"GET /1 "):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
-    origin = RawOrigin(script)
-    await origin.start()
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}}), RouterSettings(timeouts=TIMEOUTS)) as r:
             raw = (
                 b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -193,8 +187,6 @@ async def test_bug_a_queued_request_found_malformed_is_refused_not_forwarded() -
             )
             response, closed = await exchange(r.address[1], raw, timeout=TIMEOUTS.body_idle + 1.0)
             await asyncio.sleep(0.05)  # give a wrongly forwarded /2 time to arrive: we assert absence
-    finally:
-        await origin.close()
     assert [status for status, _, _ in split_responses(response)] == [200, 400], response
     assert closed
     assert not any(b"POST /2" in chunk for chunk in got), got

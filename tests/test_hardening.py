@@ -79,10 +79,8 @@ async def test_pool_cap_queues_then_answers_503_pool_full() -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
 
-    origin = RawOrigin(script)
-    await origin.start()
     settings = RouterSettings(limits=Limits(upstream_pool_size=1, upstream_pool_queue=1))
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}}), settings) as server:
             raw = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
             first = asyncio.create_task(exchange(server.address[1], raw, timeout=5))
@@ -97,8 +95,6 @@ async def test_pool_cap_queues_then_answers_503_pool_full() -> None:
             # The queued request got the first connection once it was released... or a fresh
             # one when the upstream closed it; either way it was served, not refused.
             assert status_of((await second)[0]) == 200
-    finally:
-        await origin.close()
 
 
 async def test_pipelined_flood_is_answered_in_order(origins: dict[str, Origin]) -> None:
@@ -124,9 +120,7 @@ async def test_client_gone_mid_request_discards_the_upstream_connection() -> Non
         await reader.read()  # returns at EOF: the router closed this upstream connection
         upstream_closed.set()
 
-    origin = RawOrigin(script)
-    await origin.start()
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}})) as server:
             _, writer = await asyncio.open_connection(*server.address)
             writer.write(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\nhalf")
@@ -136,8 +130,6 @@ async def test_client_gone_mid_request_discards_the_upstream_connection() -> Non
             await asyncio.wait_for(upstream_closed.wait(), 5)
             assert server.ctx is not None
             assert server.ctx.pool.idle_count(("127.0.0.1", origin.port)) == 0
-    finally:
-        await origin.close()
 
 
 async def test_client_gone_mid_response_discards_the_upstream_connection(origins: dict[str, Origin]) -> None:
@@ -184,9 +176,7 @@ async def test_bodies_where_none_belong_never_reach_the_next_request(raw_respons
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nclean")
             await writer.drain()
 
-    origin = RawOrigin(script)
-    await origin.start()
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}})) as server:
             method = b"HEAD" if b"200 OK" in raw_response else b"GET"
             first, _ = await exchange(
@@ -197,8 +187,6 @@ async def test_bodies_where_none_belong_never_reach_the_next_request(raw_respons
             second, _ = await exchange(server.address[1], b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
             assert status_of(second) == 200
             assert second.endswith(b"clean")
-    finally:
-        await origin.close()
 
 
 async def test_override_dying_under_an_open_websocket_closes_the_client(origins: dict[str, Origin]) -> None:
@@ -393,9 +381,7 @@ async def test_bytes_beyond_content_length_in_a_later_read_are_never_forwarded_o
         await writer.drain()
         await reader.read()
 
-    origin = RawOrigin(script)
-    await origin.start()
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}})) as server:
             reader, writer = await asyncio.open_connection(*server.address)
             writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -411,5 +397,3 @@ async def test_bytes_beyond_content_length_in_a_later_read_are_never_forwarded_o
             again = await asyncio.wait_for(reader.read(), 5)
             assert b"smuggled" not in again
             writer.close()
-    finally:
-        await origin.close()

@@ -228,16 +228,14 @@ async def test_router_headers_from_clients_are_stripped(router: RouterServer, or
     assert b"x-devstack-route" not in response.lower()
 
 
-async def _respond_with(raw_response: bytes) -> RawOrigin:
+def _respond_with(raw_response: bytes) -> RawOrigin:
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         writer.write(raw_response)
         await writer.drain()
         await asyncio.sleep(0.3)  # hold the connection open: the router must judge the bytes, not EOF
 
-    origin = RawOrigin(script)
-    await origin.start()
-    return origin
+    return RawOrigin(script)
 
 
 UPSTREAM_BROKEN = [
@@ -251,12 +249,9 @@ UPSTREAM_BROKEN = [
 
 @pytest.mark.parametrize(("case", "raw_response"), UPSTREAM_BROKEN, ids=[c[0] for c in UPSTREAM_BROKEN])
 async def test_broken_upstream_framing_gives_502_and_is_never_copied(case: str, raw_response: bytes) -> None:
-    origin = await _respond_with(raw_response)
-    try:
+    async with _respond_with(raw_response) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}})) as server:
             response, _ = await exchange(server.address[1], b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", timeout=2)
             assert status_of(response) == 502, (case, response)
             assert b"abc" not in response
             assert server.ctx is not None and server.ctx.pool.idle_count(("127.0.0.1", origin.port)) == 0
-    finally:
-        await origin.close()

@@ -217,9 +217,7 @@ async def test_close_delimited_upstream_body_is_reframed_as_chunked() -> None:
         writer.write(b"x" * 5000)
         await writer.drain()
 
-    origin = RawOrigin(script)
-    await origin.start()
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}})) as server:
             data, _ = await exchange(server.address[1], b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", timeout=1.0)
             head, _, body = data.partition(b"\r\n\r\n")
@@ -228,8 +226,6 @@ async def test_close_delimited_upstream_body_is_reframed_as_chunked() -> None:
             async with aiohttp.ClientSession() as session:
                 async with session.get(f"http://127.0.0.1:{server.address[1]}/", headers={"Host": "a"}) as resp:
                     assert await resp.read() == b"until-close-" + b"x" * 5000
-    finally:
-        await origin.close()
 
 
 async def test_websocket_echo_through_the_router(origins: dict[str, Origin]) -> None:
@@ -281,10 +277,8 @@ async def test_silent_upstream_times_out_with_504() -> None:
         await read_head(reader)
         await reader.read()  # never answer; wait for the router to give up and close
 
-    origin = RawOrigin(script)
-    await origin.start()
     settings = RouterSettings(timeouts=Timeouts(upstream_response=0.5))
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}}), settings) as server:
             started = time.monotonic()
             data, _ = await exchange(
@@ -293,8 +287,6 @@ async def test_silent_upstream_times_out_with_504() -> None:
             assert status_of(data) == 504
             assert 0.4 < time.monotonic() - started < 3
             assert json.loads(data.partition(b"\r\n\r\n")[2])["reason"] == "timeout"
-    finally:
-        await origin.close()
 
 
 async def test_reset_before_response_is_502() -> None:
@@ -302,15 +294,11 @@ async def test_reset_before_response_is_502() -> None:
         await read_head(reader)
         writer.transport.abort()
 
-    origin = RawOrigin(script)
-    await origin.start()
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}})) as server:
             data, _ = await exchange(server.address[1], b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx")
             assert status_of(data) == 502
             assert origin.connections == 1  # a request with a body is never replayed
-    finally:
-        await origin.close()
 
 
 async def test_reset_mid_body_aborts_the_client_response() -> None:
@@ -320,17 +308,13 @@ async def test_reset_mid_body_aborts_the_client_response() -> None:
         await writer.drain()
         writer.transport.abort()
 
-    origin = RawOrigin(script)
-    await origin.start()
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}})) as server:
             async with aiohttp.ClientSession() as session:
                 async with session.get(f"http://127.0.0.1:{server.address[1]}/", headers={"Host": "a"}) as resp:
                     assert resp.status == 200
                     with pytest.raises(aiohttp.ClientPayloadError):
                         await resp.read()
-    finally:
-        await origin.close()
 
 
 async def test_stale_pooled_connection_is_retried_once_for_idempotent_requests() -> None:
@@ -343,9 +327,7 @@ async def test_stale_pooled_connection_is_retried_once_for_idempotent_requests()
         await read_head(reader)
         writer.transport.abort()
 
-    origin = RawOrigin(script)
-    await origin.start()
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}})) as server:
             port = server.address[1]
             first, _ = await exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
@@ -357,8 +339,6 @@ async def test_stale_pooled_connection_is_retried_once_for_idempotent_requests()
             )
             assert status_of(third) == 502
             assert origin.connections == 2  # the POST was not replayed on a fresh connection
-    finally:
-        await origin.close()
 
 
 async def test_upstream_101_without_upgrade_request_is_502() -> None:
@@ -368,15 +348,11 @@ async def test_upstream_101_without_upgrade_request_is_502() -> None:
         await writer.drain()
         await asyncio.sleep(0.2)
 
-    origin = RawOrigin(script)
-    await origin.start()
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}})) as server:
             data, _ = await exchange(server.address[1], b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", timeout=2)
             assert status_of(data) == 502
             assert b"raw" not in data
-    finally:
-        await origin.close()
 
 
 async def test_interim_100_continue_is_relayed() -> None:
@@ -389,9 +365,7 @@ async def test_interim_100_continue_is_relayed() -> None:
         await writer.drain()
         await asyncio.sleep(0.2)
 
-    origin = RawOrigin(script)
-    await origin.start()
-    try:
+    async with RawOrigin(script) as origin:
         async with running_router(make_table({"a": {"baseline": origin.url}})) as server:
             reader, writer = await asyncio.open_connection(*server.address)
             writer.write(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
@@ -401,5 +375,3 @@ async def test_interim_100_continue_is_relayed() -> None:
             final = await asyncio.wait_for(reader.readuntil(b"hello"), 2)
             assert final.startswith(b"HTTP/1.1 200")
             writer.close()
-    finally:
-        await origin.close()
