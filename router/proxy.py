@@ -43,6 +43,15 @@ __all__ = ["ClientConnection", "ProxyContext", "TableSlot"]
 
 _CRLF: Final = b"\r\n"
 _COLON_SP: Final = b": "
+
+
+def _add_field(out: list[bytes], name: bytes, value: bytes) -> None:
+    # Four appends, not `out += (name, b": ", value, _CRLF)`: no tuple per field (compiled, the
+    # call itself is a direct C call).
+    out.append(name)
+    out.append(_COLON_SP)
+    out.append(value)
+    out.append(_CRLF)
 _CHUNK_END: Final = b"0\r\n\r\n"
 _BUFFER_LIMIT: Final = 256 * 1024
 """Request body bytes held while an upstream connection is being set up, before we stop reading."""
@@ -266,7 +275,7 @@ class ClientConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._arm(ctx.settings.timeouts.header_read, self.loop.time())
+        self._arm(ctx.settings.timeouts.header_read)
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel:
@@ -353,7 +362,7 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._reading_head = True
         if self._active is None:
-            self._arm(self.ctx.settings.timeouts.header_read, self.loop.time())
+            self._arm(self.ctx.settings.timeouts.header_read)
 
     def on_url(self, url: bytes) -> None:
         self._url_len += len(url)
@@ -475,27 +484,18 @@ class ClientConnection(asyncio.Protocol):
             code = fields.get(lower)
             if code is None:
                 if not lower.startswith(b"x-devstack-"):  # the router's own fields are its to set
-                    out.append(name)
-                    out.append(_COLON_SP)
-                    out.append(value)
-                    out.append(_CRLF)
+                    _add_field(out, name, value)
             elif code is _F_KEY:
                 if key_lines is None:
                     key_lines = {}
                 key_lines.setdefault(lower, []).append(value)
-                out.append(name)
-                out.append(_COLON_SP)
-                out.append(value)
-                out.append(_CRLF)
+                _add_field(out, name, value)
             elif code is _F_HOST:
                 if host is not None:
                     raise _Reject(400, "more than one Host header")
                 host = value
                 if not absolute:
-                    out.append(name)
-                    out.append(_COLON_SP)
-                    out.append(value)
-                    out.append(_CRLF)
+                    _add_field(out, name, value)
             elif code is _F_CONTENT_LENGTH:
                 content_length = int(value)
             elif code is _F_TRANSFER_ENCODING:
@@ -512,15 +512,9 @@ class ClientConnection(asyncio.Protocol):
                 req.debug = value.strip() == b"1"
             elif code is _F_FORWARDED:
                 if ctx.settings.trust_forwarded:
-                    out.append(name)
-                    out.append(_COLON_SP)
-                    out.append(value)
-                    out.append(_CRLF)
+                    _add_field(out, name, value)
             elif code is _F_TRACEPARENT:
-                out.append(name)
-                out.append(_COLON_SP)
-                out.append(value)
-                out.append(_CRLF)
+                _add_field(out, name, value)
             # _F_DROP: hop-by-hop, never forwarded
 
         if host is None and req.http11:
@@ -747,7 +741,7 @@ class ClientConnection(asyncio.Protocol):
             return
         timeouts = self.ctx.settings.timeouts
         # A head already begun (pipelined behind this exchange) gets the head deadline.
-        self._arm(timeouts.header_read if self._parsing is not None else timeouts.keepalive_idle, self.loop.time())
+        self._arm(timeouts.header_read if self._parsing is not None else timeouts.keepalive_idle)
 
     def _start_next(self) -> None:
         if self._closed or self._active is not None or not self._queue:
@@ -806,9 +800,7 @@ class ClientConnection(asyncio.Protocol):
         out.append(_CRLF)
         self.transport.write(b"".join(out))
 
-    def upstream_head(
-        self, status: int, head: bytes, passthrough: bytes | None, framing: Framing, keep_alive: bool
-    ) -> None:
+    def upstream_head(self, status: int, head: bytes, passthrough: bytes | None, framing: Framing) -> None:
         req = self._active
         assert req is not None
         self._resp_status = status
@@ -1001,8 +993,8 @@ class ClientConnection(asyncio.Protocol):
         if not self._paused and self.transport is not None and not self._closed:
             self.transport.resume_reading()
 
-    def _arm(self, timeout: float, now: float) -> None:
-        deadline = now + timeout
+    def _arm(self, timeout: float) -> None:
+        deadline = self.loop.time() + timeout
         self._deadline = deadline
         timer = self._timer
         if timer is not None:

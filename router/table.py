@@ -183,32 +183,29 @@ class Routes:
 class RouteTable:
     """A complete, immutable snapshot of every service's routes.
 
-    ``hosts`` maps lower-case authorities (with and without port) to service names; a dict
-    because the hot path does exactly one lookup per request and must not scan.
+    ``_by_host`` maps lower-case host names to their services' routes: a plain dict, because
+    the hot path does exactly one lookup per request (natively, when compiled) and must not scan.
     """
 
     services: Mapping[str, Routes]
     version: int = 0
     sources: tuple[str, ...] = ()
-    hosts: Mapping[str, str] = dataclasses.field(init=False)
     _by_host: dict[str, Routes] = dataclasses.field(init=False, repr=False, compare=False)
-    """``hosts`` resolved to the routes themselves, as a plain dict: one native lookup per request."""
 
     def __post_init__(self) -> None:
         services = MappingProxyType(dict(self.services))
-        hosts: dict[str, str] = {}
+        by_host: dict[str, Routes] = {}
         for name, routes in services.items():
             if name != routes.service:
                 raise TableError(f"service filed under {name!r} is named {routes.service!r}")
             for host in (name, *routes.hosts):
                 host = host.lower()
-                owner = hosts.get(host)
-                if owner is not None and owner != name:
-                    raise TableError(f"host {host!r} is claimed by both {owner!r} and {name!r}")
-                hosts[host] = name
+                owner = by_host.get(host)
+                if owner is not None and owner.service != name:
+                    raise TableError(f"host {host!r} is claimed by both {owner.service!r} and {name!r}")
+                by_host[host] = routes
         object.__setattr__(self, "services", services)
-        object.__setattr__(self, "hosts", MappingProxyType(hosts))
-        object.__setattr__(self, "_by_host", {host: services[name] for host, name in hosts.items()})
+        object.__setattr__(self, "_by_host", by_host)
 
     def routes_for_authority(self, authority: str) -> Routes | None:
         """The routes a Host header or absolute-form authority names, port optional."""

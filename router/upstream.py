@@ -244,8 +244,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        status = parser.get_status_code()
+        status = self._parser.get_status_code()
         self._status = status
         owner = self.owner
         if owner is None:
@@ -273,7 +272,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             framing = Framing.CLOSE
         self._framing = framing
-        owner.upstream_head(status, head, passthrough, framing, parser.should_keep_alive())
+        owner.upstream_head(status, head, passthrough, framing)
         if self._head_request:
             self._head_done = True
             raise _HeadDone
