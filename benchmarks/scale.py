@@ -141,6 +141,21 @@ def large_table_reload(
     return cells, {"run_seconds": RELOAD_RUN, "reload_to_publish_seconds": seconds}
 
 
+def _settled_version(router: Candidate, *, settle: float = 0.5, limit: float = 10.0) -> int:
+    """The router's table version once it has stopped changing for ``settle`` seconds: the last
+    reload may still be parsing when the swapping stops."""
+    version, since = _version(router), time.monotonic()
+    deadline = since + limit
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now_version = _version(router)
+        if now_version != version:
+            version, since = now_version, time.monotonic()
+        elif time.monotonic() - since >= settle:
+            break
+    return version
+
+
 class _Swapper:
     """Rewrites the route file (atomically) and sends SIGHUP every interval until stopped."""
 
@@ -186,30 +201,11 @@ def table_swaps(
         for swapping in (False, True):
             label = "swap every 100 ms" if swapping else "no swaps"
             version_before = _version(router)
-            if swapping:
+            if swapping and stack.quiet is not None:
                 # Wait for a quiet host before swapping starts: the swaps' own reloads are load.
-                if stack.quiet is not None:
-                    stack.quiet.wait()
-                with _Swapper(stack, router, SWAP_INTERVAL) as swapper:
-                    cell = measure(
-                        stack,
-                        router,
-                        GET_ALICE,
-                        rep=rep,
-                        duration=duration,
-                        warmup=warmup,
-                        script="check-alice",
-                        label=label,
-                        quiet=_NO_WAIT,
-                    )
-                time.sleep(1.5)  # let the last reload land before reading the version
-                version_after = _version(router)
-                swaps.append(
-                    {"rep": rep, "sighups": swapper.sent, "versions_published": version_after - version_before}
-                )
-                published = version_after - version_before
-                log(f"  rep {rep + 1} {label}: {swapper.sent} SIGHUPs, {published} tables published")
-            else:
+                stack.quiet.wait()
+            swapper = _Swapper(stack, router, SWAP_INTERVAL) if swapping else None
+            with swapper if swapper is not None else contextlib.nullcontext():
                 cell = measure(
                     stack,
                     router,
@@ -219,7 +215,12 @@ def table_swaps(
                     warmup=warmup,
                     script="check-alice",
                     label=label,
+                    quiet=_NO_WAIT if swapping else None,
                 )
+            if swapper is not None:
+                published = _settled_version(router) - version_before
+                swaps.append({"rep": rep, "sighups": swapper.sent, "versions_published": published})
+                log(f"  rep {rep + 1} {label}: {swapper.sent} SIGHUPs, {published} tables published")
             log(f"  rep {rep + 1} {label}: {cell.value:,.0f} req/s, {cell.errors} errors ({cell.detail})")
             cells.append(cell)
     readyz = router.admin_json("/readyz")
