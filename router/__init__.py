@@ -58,8 +58,9 @@ def _compiled_state() -> tuple[bool, str]:
         if name not in present or recorded.get(name) != hashlib.sha256((_HERE / f"{name}.py").read_bytes()).hexdigest()
     ]
     if stale:
+        changed = ", ".join(f"{name}.py" for name in stale)
         warnings.warn(
-            f"devstack: compiled router modules are stale ({', '.join(stale)}.py changed since the build); "
+            f"devstack: compiled router modules are stale ({changed} changed since the build); "
             "running them interpreted. Rebuild with `make compile`.",
             RuntimeWarning,
             stacklevel=2,
