@@ -52,6 +52,8 @@ def _add_field(out: list[bytes], name: bytes, value: bytes) -> None:
     out.append(_COLON_SP)
     out.append(value)
     out.append(_CRLF)
+
+
 _CHUNK_END: Final = b"0\r\n\r\n"
 _BUFFER_LIMIT: Final = 256 * 1024
 """Request body bytes held while an upstream connection is being set up, before we stop reading."""
@@ -467,7 +469,9 @@ class ClientConnection(asyncio.Protocol):
 
         headers = self._headers
         target = self._url[0] if len(self._url) == 1 else b"".join(self._url)
-        absolute = target[:1] != b"/"
+        # Only absolute-form names its own authority; origin-form and OPTIONS' asterisk-form
+        # forward the client's Host line where it stood.
+        absolute = target[:1] != b"/" and target != b"*"
         fields = ctx.request_fields
         host: bytes | None = None
         content_length = -1
@@ -539,9 +543,9 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(413, "request body too large")
 
         authority = host
-        if not absolute:
+        if target[:1] == b"/":
             path = target
-        elif target[:7].lower() == b"http://":
+        elif absolute and target[:7].lower() == b"http://":
             rest = target[7:]
             end = len(rest)
             for sep in (b"/", b"?", b"#"):
@@ -557,8 +561,6 @@ class ClientConnection(asyncio.Protocol):
             out += (b"Host", b": ", authority, _CRLF)
         elif target == b"*" and method == b"OPTIONS":
             path = target
-            if host is not None:
-                out += (b"Host", b": ", host, _CRLF)
         else:
             raise _Reject(400, "unsupported request target form")
         if authority is None:

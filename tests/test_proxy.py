@@ -375,3 +375,25 @@ async def test_interim_100_continue_is_relayed() -> None:
             final = await asyncio.wait_for(reader.readuntil(b"hello"), 2)
             assert final.startswith(b"HTTP/1.1 200")
             writer.close()
+
+
+async def test_options_asterisk_is_forwarded_with_its_fields_in_their_order() -> None:
+    heads: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await read_head(reader))
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+
+    async with RawOrigin(script) as origin:
+        async with running_router(make_table({"a": {"baseline": origin.url}})) as server:
+            raw = b"OPTIONS * HTTP/1.1\r\nHost: a\r\nbaggage: devstack=alice\r\nX-Last: 1\r\nConnection: close\r\n\r\n"
+            data, _ = await exchange(server.address[1], raw)
+            assert status_of(data) == 204
+            # Only the asterisk form is accepted with OPTIONS; any other method gets a 400.
+            refused, _ = await exchange(server.address[1], b"GET * HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert status_of(refused) == 400
+    assert len(heads) == 1
+    lines = heads[0].split(b"\r\n")
+    assert lines[0] == b"OPTIONS * HTTP/1.1"
+    assert lines[1:4] == [b"Host: a", b"baggage: devstack=alice", b"X-Last: 1"]
