@@ -8,7 +8,7 @@ INTERPRETED_TESTS ?= tests/test_keys.py tests/test_table.py tests/test_proxy.py 
 	tests/test_hardening.py tests/test_streaming.py tests/test_reload_under_load.py tests/test_admin.py \
 	tests/test_tracing.py tests/test_fuzz.py tests/test_demo.py tests/test_compiled.py
 
-HOT_PATH_SOURCES := $(wildcard router/http.py router/keys.py router/proxy.py router/settings.py router/stats.py router/table.py router/upstream.py)
+HOT_PATH_SOURCES := $(wildcard router/http.py router/keys.py router/proxy.py router/settings.py router/stats.py router/table.py router/upstream.py router/_speedups.c)
 
 .PHONY: setup compile run test lint unit kube-test bench bench-quick bench-scale bench-micro fuzz soak clean
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	DEVSTACK_COMPILE=0 $(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-## The router hot path as C extensions (mypyc), rebuilt whenever one of its sources changes.
+## The router hot path as C extensions (mypyc, plus the C helpers in router/*.c), rebuilt whenever one of its sources changes.
 compile: router/_compiled.json
 
 router/_compiled.json: $(VENV)/.installed $(HOT_PATH_SOURCES) setup.py

@@ -16,18 +16,21 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HOT_PATH = ("http", "keys", "proxy", "settings", "stats", "table", "upstream")
 """router/ modules compiled together; router/__init__.py keeps the same list."""
+NATIVE_HELPERS = ("_speedups",)
+"""Hand-written C extensions router/<name>.c, built along; router/__init__.py keeps the same list."""
 
 MANIFEST = "_compiled.json"
 
 
 def _sources_digest() -> dict[str, str]:
     here = Path(__file__).resolve().parent / "router"
-    return {name: hashlib.sha256((here / f"{name}.py").read_bytes()).hexdigest() for name in HOT_PATH}
+    sources = {name: here / f"{name}.py" for name in HOT_PATH} | {name: here / f"{name}.c" for name in NATIVE_HELPERS}
+    return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in sources.items()}
 
 
 class OptionalBuildExt(build_ext):
@@ -55,13 +58,13 @@ def _extensions() -> list[object]:
         return []
     # The compile's own type check: the project's strict settings, but third-party packages
     # that may be absent from an isolated build environment are treated as untyped.
-    return list(
-        mypycify(
-            ["--config-file=", "--ignore-missing-imports", *(f"router/{name}.py" for name in HOT_PATH)],
-            opt_level="3",
-            group_name="router._hotpath",
-        )
+    compiled = mypycify(
+        ["--config-file=", "--ignore-missing-imports", *(f"router/{name}.py" for name in HOT_PATH)],
+        opt_level="3",
+        group_name="router._hotpath",
     )
+    helpers = [Extension(f"router.{name}", [f"router/{name}.c"], extra_compile_args=["-O3"]) for name in NATIVE_HELPERS]
+    return [*compiled, *helpers]
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -14,11 +14,13 @@ import asyncio
 import collections
 import enum
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from router.http import TE_CHUNKED, TE_NONE, scan_response_head
+from router import COMPILED, http
+from router.http import TE_CHUNKED, TE_NONE
 from router.settings import Limits, Timeouts
 from router.stats import RouterStats
 
@@ -34,6 +36,14 @@ if TYPE_CHECKING:
     from router.proxy import ClientConnection as ExchangeOwner
 
 Address = tuple[str, int]
+
+_scan_response_head: Callable[[bytes], tuple[int, int, int, bytes | None]] = http.scan_response_head
+if COMPILED:
+    # The C version of the same scan (tests/test_http_rules.py holds the two equal): a response
+    # head is scanned per request, and its per-line work is cheaper over raw bytes in C.
+    from router import _speedups
+
+    _scan_response_head = _speedups.scan_response_head
 
 
 class Framing(enum.Enum):
@@ -250,7 +260,7 @@ class UpstreamConnection(asyncio.Protocol):
         if owner is None:
             raise UnexpectedUpgrade  # a response nobody asked for: the connection is broken
         buf = self._head_buf
-        end, length, coding, passthrough = scan_response_head(buf)
+        end, length, coding, passthrough = _scan_response_head(buf)
         if end < 0:
             raise UnexpectedUpgrade  # llhttp saw a whole head that we cannot find: never forward it
         head = buf[:end] if end < len(buf) else buf

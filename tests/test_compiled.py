@@ -34,18 +34,23 @@ def test_the_suite_runs_the_mode_it_was_asked_for() -> None:
         assert router.COMPILED, f"expected the compiled hot path, got: {router.HOT_PATH_MODE}"
         assert router.proxy.__file__.endswith(SUFFIX)
         assert router.upstream.__file__.endswith(SUFFIX)
+        from router import _speedups  # built with the compiled hot path
+
+        assert router.upstream._scan_response_head is _speedups.scan_response_head
     elif os.environ.get("DEVSTACK_INTERPRETED") == "1":
         assert not router.COMPILED
         assert router.HOT_PATH_MODE in {"DEVSTACK_INTERPRETED=1", "not compiled"}
         assert router.proxy.__file__.endswith(".py")
+        assert router.upstream._scan_response_head is router.http.scan_response_head
     else:
         assert router.proxy.__file__.endswith(SUFFIX if router.COMPILED else ".py")
 
 
 def test_setup_py_compiles_exactly_the_modules_the_package_guards() -> None:
     setup_py = (ROUTER_DIR.parent / "setup.py").read_text()
-    listed = setup_py.split("HOT_PATH = (", 1)[1].split(")", 1)[0]
-    assert tuple(name.strip().strip('"') for name in listed.split(",") if name.strip()) == router.HOT_PATH_MODULES
+    for variable, names in (("HOT_PATH", router.HOT_PATH_MODULES), ("NATIVE_HELPERS", router.NATIVE_HELPERS)):
+        listed = setup_py.split(f"\n{variable} = (", 1)[1].split(")", 1)[0]
+        assert tuple(name.strip().strip('"') for name in listed.split(",") if name.strip()) == names
 
 
 def _import_in_copy(tmp_path: Path, edit: str | None, env: dict[str, str] | None = None) -> dict[str, object]:
@@ -53,15 +58,17 @@ def _import_in_copy(tmp_path: Path, edit: str | None, env: dict[str, str] | None
     copy = tmp_path / "router"
     shutil.copytree(ROUTER_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
     if edit is not None:
-        source = copy / f"{edit}.py"
-        source.write_text(source.read_text() + "\n# an edit after the build\n")
+        source = copy / edit
+        comment = "/* an edit after the build */" if edit.endswith(".c") else "# an edit after the build"
+        source.write_text(source.read_text() + f"\n{comment}\n")
     probe = (
         "import json, warnings\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
-        "    import router, router.proxy, router.stats\n"
+        "    import router, router.http, router.proxy, router.stats, router.upstream\n"
         "print(json.dumps({'compiled': router.COMPILED, 'mode': router.HOT_PATH_MODE,\n"
         "    'proxy': router.proxy.__file__, 'stats': router.stats.__file__,\n"
+        "    'c_scan': router.upstream._scan_response_head is not router.http.scan_response_head,\n"
         "    'warnings': [str(w.message) for w in caught]}))\n"
     )
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("DEVSTACK_")}
@@ -83,12 +90,13 @@ def test_an_untouched_build_runs_compiled(tmp_path: Path) -> None:
     got = _import_in_copy(tmp_path, edit=None)
     assert got["compiled"] is True and got["mode"] == "compiled"
     assert str(got["proxy"]).endswith(SUFFIX) and str(got["stats"]).endswith(SUFFIX)
+    assert got["c_scan"] is True
     assert got["warnings"] == []
 
 
 @built
 def test_a_source_edited_after_the_build_runs_interpreted_with_a_warning(tmp_path: Path) -> None:
-    got = _import_in_copy(tmp_path, edit="stats")
+    got = _import_in_copy(tmp_path, edit="stats.py")
     assert got["compiled"] is False and got["mode"] == "stale build"
     # All hot-path modules switch together, not just the edited one.
     assert str(got["proxy"]).endswith("proxy.py") and str(got["stats"]).endswith("stats.py")
@@ -98,9 +106,20 @@ def test_a_source_edited_after_the_build_runs_interpreted_with_a_warning(tmp_pat
 
 
 @built
+def test_an_edited_c_helper_is_left_unused_with_the_rest_of_the_build(tmp_path: Path) -> None:
+    got = _import_in_copy(tmp_path, edit="_speedups.c")
+    assert got["compiled"] is False and got["mode"] == "stale build" and got["c_scan"] is False
+    assert str(got["proxy"]).endswith("proxy.py")
+    warnings = got["warnings"]
+    assert isinstance(warnings, list) and len(warnings) == 1
+    assert "_speedups.c changed since the build" in warnings[0]
+
+
+@built
 def test_interpreted_can_be_forced(tmp_path: Path) -> None:
     got = _import_in_copy(tmp_path, edit=None, env={"DEVSTACK_INTERPRETED": "1"})
     assert got["compiled"] is False and str(got["proxy"]).endswith("proxy.py") and got["warnings"] == []
+    assert got["c_scan"] is False
 
 
 async def test_health_reports_the_hot_path_mode() -> None:

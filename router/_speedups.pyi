@@ -1,0 +1,3 @@
+# C versions of hot-path byte scans (router/_speedups.c); router.http holds the Python originals.
+
+def scan_response_head(buf: bytes, /) -> tuple[int, int, int, bytes | None]: ...
