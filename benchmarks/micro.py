@@ -76,11 +76,11 @@ def _exchange_pair(loop: asyncio.AbstractEventLoop) -> tuple[ClientConnection, U
     ctx = ProxyContext(loop, RouterSettings(), TableSlot(table))
     client = ClientConnection(ctx)
     client.connection_made(_Transport())  # type: ignore[arg-type]
-    upstream = UpstreamConnection(ctx.pool, ALICE)
-    upstream.connection_made(_Transport())  # type: ignore[arg-type]
     # One idle pooled connection to alice's address, as after the first request of a run.
     pools: Any = ctx.pool._pools  # a benchmark seeds the pool it measures
-    pools[ALICE] = pool = _AddressPool()
+    pools[alice.target.pool_key] = pool = _AddressPool(ALICE)
+    upstream = UpstreamConnection(ctx.pool, ALICE, pool)
+    upstream.connection_made(_Transport())  # type: ignore[arg-type]
     pool.total = 1
     upstream.idle_since = upstream.last_io = loop.time()
     pool.idle.append(upstream)

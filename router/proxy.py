@@ -225,6 +225,8 @@ class ClientConnection(asyncio.Protocol):
         self.loop = ctx.loop
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
+        self._feed = self._parser.feed_data
+        """Bound once: compiled, calling it skips a method lookup per read."""
         self._peer = b""
         self._forwarded_authority: bytes | None = None
         self._forwarded = b""
@@ -290,7 +292,7 @@ class ClientConnection(asyncio.Protocol):
         if self._paused & _PAUSE_DONE or self._closed:
             return
         try:
-            self._parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             rest = data[exc.args[0] :]
             self._tunnel_pending = [rest] if rest else []
@@ -654,7 +656,7 @@ class ClientConnection(asyncio.Protocol):
         decision = req.decision
         assert decision is not None and decision.target is not None
         try:
-            conn = self.ctx.pool.acquire(decision.target.address, self, fresh=fresh)
+            conn = self.ctx.pool.acquire(decision.target, self, fresh=fresh)
         except PoolFull:
             self.ctx.stats.upstream_errors[Failure.POOL_FULL.label] += 1
             self._answer(Failure.POOL_FULL.status, Failure.POOL_FULL.label, decision)
@@ -692,10 +694,10 @@ class ClientConnection(asyncio.Protocol):
             req.body = []
             req.body_buffered = 0
             self._resume(_PAUSE_BUFFER)
-        if req.complete:
-            if req.chunked:
-                conn.write(_CHUNK_END)
-            conn.request_sent()
+        if req.complete and req.chunked:
+            conn.write(_CHUNK_END)
+        # A request complete before the upstream was attached needs no request_sent(): start()
+        # already applied the response timeout (no body pending) and every write since counts as I/O.
 
     def _answer(self, status: int, reason: str, decision: Decision | None) -> None:
         """The router answers the active request itself, then moves on or closes."""
@@ -996,7 +998,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm(self, timeout: float) -> None:
-        deadline = self.loop.time() + timeout
+        deadline = self.ctx.pool.clock() + timeout
         self._deadline = deadline
         timer = self._timer
         if timer is not None:

@@ -44,7 +44,7 @@ class RouterStats:
     )
 
     def __init__(self) -> None:
-        self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.requests: defaultdict[tuple[str, ...], int] = defaultdict(int)
         """(service, target kind) → requests routed."""
         self.upstream_errors: defaultdict[str, int] = defaultdict(int)
         """Error kind (connect, timeout, reset, bad-response, pool-full) → count."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from types import MappingProxyType
 from typing import Final
 from urllib.parse import urlsplit
@@ -54,6 +54,9 @@ class Target:
     url: str
     host: str = dataclasses.field(init=False)
     port: int = dataclasses.field(init=False)
+    pool_key: Hashable = dataclasses.field(init=False, repr=False, compare=False)
+    """``(host, port)``, the upstream pool's key for this address. Typed ``Hashable`` so that,
+    compiled, it stays one tuple object instead of a C struct re-boxed on every pool lookup."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -69,6 +72,7 @@ class Target:
             raise TableError(f"upstream {self.url!r}: {exc}") from None
         object.__setattr__(self, "host", parts.hostname)
         object.__setattr__(self, "port", port)
+        object.__setattr__(self, "pool_key", (parts.hostname, port))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -87,8 +91,10 @@ class Decision:
     status: int = 200
     """HTTP status the router answers itself with when ``target`` is None."""
 
-    stats_key: tuple[str, str] = dataclasses.field(init=False, repr=False, compare=False)
-    """(service, target kind): the request counter's label, made once rather than per request."""
+    stats_key: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
+    """(service, target kind): the request counter's label, made once rather than per request.
+    Typed variable-length so that, compiled, it stays one tuple object (a fixed-length tuple
+    attribute is stored unboxed and would be re-boxed for every counter update)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stats_key", (self.service, self.kind.value))

@@ -14,7 +14,7 @@ import asyncio
 import collections
 import enum
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -23,6 +23,7 @@ from router import COMPILED, http
 from router.http import TE_CHUNKED, TE_NONE
 from router.settings import Limits, Timeouts
 from router.stats import RouterStats
+from router.table import Target
 
 if TYPE_CHECKING:
     # The exchange an upstream connection reports to: the client side's connection, named as a
@@ -86,6 +87,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "address",
         "pool",
+        "home",
         "transport",
         "owner",
         "reused",
@@ -93,7 +95,9 @@ class UpstreamConnection(asyncio.Protocol):
         "last_io",
         "idle_limit",
         "_parser",
+        "_feed",
         "_loop",
+        "_clock",
         "_timeouts",
         "_max_head",
         "_status",
@@ -115,9 +119,11 @@ class UpstreamConnection(asyncio.Protocol):
         "_counted",
     )
 
-    def __init__(self, pool: UpstreamPool, address: Address) -> None:
+    def __init__(self, pool: UpstreamPool, address: Address, home: _AddressPool | None = None) -> None:
         self.address = address
         self.pool = pool
+        self.home = home
+        """The per-address pool this connection counts towards (None: made outside the pool)."""
         self.transport: asyncio.Transport | None = None
         self.owner: ExchangeOwner | None = None
         self.reused = False
@@ -127,9 +133,11 @@ class UpstreamConnection(asyncio.Protocol):
         """Longest silence allowed now: the body-idle timeout while the client is still sending
         its body, the upstream response timeout once the request is complete."""
         self._loop = pool.loop
+        self._clock = pool.clock
         self._timeouts = pool.timeouts
         self._max_head = pool.limits.max_header_bytes + pool.limits.max_request_line
         self._parser = httptools.HttpResponseParser(self)
+        self._feed = self._parser.feed_data
         self._status = 0
         self._framing = Framing.CLOSE
         self._head_buf = b""
@@ -170,7 +178,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._broken = True
             self.close()
             return
-        self.last_io = self._loop.time()
+        self.last_io = self._clock()
         self._started = True  # a response has begun (no on_message_begin callback: one call less)
         if self._raw_remaining:
             self._pass_body(owner, data)
@@ -184,7 +192,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(Failure.BAD_RESPONSE)
                 return
         try:
-            self._parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             if self._status == 101 and self.owner is not None:
                 self._tunnel = True
@@ -218,6 +226,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._raw_remaining = 0
         self._parser = httptools.HttpResponseParser(self)
+        self._feed = self._parser.feed_data
         if len(data) == remaining:
             owner.upstream_body(data)
             self._finish(reusable=self._keep_alive)
@@ -313,7 +322,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = 0
         self._collecting = True
         self._head_buf = b""
-        now = self._loop.time()
+        now = self._clock()
         self.last_io = now
         self.idle_limit = self._timeouts.body_idle if body_pending else self._timeouts.upstream_response
         deadline = now + self.idle_limit
@@ -328,11 +337,11 @@ class UpstreamConnection(asyncio.Protocol):
     def request_sent(self) -> None:
         """The whole request is on the wire: from now on only the upstream can be slow."""
         self.idle_limit = self._timeouts.upstream_response
-        self.last_io = self._loop.time()
+        self.last_io = self._clock()
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        self.last_io = self._loop.time()
+        self.last_io = self._clock()
         self.transport.write(data)
 
     def tunnel_write(self, data: bytes) -> None:
@@ -406,9 +415,10 @@ class PoolFull(Exception):
 
 
 class _AddressPool:
-    __slots__ = ("idle", "total", "waiters")
+    __slots__ = ("address", "idle", "total", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, address: Address) -> None:
+        self.address = address
         self.idle: list[UpstreamConnection] = []
         """LIFO: the most recently used connection is the least likely to have been closed."""
         self.total = 0
@@ -426,25 +436,28 @@ class UpstreamPool:
         stats: RouterStats,
     ) -> None:
         self.loop = loop
+        self.clock: Callable[[], float] = loop.time
+        """The loop's clock as a bound method: compiled, calling it skips a method lookup per read."""
         self.timeouts = timeouts
         self.limits = limits
         self.stats = stats
-        self._pools: dict[Address, _AddressPool] = {}
+        self._pools: dict[Hashable, _AddressPool] = {}
+        """By ``Target.pool_key``, i.e. ``(host, port)``."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
 
-    def acquire(self, address: Address, waiter: ExchangeOwner, *, fresh: bool = False) -> UpstreamConnection | None:
+    def acquire(self, target: Target, waiter: ExchangeOwner, *, fresh: bool = False) -> UpstreamConnection | None:
         """An idle connection now, or None and ``waiter.upstream_ready`` later (connected or failed).
 
         Raises ``PoolFull`` when the cap and the wait queue are both exhausted.
         """
-        pool = self._pools.get(address)
+        pool = self._pools.get(target.pool_key)
         if pool is None:
-            pool = self._pools[address] = _AddressPool()
+            pool = self._pools[target.pool_key] = _AddressPool(target.address)
         idle = pool.idle
         if not fresh:
-            deadline = self.loop.time() - self.timeouts.upstream_pool_idle
+            deadline = self.clock() - self.timeouts.upstream_pool_idle
             while idle:
                 conn = idle.pop()
                 if conn.usable and conn.idle_since > deadline:
@@ -452,16 +465,16 @@ class UpstreamPool:
                     return conn
                 conn.close()
         if pool.total < self.limits.upstream_pool_size:
-            self._connect(address, pool, waiter)
+            self._connect(pool, waiter)
             return None
         if len(pool.waiters) >= self.limits.upstream_pool_queue:
-            raise PoolFull(address)
+            raise PoolFull(pool.address)
         pool.waiters.append(waiter)
         return None
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection whose last exchange ended cleanly."""
-        pool = self._pools.get(conn.address)
+        pool = conn.home
         if pool is None or not conn.usable or self._closing:
             conn.close()
             return
@@ -478,7 +491,7 @@ class UpstreamPool:
 
     def forget(self, conn: UpstreamConnection) -> None:
         """A connection closed (either side): drop it and let a waiter have its slot."""
-        pool = self._pools.get(conn.address)
+        pool = conn.home
         if pool is None or not conn._counted:
             return
         conn._counted = False
@@ -487,19 +500,20 @@ class UpstreamPool:
         pool.total -= 1
         self.stats.upstream_connections -= 1
         if pool.waiters and pool.total < self.limits.upstream_pool_size and not self._closing:
-            self._connect(conn.address, pool, pool.waiters.popleft())
+            self._connect(pool, pool.waiters.popleft())
 
-    def _connect(self, address: Address, pool: _AddressPool, waiter: ExchangeOwner) -> None:
+    def _connect(self, pool: _AddressPool, waiter: ExchangeOwner) -> None:
         pool.total += 1
         self.stats.upstream_connections += 1
-        task = self.loop.create_task(self._open(address, pool, waiter), name=f"upstream-connect {address}")
+        task = self.loop.create_task(self._open(pool, waiter), name=f"upstream-connect {pool.address}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _open(self, address: Address, pool: _AddressPool, waiter: ExchangeOwner) -> None:
+    async def _open(self, pool: _AddressPool, waiter: ExchangeOwner) -> None:
+        address = pool.address
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: UpstreamConnection(self, address), *address),
+                self.loop.create_connection(lambda: UpstreamConnection(self, address, pool), *address),
                 self.timeouts.upstream_connect,
             )
         except asyncio.CancelledError:
@@ -526,7 +540,7 @@ class UpstreamPool:
             self._sweeper = self.loop.call_later(self.timeouts.upstream_pool_idle, self._sweep)
 
     def idle_count(self, address: Address) -> int:
-        pool = self._pools.get(address)
+        pool = self._pools.get(address)  # equal to the Target.pool_key tuple it was filed under
         return len(pool.idle) if pool else 0
 
     def close(self) -> None:
