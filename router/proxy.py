@@ -33,7 +33,7 @@ from router.http import (
 from router.keys import BaggageKeySource, KeySource
 from router.settings import Mode, RouterSettings
 from router.stats import RouterStats
-from router.table import Decision, RouteTable
+from router.table import Decision, Routes, RouteTable
 from router.upstream import Failure, Framing, PoolFull, UnexpectedUpgrade, UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when tracing is switched on
@@ -112,10 +112,16 @@ _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 class TableSlot:
     """The one mutable reference to the current table; the controller side swaps it whole."""
 
-    __slots__ = ("table",)
+    __slots__ = ("generation", "table")
 
     def __init__(self, table: RouteTable) -> None:
         self.table = table
+        self.generation = 0
+        """Bumped by every swap: connections remember lookups made in one generation."""
+
+    def swap(self, table: RouteTable) -> None:
+        self.table = table
+        self.generation += 1
 
 
 class ProxyContext:
@@ -230,6 +236,13 @@ class ClientConnection(asyncio.Protocol):
         self._peer = b""
         self._forwarded_authority: bytes | None = None
         self._forwarded = b""
+        # The last Host value that passed validation, and the last routing lookup (authority,
+        # table generation, result): a connection nearly always names one authority, so both
+        # are done once per connection and table rather than per request.
+        self._valid_host: bytes | None = None
+        self._route_authority: bytes | None = None
+        self._route_generation = -1
+        self._routes: Routes | None = None
         """X-Forwarded-* lines for the last authority seen (see _prepare)."""
         self._url: list[bytes] = []
         self._url_len = 0
@@ -525,8 +538,10 @@ class ClientConnection(asyncio.Protocol):
 
         if host is None and req.http11:
             raise _Reject(400, "HTTP/1.1 request without Host")
-        if host is not None and not is_valid_authority(host):
-            raise _Reject(400, "invalid Host header")
+        if host is not None and host != self._valid_host:
+            if not is_valid_authority(host):
+                raise _Reject(400, "invalid Host header")
+            self._valid_host = host
         if transfer_encoding is not None:
             if not req.http11:
                 raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
@@ -568,8 +583,14 @@ class ClientConnection(asyncio.Protocol):
         if authority is None:
             raise _Reject(400, "no authority to route on")
 
-        table = ctx.slot.table
-        routes = table.routes_for_authority(authority.decode("latin-1"))
+        slot = ctx.slot
+        if authority == self._route_authority and slot.generation == self._route_generation:
+            routes = self._routes
+        else:
+            routes = slot.table.routes_for_authority(authority.decode("latin-1"))
+            self._route_authority = authority
+            self._route_generation = slot.generation
+            self._routes = routes
         if routes is None:
             req.error = (ctx.no_route_status, "no-route")
             ctx.stats.rejected[ctx.no_route_status] += 1

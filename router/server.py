@@ -63,7 +63,7 @@ class RouterServer:
 
     def swap(self, table: RouteTable) -> None:
         """Make ``table`` current. Requests already routed keep the decision they made."""
-        self.slot.table = table
+        self.slot.swap(table)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         if self._readiness is not None:

@@ -14,7 +14,17 @@ from aiohttp import web
 
 from router.server import RouterServer
 from router.settings import RouterSettings, Timeouts
-from tests.support import Origin, RawOrigin, exchange, make_table, read_head, running_router, split_responses, status_of
+from tests.support import (
+    Origin,
+    RawOrigin,
+    body_json,
+    exchange,
+    make_table,
+    read_head,
+    running_router,
+    split_responses,
+    status_of,
+)
 
 
 @pytest.fixture
@@ -397,3 +407,42 @@ async def test_options_asterisk_is_forwarded_with_its_fields_in_their_order() ->
     lines = heads[0].split(b"\r\n")
     assert lines[0] == b"OPTIONS * HTTP/1.1"
     assert lines[1:4] == [b"Host: a", b"baggage: devstack=alice", b"X-Last: 1"]
+
+
+async def test_each_request_on_a_connection_routes_by_its_own_host_and_the_current_table(
+    origins: dict[str, Origin],
+) -> None:
+    # The router remembers a connection's last Host validation and routing lookup; neither may
+    # outlive a different Host on the next request or a table swap between two requests.
+    table = make_table({"a": {"baseline": origins["baseline"].url}, "b": {"baseline": origins["alice"].url}})
+    async with running_router(table) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.address[1])
+
+        async def ask(host: bytes) -> tuple[int, bytes]:
+            writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            head = await asyncio.wait_for(read_head(reader), 5)
+            [(status, _, body)] = split_responses(head + await reader.readexactly(_content_length(head)))
+            return status, body
+
+        try:
+            assert [body_json(body)["origin"] for _, body in [await ask(b"a"), await ask(b"b"), await ask(b"a")]] == [
+                "baseline", "alice", "baseline",
+            ]  # fmt: skip
+            server.swap(make_table({"a": {"baseline": origins["bob"].url}}, version=2))
+            status, body = await ask(b"a")
+            assert status == 200 and body_json(body)["origin"] == "bob"
+            status, _ = await ask(b"b")
+            assert status == 404  # no longer routed
+            writer.write(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n")
+            refused = await asyncio.wait_for(reader.read(), 5)  # answered, then closed
+            assert status_of(refused) == 400
+        finally:
+            writer.close()
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    raise AssertionError(f"no Content-Length in {head!r}")
