@@ -38,7 +38,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import httptools
 import uvloop
@@ -362,6 +362,9 @@ class _Collector:
         self.current = None
 
 
+_LIMIT_STATUSES: Final = frozenset({413, 414, 431})
+
+
 @dataclasses.dataclass
 class Reference:
     requests: list[Message]
@@ -378,13 +381,18 @@ class Reference:
         """The request after the complete ones: the partial or the failed one."""
         return self.partial or self.failed
 
-    def is_head(self, i: int) -> bool:
-        """Whether response ``i`` answers a HEAD request (so it carries no body). For the request
-        after the complete ones this is known only if its head was whole."""
+    def is_head(self, i: int, status: int | None = None) -> bool:
+        """Whether response ``i`` (of ``status``, once its head is read) answers a HEAD request, so
+        carries no body. For the request after the complete ones this is known if its head was
+        whole, or if a size limit (413/414/431) stopped it after its request line: the router
+        answers such a well-formed-so-far request by its method, even if a byte further on would
+        have made it unparseable."""
         if i < len(self.requests):
             return self.requests[i].method == b"HEAD"
         last = self.last
-        return i == len(self.requests) and last is not None and last.head_done and last.method == b"HEAD"
+        if i != len(self.requests) or last is None or last.method != b"HEAD":
+            return False
+        return last.head_done or status in _LIMIT_STATUSES
 
     @property
     def cut(self) -> int | None:
@@ -670,13 +678,13 @@ class _ResponseCollector:
 
 
 def split_responses(
-    data: bytes, is_head: Callable[[int], bool], hits: collections.Counter[str]
+    data: bytes, is_head: Callable[[int, int | None], bool], hits: collections.Counter[str]
 ) -> tuple[list[Response], str | None]:
     """Responses in ``data`` (HEAD answers end with their head); (responses, problem or None)."""
     out: list[Response] = []
     pos = 0
     while pos < len(data):
-        head_only = is_head(len(out))
+        head_only = is_head(len(out), None)
         collector = _ResponseCollector()
         parser = httptools.HttpResponseParser(collector)
         collector.parser = parser
@@ -686,6 +694,8 @@ def split_responses(
                 parser.feed_data(data[i : i + 1])
             except httptools.HttpParserError as exc:
                 return out, f"response #{len(out)} does not parse ({exc}) at {data[pos : i + 1][-120:]!r}"
+            if collector.head_done and not head_only:
+                head_only = is_head(len(out), parser.get_status_code())
             if collector.complete or (head_only and collector.head_done):
                 end = i + 1
                 break
@@ -997,7 +1007,7 @@ class Harness:
         return t.upstream_response + SLACK
 
     async def _exchange(
-        self, case: Case, ref: Reference, peer: str, is_head: Callable[[int], bool]
+        self, case: Case, ref: Reference, peer: str, is_head: Callable[[int, int | None], bool]
     ) -> tuple[bytes, bool]:
         """Send the case's segments and read until the router closes or nothing more is due."""
         assert self.router is not None
