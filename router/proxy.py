@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
+from router import COMPILED
 from router.http import (
     HOP_BY_HOP,
     PROTECTED,
@@ -55,6 +56,13 @@ def _add_field(out: list[bytes], name: bytes, value: bytes) -> None:
 
 
 _CHUNK_END: Final = b"0\r\n\r\n"
+
+_join: Callable[[list[bytes]], bytes] = b"".join
+if COMPILED:
+    # The same join without a buffer acquire and release per piece (tests/test_speedups.py).
+    from router import _speedups
+
+    _join = _speedups.join_bytes
 _BUFFER_LIMIT: Final = 256 * 1024
 """Request body bytes held while an upstream connection is being set up, before we stop reading."""
 
@@ -444,7 +452,8 @@ class ClientConnection(asyncio.Protocol):
             return
         req.complete = True
         upstream = self._upstream
-        if req is self._active and upstream is not None and req.error is None:
+        if req is self._active and upstream is not None and req.error is None and req.has_body:
+            # (Without a body, start() already applied the response timeout.)
             if req.chunked:
                 upstream.write(_CHUNK_END)
             upstream.request_sent()
@@ -493,7 +502,11 @@ class ClientConnection(asyncio.Protocol):
         transfer_encoding: bytes | None = None
         connection: list[bytes] | None = None
         upgrade = b""
-        key_lines: dict[bytes, list[bytes]] | None = None
+        # The routing-key fields: the first one as a name and value (the usual case is exactly
+        # one baggage line), any further ones in a list made only when they occur.
+        key_name: bytes | None = None
+        key_value = b""
+        more_key_fields: list[tuple[bytes, bytes]] | None = None
         forwarded_for = b""
         # One pass classifies every field and renders the forwarded ones; the rare cases that
         # need a second look (Connection naming fields, tracing) re-render afterwards.
@@ -505,9 +518,13 @@ class ClientConnection(asyncio.Protocol):
                 if not lower.startswith(b"x-devstack-"):  # the router's own fields are its to set
                     _add_field(out, name, value)
             elif code is _F_KEY:
-                if key_lines is None:
-                    key_lines = {}
-                key_lines.setdefault(lower, []).append(value)
+                if key_name is None:
+                    key_name = lower
+                    key_value = value
+                elif more_key_fields is None:
+                    more_key_fields = [(lower, value)]
+                else:
+                    more_key_fields.append((lower, value))
                 _add_field(out, name, value)
             elif code is _F_HOST:
                 if host is not None:
@@ -596,9 +613,13 @@ class ClientConnection(asyncio.Protocol):
             ctx.stats.rejected[ctx.no_route_status] += 1
             return
         key: str | None = None
-        if key_lines is not None:
+        if key_name is not None:
             for source in ctx.key_sources:
-                lines = key_lines.get(source.header)
+                if more_key_fields is None:
+                    lines: Sequence[bytes] = (key_value,) if source.header == key_name else ()
+                else:
+                    lines = [key_value] if source.header == key_name else []
+                    lines += [value for field, value in more_key_fields if field == source.header]
                 if lines:
                     key = source.key_from(lines)
                     if key is not None:
@@ -645,7 +666,7 @@ class ClientConnection(asyncio.Protocol):
         if req.upgrade and upgrade:
             out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, _CRLF)
         out.append(_CRLF)
-        req.head = b"".join(out)
+        req.head = _join(out)
 
     # -- exchange lifecycle -------------------------------------------------------------------
 

@@ -446,3 +446,29 @@ def _content_length(head: bytes) -> int:
         if name.strip().lower() == b"content-length":
             return int(value)
     raise AssertionError(f"no Content-Length in {head!r}")
+
+
+@pytest.mark.parametrize(
+    ("lines", "origin"),
+    [
+        ([b"devstack=alice"], "alice"),
+        ([b"a=1", b"b=2", b"devstack=bob"], "bob"),  # lines are read as one list, in order
+        ([b"devstack=alice", b"x=1", b"devstack=bob"], "alice"),  # the first member decides
+        ([b"a=1", b"devstack=%zz", b"devstack=bob"], "baseline"),  # ambiguous: the baseline
+    ],
+)
+async def test_every_baggage_line_is_read_in_order(origins: dict[str, Origin], lines: list[bytes], origin: str) -> None:
+    table = make_table(
+        {
+            "a": {
+                "baseline": origins["baseline"].url,
+                "overrides": {"alice": origins["alice"].url, "bob": origins["bob"].url},
+            }
+        }
+    )
+    async with running_router(table) as server:
+        raw = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"baggage: " + line + b"\r\n" for line in lines)
+        data, _ = await exchange(server.address[1], raw + b"Connection: close\r\n\r\n")
+    [(status, _, body)] = split_responses(data)
+    assert status == 200 and body_json(body)["origin"] == origin
+    assert body_json(body)["baggage"] == [line.decode() for line in lines]  # every line forwarded as sent
