@@ -79,7 +79,7 @@ def _exchange_pair(loop: asyncio.AbstractEventLoop) -> tuple[ClientConnection, U
     # One idle pooled connection to alice's address, as after the first request of a run.
     pools: Any = ctx.pool._pools  # a benchmark seeds the pool it measures
     pools[alice.target.pool_key] = pool = _AddressPool(ALICE)
-    upstream = UpstreamConnection(ctx.pool, ALICE, pool)
+    upstream = UpstreamConnection(ctx.pool, pool)
     upstream.connection_made(_Transport())  # type: ignore[arg-type]
     pool.total = 1
     upstream.idle_since = upstream.last_io = loop.time()

@@ -244,6 +244,7 @@ class ClientConnection(asyncio.Protocol):
         self._peer = b""
         self._forwarded_authority: bytes | None = None
         self._forwarded = b""
+        """X-Forwarded-* lines for the last authority seen (see _prepare)."""
         # The last Host value that passed validation, and the last routing lookup (authority,
         # table generation, result): a connection nearly always names one authority, so both
         # are done once per connection and table rather than per request.
@@ -251,7 +252,6 @@ class ClientConnection(asyncio.Protocol):
         self._route_authority: bytes | None = None
         self._route_generation = -1
         self._routes: Routes | None = None
-        """X-Forwarded-* lines for the last authority seen (see _prepare)."""
         self._url: list[bytes] = []
         self._url_len = 0
         self._headers: list[tuple[bytes, bytes]] = []
@@ -615,10 +615,8 @@ class ClientConnection(asyncio.Protocol):
         key: str | None = None
         if key_name is not None:
             for source in ctx.key_sources:
-                if more_key_fields is None:
-                    lines: Sequence[bytes] = (key_value,) if source.header == key_name else ()
-                else:
-                    lines = [key_value] if source.header == key_name else []
+                lines = [key_value] if source.header == key_name else []
+                if more_key_fields is not None:
                     lines += [value for field, value in more_key_fields if field == source.header]
                 if lines:
                     key = source.key_from(lines)

@@ -85,7 +85,6 @@ class _HeadDone(Exception):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "address",
         "pool",
         "home",
         "transport",
@@ -119,8 +118,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_counted",
     )
 
-    def __init__(self, pool: UpstreamPool, address: Address, home: _AddressPool | None = None) -> None:
-        self.address = address
+    def __init__(self, pool: UpstreamPool, home: _AddressPool | None = None) -> None:
         self.pool = pool
         self.home = home
         """The per-address pool this connection counts towards (None: made outside the pool)."""
@@ -513,7 +511,7 @@ class UpstreamPool:
         address = pool.address
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: UpstreamConnection(self, address, pool), *address),
+                self.loop.create_connection(lambda: UpstreamConnection(self, pool), *address),
                 self.timeouts.upstream_connect,
             )
         except asyncio.CancelledError:
