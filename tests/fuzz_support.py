@@ -685,6 +685,7 @@ def split_responses(
     pos = 0
     while pos < len(data):
         head_only = is_head(len(out), None)
+        status_known = False
         collector = _ResponseCollector()
         parser = httptools.HttpResponseParser(collector)
         collector.parser = parser
@@ -694,8 +695,10 @@ def split_responses(
                 parser.feed_data(data[i : i + 1])
             except httptools.HttpParserError as exc:
                 return out, f"response #{len(out)} does not parse ({exc}) at {data[pos : i + 1][-120:]!r}"
-            if collector.head_done and not head_only:
-                head_only = is_head(len(out), parser.get_status_code())
+            if collector.head_done and not status_known:
+                # Once, as the head ends: a limit status can make the answer head-only.
+                status_known = True
+                head_only = head_only or is_head(len(out), parser.get_status_code())
             if collector.complete or (head_only and collector.head_done):
                 end = i + 1
                 break
