@@ -67,6 +67,14 @@ __all__ = [
 HTTP_GONE: Final = 410
 _MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
 """One watch event carries one object; etcd caps objects at 1.5 MiB, so 16 MiB means a broken stream."""
+_SEND_ONCE: Final = urllib3.Retry(total=0, redirect=False, respect_retry_after_header=False)
+"""urllib3 sends each request once and hands back what came of it, so that every retry is the
+watcher's backoff's decision, capped and visible in the log and /readyz. Anything it retried itself
+would wait in the watcher thread, out of sight: a 429/503 with ``Retry-After`` up to three times,
+each for as long as the header says (hours), where ``stop`` cannot interrupt it. ``total=0``, not
+``False``: a refused connection still raises ``MaxRetryError``, whose message names the API server's
+host and port. Not following redirects: the API server never sends one for a list, watch or delete,
+so a 3xx is reported as it is instead of being followed with our credentials."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -179,6 +187,7 @@ def _object_key(obj: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def _retry_after(exc: Any) -> float | None:
+    """The seconds of an error's ``Retry-After``, unbounded: the watch loop caps it at ``backoff_max``."""
     headers = getattr(exc, "headers", None)
     raw: str | None = headers.get("Retry-After") if headers is not None else None
     try:
@@ -587,11 +596,11 @@ class KubernetesSource:
         configuration.connection_pool_maxsize = max(
             getattr(configuration, "connection_pool_maxsize", 0) or 0, len(self.collections) + 4
         )
-        if getattr(configuration, "retries", None) is None:
-            # The watchers' backoff decides when to reconnect. urllib3's default Retry(3) would turn
-            # each attempt at an API server that refuses or cuts connections into four back-to-back
-            # requests, three of them in no log and no /readyz; keep only its Retry-After handling.
-            configuration.retries = urllib3.Retry.DEFAULT.new(connect=0, read=0, other=0)
+        # Whatever the configuration asked for: a retry made below us would bypass the backoff's cap.
+        configuration.retries = _SEND_ONCE
+        # The client's own client-go-style retry loop (newer clients, off by default) sleeps on
+        # Retry-After around urllib3; keep it off for the same reason.
+        configuration.client_go_retries = False
         return k8s.ApiClient(configuration)
 
     async def _rebuild_loop(self) -> None:

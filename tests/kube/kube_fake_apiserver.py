@@ -6,8 +6,9 @@ in-stream ERROR 410 for a compacted version, selector transitions turned into AD
 the real watch cache does), ``timeoutSeconds``, and DELETE with uid preconditions. Tests change
 its state (``apply``, ``delete``) and script the next requests of a collection (HTTP errors with
 Retry-After, a stream of canned events followed by a clean close, a 410, an abrupt close mid-line
-or silence). It is not a real API server: it is faithful on the wire where the client looks, and
-has no admission, field selectors, set-based selectors, server-side apply or authentication.
+or silence) and of DELETEs (HTTP errors with Retry-After). It is not a real API server: it is
+faithful on the wire where the client looks, and has no admission, field selectors, set-based
+selectors, server-side apply or authentication.
 """
 
 from __future__ import annotations
@@ -47,15 +48,17 @@ class WatchScript:
     """After the events: carry on live, close cleanly, send ERROR 410, cut mid-line, or go silent."""
     status: int | None = None
     """Answer with this HTTP status (and a Status body) instead of a stream."""
-    retry_after: int | None = None
+    retry_after: int | str | None = None
+    """The ``Retry-After`` header sent with ``status``: seconds, or any text (an HTTP-date)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ListScript:
-    """What the next list request of a collection gets, instead of the objects."""
+    """What the next list request of a collection (or the next DELETE) gets, instead of the objects."""
 
     status: int
-    retry_after: int | None = None
+    retry_after: int | str | None = None
+    """The ``Retry-After`` header: seconds, or any text (an HTTP-date)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +87,14 @@ def status_object(code: int, reason: str, message: str) -> dict[str, Any]:
     }
 
 
-_REASONS = {404: "NotFound", 409: "Conflict", 410: "Expired", 429: "TooManyRequests", 500: "InternalError"}
+_REASONS = {
+    404: "NotFound",
+    409: "Conflict",
+    410: "Expired",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+}
 
 
 def _selector_matches(selector: str | None, labels: Mapping[str, str]) -> bool:
@@ -142,6 +152,7 @@ class FakeApiServer:
         self.requests: list[Recorded] = []
         self.watch_scripts: dict[str, deque[WatchScript]] = {"deployments": deque(), "services": deque()}
         self.list_scripts: dict[str, deque[ListScript]] = {"deployments": deque(), "services": deque()}
+        self.delete_scripts: deque[ListScript] = deque()
         self._watches: set[_Watch] = set()
         self._snapshots: dict[str, list[dict[str, Any]]] = {}
         self._tokens = itertools.count(1)
@@ -257,7 +268,7 @@ class FakeApiServer:
 
         return handle
 
-    def _error(self, code: int, message: str, retry_after: int | None = None) -> web.Response:
+    def _error(self, code: int, message: str, retry_after: int | str | None = None) -> web.Response:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
         body = status_object(code, _REASONS.get(code, "Unknown"), message)
         return web.json_response(body, status=code, headers=headers)
@@ -390,6 +401,9 @@ class FakeApiServer:
         collection: Kind = "deployments" if "/apps/" in request.path else "services"
         body = await request.json() if request.can_read_body else {}
         self.requests.append(Recorded("DELETE", collection, namespace, {"name": name}, body))
+        if self.delete_scripts:
+            script = self.delete_scripts.popleft()
+            return self._error(script.status, "scripted delete failure", script.retry_after)
         current = self.objects[collection].get((namespace, name))
         if current is None:
             return self._error(404, f'{collection} "{name}" not found')

@@ -1,11 +1,13 @@
-"""The Kubernetes source against the fake API server: list, watch, relist, coalescing, expiry, leaks."""
+"""The Kubernetes source against the fake API server: list, watch, relist, throttling, coalescing, expiry, leaks."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import datetime as dt
+import email.utils
 import itertools
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -271,13 +273,99 @@ async def test_silent_watch_hits_the_read_timeout_and_relists(fake_api: FakeApiS
             await task
 
 
-async def test_429_retry_after_is_honoured(fake_api: FakeApiServer, harness: Any) -> None:
+# --- Retry-After: the source's backoff decides every retry, urllib3 none -----------------------------
+
+THROTTLED = 1000
+"""A Retry-After far beyond FAST's backoff_max (0.2 s): the source must wait the cap, never this."""
+CAPPED = f"relisting in {FAST.watch.backoff_max:.2f}s"
+"""How the source logs a wait of exactly backoff_max."""
+SLACK = 0.01
+"""Timer granularity: a wait of d seconds may end this much before the next request is stamped d later."""
+
+
+def _failures(caplog: pytest.LogCaptureFixture, detail: str) -> list[str]:
+    """The source's log lines for failed cycles whose detail starts with ``detail``."""
+    messages = (r.getMessage() for r in caplog.records if r.name == "devstack.controller.kubernetes")
+    return [m for m in messages if f": failed ({detail}" in m]
+
+
+async def test_429_on_a_list_is_retried_by_the_source_after_retry_after_capped_at_backoff_max(
+    fake_api: FakeApiServer, harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="devstack.controller.kubernetes")
+    fake_api.apply(BASELINE)
+    throttled = fake_api.list_scripts["deployments"]
+    throttled.extend(ListScript(429, retry_after=THROTTLED) for _ in range(20))
+    h = await harness()
+    # Three lists in about 0.4 s; had urllib3 honoured the header itself, the first would still be waiting.
+    await eventually(lambda: len(fake_api.lists()) >= 3, timeout=2.0, what="three throttled lists")
+    assert h.table.version == 0, "nothing published while throttled"
+    assert "deployments/*: list: HTTP 429" in h.aggregator.errors["kubernetes"], "the wait is reported, not hidden"
+    assert h.source.watches["deployments/*"].last_outcome == "failed"
+
+    answered_429 = 20 - len(throttled)
+    throttled.clear()
+    await eventually(lambda: h.routed_to(None), timeout=2.0, what="routes once the server stops throttling")
+    assert "kubernetes" not in h.aggregator.errors
+    failures = _failures(caplog, "list: HTTP 429")
+    assert len(failures) == answered_429, "one request per retry the source decided, none underneath"
+    assert all(CAPPED in failure for failure in failures), failures
+    times = [r.at for r in fake_api.lists()[: answered_429 + 1]]
+    for gap in (b - a for a, b in itertools.pairwise(times)):
+        # Even the backoff's first retry, otherwise immediate, waits for Retry-After, up to the cap.
+        assert FAST.watch.backoff_max - SLACK <= gap < 1.0, times
+
+
+async def test_503_on_a_watch_is_retried_by_the_source_after_retry_after_capped_at_backoff_max(
+    fake_api: FakeApiServer, harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="devstack.controller.kubernetes")
+    fake_api.apply(BASELINE)
+    fake_api.watch_scripts["deployments"].extend(WatchScript(status=503, retry_after=THROTTLED) for _ in range(3))
+    h = await harness()
+    await eventually(lambda: fake_api.open_watches == 1, timeout=3.0, what="watching after three 503s")
+    watches, lists = fake_api.watches(), fake_api.lists()
+    assert (len(watches), len(lists)) == (4, 4), "one watch request per cycle; each 503 leads to a relist"
+    for refused, relist in zip(watches[:3], lists[1:], strict=True):
+        assert FAST.watch.backoff_max - SLACK <= relist.at - refused.at < 1.0
+    failures = _failures(caplog, "watch: HTTP 503")
+    assert len(failures) == 3 and all(CAPPED in failure for failure in failures), failures
+    assert h.routed_to(None) == "http://10.0.0.1:8080"
+
+
+async def test_an_http_date_retry_after_leaves_the_wait_to_the_backoff(
+    fake_api: FakeApiServer, harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="devstack.controller.kubernetes")
+    an_hour_later = email.utils.format_datetime(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1), usegmt=True)
+    fake_api.apply(BASELINE)
+    fake_api.list_scripts["deployments"].extend(ListScript(503, retry_after=an_hour_later) for _ in range(3))
+    h = await harness()
+    await eventually(lambda: h.routed_to(None), timeout=2.0, what="routes after three 503s")
+    times = [r.at for r in fake_api.lists()]
+    assert len(times) == 4, "one request per retry the source decided, none underneath"
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps[0] < 0.1, "the API server only sends seconds; a date is not waited for, and the first retry is now"
+    assert all(gap < 1.0 for gap in gaps), gaps
+    assert len(_failures(caplog, "list: HTTP 503")) == 3
+
+
+async def test_retry_after_below_backoff_max_is_waited_in_full(fake_api: FakeApiServer, kube_config: Any) -> None:
+    import dataclasses
+
+    settings = dataclasses.replace(FAST, watch=dataclasses.replace(FAST.watch, backoff_max=5.0))
     fake_api.apply(BASELINE)
     fake_api.list_scripts["deployments"].append(ListScript(429, retry_after=1))
-    h = await harness()
-    await eventually(lambda: h.routed_to(None), timeout=2.0, what="routes after the retry")
-    first, second = fake_api.lists()[:2]
-    assert second.at - first.at >= 0.9
+    h = Harness(kube_config, settings=settings)
+    task = asyncio.create_task(h.source.run(), name="retry-after-source")
+    try:
+        await eventually(lambda: h.routed_to(None), timeout=3.0, what="routes after the retry")
+        first, second = fake_api.lists()
+        assert second.at - first.at >= 1.0 - SLACK
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_500s_back_off_then_recover_and_clear_the_error(fake_api: FakeApiServer, harness: Any) -> None:
@@ -387,6 +475,33 @@ async def test_delete_expired_deletes_with_a_uid_precondition(fake_api: FakeApiS
     assert delete.body["propagationPolicy"] == "Background"
     await eventually(lambda: h.decide("alice") is not None and h.decide("alice").reason == "no-override")
     assert len(fake_api.deletes()) == 1
+
+
+async def test_429_on_a_delete_is_retried_by_the_source_after_delete_retry(
+    fake_api: FakeApiServer, harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="devstack.controller.kubernetes")
+    created, _ = _created_for_expiry_in(-10, 60)
+    fake_api.apply(BASELINE)
+    fake_api.apply(
+        deployment(
+            "payments-alice",
+            service="payments",
+            key="alice",
+            upstream="http://10.0.0.2:8080",
+            annotations={"devstack.io/ttl": "1m"},
+            created=created,
+        )
+    )
+    # Longer than this test waits, shorter than its teardown bound: urllib3 sleeping on it would fail it.
+    fake_api.delete_scripts.append(ListScript(429, retry_after=5))
+    await harness(delete_expired=True)
+    await eventually(lambda: len(fake_api.deletes()) >= 2, timeout=2.0, what="the delete retried by the source")
+    first, second = fake_api.deletes()
+    assert FAST.delete_retry - SLACK <= second.at - first.at < 2.0
+    assert ("shop", "payments-alice") not in fake_api.objects["deployments"]
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cannot delete expired")]
+    assert warnings == ["cannot delete expired shop/payments-alice: HTTP 429 Too Many Requests"]
 
 
 async def test_without_delete_expired_nothing_is_deleted(fake_api: FakeApiServer, harness: Any) -> None:
