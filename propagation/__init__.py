@@ -15,11 +15,13 @@ from types import ModuleType
 from propagation.carriers import extract, inject
 from propagation.propagators import PROPAGATOR, ROUTING_MEMBER, DevstackBaggagePropagator, baggage_properties
 from propagation.routing import current_routing_key, is_valid_routing_key, with_routing_key
+from propagation.tracecontext import DevstackTraceContextPropagator
 
 __all__ = [
     "PROPAGATOR",
     "ROUTING_MEMBER",
     "DevstackBaggagePropagator",
+    "DevstackTraceContextPropagator",
     "baggage_properties",
     "current_routing_key",
     "extract",

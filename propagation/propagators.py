@@ -3,7 +3,8 @@
 This module turns ``baggage`` header text into OpenTelemetry baggage and back, by the rules in
 DESIGN.md "Which key" (all lines combined, properties kept apart from values, RFC 3986
 percent-coding, first duplicate wins, whole members dropped at the W3C limits), and builds the
-process-wide composite of W3C trace context, that baggage and B3, honouring ``OTEL_PROPAGATORS``.
+process-wide composite of W3C trace context (ours, from ``propagation.tracecontext``), that baggage
+and B3, honouring ``OTEL_PROPAGATORS``.
 It must never raise on anything a carrier holds and never touches a carrier's shape itself:
 getters and setters do that.
 """
@@ -23,7 +24,8 @@ from opentelemetry.context import Context, create_key, get_current, get_value, s
 from opentelemetry.propagators import textmap
 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from propagation.tracecontext import DevstackTraceContextPropagator
 
 __all__ = [
     "BAGGAGE_HEADER",
@@ -33,6 +35,7 @@ __all__ = [
     "PROPAGATOR",
     "PROPAGATOR_NAME",
     "ROUTING_MEMBER",
+    "TRACECONTEXT_PROPAGATOR_NAME",
     "BaggageMember",
     "DevstackBaggagePropagator",
     "baggage_properties",
@@ -53,6 +56,9 @@ MAX_BAGGAGE_MEMBERS: Final = 180
 """W3C requires at least 64 members; 180 matches the router so both agree on which members count."""
 PROPAGATOR_NAME: Final = "devstack_baggage"
 """The name ``OTEL_PROPAGATORS`` uses for :class:`DevstackBaggagePropagator`."""
+TRACECONTEXT_PROPAGATOR_NAME: Final = "devstack_tracecontext"
+"""The entry-point name of our trace context, for OpenTelemetry's own ``OTEL_PROPAGATORS`` reading
+(``opentelemetry.propagate``), where ``tracecontext`` still means OpenTelemetry's."""
 ENTRY_POINT_GROUP: Final = "opentelemetry_propagator"
 
 _OWS: Final = " \t"
@@ -287,13 +293,24 @@ class DevstackBaggagePropagator(textmap.TextMapPropagator):
 
 def _default_propagators() -> list[textmap.TextMapPropagator]:
     # Later propagators win on extract, so W3C trace context overrides B3 when both are present.
-    return [B3MultiFormat(), B3SingleFormat(), TraceContextTextMapPropagator(), DevstackBaggagePropagator()]
+    return [B3MultiFormat(), B3SingleFormat(), DevstackTraceContextPropagator(), DevstackBaggagePropagator()]
+
+
+_OWN_PROPAGATORS: Final[Mapping[str, type[textmap.TextMapPropagator]]] = {
+    PROPAGATOR_NAME: DevstackBaggagePropagator,
+    TRACECONTEXT_PROPAGATOR_NAME: DevstackTraceContextPropagator,
+    # Ours replaces OpenTelemetry's under its own name: same headers and the same SpanContext, only
+    # the current W3C grammar. ``baggage`` keeps OpenTelemetry's, whose values ours would read
+    # differently ('+', properties).
+    "tracecontext": DevstackTraceContextPropagator,
+}
+"""Names resolved without entry points, so a source checkout works before installing."""
 
 
 def _named_propagator(name: str) -> textmap.TextMapPropagator:
-    # Our own name resolves without the entry point so a source checkout works before installing.
-    if name == PROPAGATOR_NAME:
-        return DevstackBaggagePropagator()
+    own = _OWN_PROPAGATORS.get(name)
+    if own is not None:
+        return own()
     found = entry_points(group=ENTRY_POINT_GROUP, name=name)
     if not found:
         raise ValueError(f"OTEL_PROPAGATORS names {name!r}, which no installed package provides")
@@ -306,8 +323,9 @@ def _named_propagator(name: str) -> textmap.TextMapPropagator:
 def build_propagator(configured: str | None = None) -> CompositePropagator:
     """The composite named by an ``OTEL_PROPAGATORS`` value, or ours when it is unset or empty.
 
-    Unset means W3C trace context, our baggage and B3 (single and multi header). ``none`` means no
-    propagation at all, as in OpenTelemetry. An unknown name raises ``ValueError``: a typo that
+    Unset means W3C trace context, our baggage and B3 (single and multi header). ``tracecontext``
+    names our W3C trace context, ``devstack_baggage`` our baggage, and ``none`` no propagation at
+    all, as in OpenTelemetry. An unknown name raises ``ValueError``: a typo that
     silently dropped trace context would be worse than a service that refuses to start.
     """
     if configured is None or not configured.strip():

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,8 @@ from opentelemetry import baggage
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from propagation import current_routing_key
+from propagation import DevstackTraceContextPropagator, current_routing_key
 from propagation.propagators import (
     MAX_BAGGAGE_BYTES,
     MAX_BAGGAGE_MEMBERS,
@@ -326,18 +326,23 @@ def kinds(configured: str | None) -> list[type]:
     return [type(p) for p in build_propagator(configured)._propagators]
 
 
-def test_without_otel_propagators_the_composite_is_b3_then_trace_context_then_our_baggage() -> None:
-    expected = [B3MultiFormat, B3SingleFormat, TraceContextTextMapPropagator, DevstackBaggagePropagator]
+def test_without_otel_propagators_the_composite_is_b3_then_our_trace_context_then_our_baggage() -> None:
+    expected = [B3MultiFormat, B3SingleFormat, DevstackTraceContextPropagator, DevstackBaggagePropagator]
     assert kinds(None) == expected
     assert kinds("  ") == expected
 
 
-def test_otel_propagators_names_our_baggage_without_the_entry_point() -> None:
-    assert kinds("tracecontext, devstack_baggage ,b3multi") == [
-        TraceContextTextMapPropagator,
+def test_otel_propagators_names_ours_without_the_entry_points() -> None:
+    assert kinds("devstack_tracecontext, devstack_baggage ,b3multi") == [
+        DevstackTraceContextPropagator,
         DevstackBaggagePropagator,
         B3MultiFormat,
     ]
+
+
+def test_otel_propagators_tracecontext_means_our_trace_context() -> None:
+    # A drop-in with the current W3C grammar (propagation/tracecontext.py), so the name is ours.
+    assert kinds("tracecontext") == [DevstackTraceContextPropagator]
 
 
 def test_otel_propagators_none_disables_propagation() -> None:
@@ -371,28 +376,34 @@ def test_the_process_wide_propagator_honours_otel_propagators() -> None:
         "import propagation; print([type(p).__name__ for p in propagation.PROPAGATOR._propagators])",
         {"OTEL_PROPAGATORS": "tracecontext,devstack_baggage"},
     )
-    assert out == "['TraceContextTextMapPropagator', 'DevstackBaggagePropagator']"
+    assert out == "['DevstackTraceContextPropagator', 'DevstackBaggagePropagator']"
 
 
-def test_the_entry_point_lets_opentelemetry_itself_load_our_baggage(tmp_path: Path) -> None:
-    # The same entry point the pyproject declares, installed as a dist-info next to the checkout.
+def test_the_entry_points_let_opentelemetry_itself_load_ours(tmp_path: Path) -> None:
+    # The entry points the pyproject declares, installed as a dist-info next to the checkout.
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    ours = declared["opentelemetry_propagator"]
+    assert set(ours) == {"devstack_baggage", "devstack_tracecontext"}
     dist = tmp_path / "devstack_propagator-0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: devstack-propagator\nVersion: 0\n")
-    (dist / "entry_points.txt").write_text(
-        "[opentelemetry_propagator]\ndevstack_baggage = propagation.propagators:DevstackBaggagePropagator\n"
-    )
+    lines = "".join(f"{name} = {target}\n" for name, target in ours.items())
+    (dist / "entry_points.txt").write_text(f"[opentelemetry_propagator]\n{lines}")
     out = run_python(
         """
-        from opentelemetry import baggage, propagate
+        from opentelemetry import baggage, propagate, trace
         print([type(p).__name__ for p in propagate.get_global_textmap()._propagators])
-        context = propagate.extract({"baggage": ["a=1", "devstack=alice;ttl=5"]})
+        context = propagate.extract(
+            {"baggage": ["a=1", "devstack=alice;ttl=5"], "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+             "tracestate": "vendor@=1"}
+        )
         print(baggage.get_baggage("devstack", context))
+        print(trace.get_current_span(context).get_span_context().trace_state.to_header())
         """,
         {
-            "OTEL_PROPAGATORS": "tracecontext,devstack_baggage,b3multi",
+            "OTEL_PROPAGATORS": "devstack_tracecontext,devstack_baggage,b3multi",
             "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
         },
     )
-    names = "['TraceContextTextMapPropagator', 'DevstackBaggagePropagator', 'B3MultiFormat']"
-    assert out.splitlines() == [names, "alice"]
+    names = "['DevstackTraceContextPropagator', 'DevstackBaggagePropagator', 'B3MultiFormat']"
+    assert out.splitlines() == [names, "alice", "vendor@=1"]
