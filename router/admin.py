@@ -76,6 +76,9 @@ class _RouterCollector(Collector):
         yield GaugeMetricFamily(
             "devstack_upstream_connections", "Open upstream connections.", value=stats.upstream_connections
         )
+        yield GaugeMetricFamily(
+            "devstack_tunnels_open", "Upgraded (WebSocket) tunnels not yet ended.", value=stats.tunnels_open
+        )
         yield CounterMetricFamily(
             "devstack_refused_connections", "Client connections refused at the cap.", value=stats.refused_connections
         )

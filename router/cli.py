@@ -47,7 +47,15 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
         help=f"baggage member carrying the routing key; repeat for aliases (default {DEFAULT_MEMBER})",
     )
     p.add_argument("--namespace", action="append", default=[], help="with --kubernetes: namespace(s) to watch")
-    p.add_argument("--trust-forwarded", action="store_true", help="keep clients' X-Forwarded-Proto/Host")
+    p.add_argument(
+        "--trust-forwarded", action="store_true", help="keep clients' X-Forwarded-Proto/Host and Forwarded"
+    )
+    p.add_argument(
+        "--upgrade",
+        action="append",
+        metavar="TOKEN",
+        help="an Upgrade protocol to tunnel besides websocket; repeatable (h2c never is)",
+    )
     p.add_argument(
         "--trace",
         action="store_true",
@@ -60,9 +68,22 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-timeout", type=float, default=t.upstream_connect)
     p.add_argument("--upstream-timeout", type=float, default=t.upstream_response)
     p.add_argument("--drain-timeout", type=float, default=t.drain)
+    p.add_argument(
+        "--tunnel-idle-timeout",
+        type=float,
+        default=t.tunnel_idle,
+        help=f"seconds a WebSocket tunnel may stay silent both ways before it is closed (default {t.tunnel_idle:g})",
+    )
     lim = Limits()
     p.add_argument("--max-connections", type=int, default=lim.max_client_connections)
     p.add_argument("--max-body", type=int, default=lim.max_body_bytes, help="bytes, 0 = unlimited")
+    p.add_argument(
+        "--body-min-rate",
+        type=int,
+        default=lim.body_min_rate,
+        help="bytes/s a request body must average after --body-timeout (408 below it; 0 = off; "
+        f"default {lim.body_min_rate})",
+    )
     p.add_argument("--pool-size", type=int, default=lim.upstream_pool_size)
     p.add_argument("--pool-queue", type=int, default=lim.upstream_pool_queue)
     p.add_argument("--max-header-bytes", type=int, default=lim.max_header_bytes)
@@ -75,6 +96,7 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         mode=Mode(args.mode),
         key_members=tuple(args.key_member or (DEFAULT_MEMBER,)),
         trust_forwarded=args.trust_forwarded,
+        upgrade_protocols=frozenset({b"websocket", *(token.lower().encode() for token in args.upgrade or ())}),
         timeouts=Timeouts(
             header_read=args.header_timeout,
             keepalive_idle=args.keepalive_timeout,
@@ -82,10 +104,12 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
             upstream_connect=args.connect_timeout,
             upstream_response=args.upstream_timeout,
             drain=args.drain_timeout,
+            tunnel_idle=args.tunnel_idle_timeout,
         ),
         limits=Limits(
             max_client_connections=args.max_connections,
             max_body_bytes=args.max_body,
+            body_min_rate=args.body_min_rate,
             upstream_pool_size=args.pool_size,
             upstream_pool_queue=args.pool_queue,
             max_header_bytes=args.max_header_bytes,
@@ -95,7 +119,11 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
 
 
 async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None = None) -> int:
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)  # a flag out of range (e.g. --upgrade h2c): say which, no traceback
+        return 2
     server: RouterServer
     aggregator: Aggregator
     tasks: list[asyncio.Task[Any]] = []

@@ -76,9 +76,32 @@ def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
 
 
 def is_valid_authority(value: bytes) -> bool:
-    """A Host value: reg-name or IP literal with optional port; no userinfo, no spaces."""
+    """A Host value whole (RFC 9112 3.2, RFC 3986 3.2.2-3.2.3): a reg-name or a bracketed IP
+    literal, then an optional ``:port`` that is empty or a number from 1 to 65535; no userinfo,
+    no spaces. ``svc:evil.com``, ``svc:+80`` or ``svc:99999`` would otherwise reach the
+    upstream and ``X-Forwarded-Host`` as if they named a host."""
     # strip() removes allowed bytes from both ends: anything left is a byte that is not allowed.
-    return 0 < len(value) <= 255 and not value.strip(_AUTHORITY_BYTES)
+    if not 0 < len(value) <= 255 or value.strip(_AUTHORITY_BYTES):
+        return False
+    if value[:1] == b"[":
+        end = value.find(b"]")
+        if end < 0 or b"[" in value[1:] or b"]" in value[end + 1 :]:
+            return False
+        rest = value[end + 1 :]
+        if not rest:
+            return True
+        if rest[:1] != b":":
+            return False
+        port = rest[1:]
+    else:
+        colon = value.find(b":")
+        host = value if colon < 0 else value[:colon]
+        if not host or b"[" in value or b"]" in value:
+            return False
+        if colon < 0:
+            return True
+        port = value[colon + 1 :]
+    return not port or (port.isdigit() and len(port) <= 5 and 0 < int(port) <= 65535)
 
 
 def reason_phrase(status: int) -> bytes:

@@ -88,6 +88,7 @@ _F_DEBUG: Final = 8
 _F_FORWARDED: Final = 9
 _F_TRACEPARENT: Final = 10
 _F_DROP: Final = 11
+_F_EXPECT: Final = 12
 _REQUEST_FIELDS: Final = {
     b"host": _F_HOST,
     b"content-length": _F_CONTENT_LENGTH,
@@ -98,10 +99,32 @@ _REQUEST_FIELDS: Final = {
     b"x-devstack-debug": _F_DEBUG,
     b"x-forwarded-proto": _F_FORWARDED,
     b"x-forwarded-host": _F_FORWARDED,
+    b"forwarded": _F_FORWARDED,
     b"traceparent": _F_TRACEPARENT,
+    b"expect": _F_EXPECT,
+    # HTTP2-Settings belongs to an h2c upgrade, which is never tunnelled (RFC 9113 3.1).
+    b"http2-settings": _F_DROP,
     **{name: _F_DROP for name in HOP_BY_HOP - {b"content-length", b"transfer-encoding", b"connection", b"upgrade"}},
 }
 _CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def _forges_owned_field(lower: bytes, fields: dict[bytes, int]) -> bool:
+    """A name with underscores that CGI-style backends (PHP, WSGI's environ, nginx's
+    ``$http_*``) fold into one the router owns: ``X_Forwarded_For`` would arrive as
+    ``X-Forwarded-For`` past our cleaning, ``Content_Length`` as a second framing header."""
+    folded = lower.replace(b"_", b"-")
+    return folded in fields or folded.startswith(b"x-devstack-")
+
+
+def _tunnel_protocols(upgrade: bytes, allowed: frozenset[bytes]) -> bytes:
+    """The tokens of an ``Upgrade`` value the router may tunnel, as sent; empty when none."""
+    kept = []
+    for token in upgrade.split(b","):
+        token = token.strip(b" \t")
+        if token and token.partition(b"/")[0].lower() in allowed:
+            kept.append(token)
+    return b", ".join(kept)
 
 
 def _without_fields(out: list[bytes], names: frozenset[bytes]) -> list[bytes]:
@@ -209,6 +232,7 @@ class _Request:
         "retried",
         "span",
         "key",
+        "small_body",
     )
 
     def __init__(self) -> None:
@@ -231,6 +255,8 @@ class _Request:
         self.retried = False
         self.span: object = None
         self.key: str | None = None
+        self.small_body = False
+        """A body small enough to read whole before taking an upstream connection."""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -267,6 +293,16 @@ class ClientConnection(asyncio.Protocol):
         self._write_paused = False
         self._tunnel = False
         self._tunnel_pending: list[bytes] | None = None
+        self._plain_after_upgrade = False
+        """llhttp stopped at an Upgrade the router does not tunnel: parsing goes on afresh."""
+        self._client_eof = False
+        self._upstream_eof = False
+        """Half-closes seen inside a tunnel; when both sides have sent theirs, it ends."""
+        self._awaiting_body = False
+        """A small body is being read whole before an upstream connection is taken."""
+        self._lingering = False
+        self._linger_left = 0
+        self._linger_end = 0.0
         self._closed = False
         self._closing = False
         self._pending_reject: _Reject | None = None
@@ -306,6 +342,10 @@ class ClientConnection(asyncio.Protocol):
         if self._tunnel:
             if self._upstream is not None:
                 self._upstream.tunnel_write(data)
+                self._arm(self.ctx.settings.timeouts.tunnel_idle)
+            return
+        if self._lingering:
+            self._discard(data)
             return
         if self._tunnel_pending is not None:
             self._tunnel_pending.append(data)
@@ -316,9 +356,20 @@ class ClientConnection(asyncio.Protocol):
             self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             rest = data[exc.args[0] :]
+            if self._plain_after_upgrade:
+                # An Upgrade we do not tunnel was forwarded as a plain request; llhttp has
+                # stopped at it for good, so a fresh parser reads whatever follows.
+                self._plain_after_upgrade = False
+                self._parser = httptools.HttpRequestParser(self)
+                self._feed = self._parser.feed_data
+                if rest:
+                    self.data_received(rest)
+                return
             self._tunnel_pending = [rest] if rest else []
             self._pause(_PAUSE_UPGRADE)
         except (httptools.HttpParserError, _Reject) as exc:
+            if self._lingering:
+                return  # the exchange was answered mid-feed; what follows is discarded unread
             # httptools wraps exceptions raised in some callbacks; ours are parked on self.
             pending, self._pending_reject = self._pending_reject, None
             if isinstance(exc, _Reject):
@@ -337,10 +388,29 @@ class ClientConnection(asyncio.Protocol):
                     self._reject(431, "request head too large")
 
     def eof_received(self) -> bool | None:
+        self._client_eof = True
+        if self._tunnel:
+            # Pass the half-close on; the tunnel ends when the upstream has sent its own.
+            upstream = self._upstream
+            if upstream is not None and not self._upstream_eof:
+                upstream.tunnel_eof()
+                return True
+            self._end_tunnel()
+            return True
         # A client that half-closes after a complete request may still want its response: keep
         # the socket until that exchange ends. A half-close mid-request ends the exchange.
         req = self._active
         if req is None or not req.complete or self._parsing is not None:
+            return None
+        decision = req.decision
+        if (
+            self._upstream is None
+            and decision is not None
+            and decision.target is not None
+            and self.ctx.pool.withdraw(decision.target, self)
+        ):
+            # Still queued for a pooled connection: nobody has seen the request yet, so a client
+            # that leaves gives up its place now rather than when a connection frees up.
             return None
         self._pause(_PAUSE_DONE)
         return True
@@ -352,10 +422,18 @@ class ClientConnection(asyncio.Protocol):
         self.ctx.connections.discard(self)
         self.ctx.stats.open_connections -= 1
         self._cancel_timer()
+        if self._tunnel:
+            self.ctx.stats.tunnels_open -= 1
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
-            # Mid-exchange: the upstream's framing state is unknown, so it is not reused.
+            # Mid-exchange: the upstream's framing state is unknown, so it is not reused. A
+            # tunnel's upstream goes at once too: a client reset ends both.
             upstream.detach()
+        else:
+            req = self._active
+            decision = req.decision if req is not None else None
+            if decision is not None and decision.target is not None:
+                self.ctx.pool.withdraw(decision.target, self)
         self._queue.clear()
         self._active = None
 
@@ -398,6 +476,9 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._reading_head:
             return  # chunked trailer fields: dropped, never merged into the forwarded head
+        if value and value[-1] in (32, 9):
+            # llhttp keeps trailing whitespace; it is not part of the value (RFC 9110 5.5).
+            value = value.rstrip(b" \t")
         self._header_bytes += len(name) + len(value) + 4
         limits = self.ctx.settings.limits
         if self._header_bytes > limits.max_header_bytes or len(self._headers) >= limits.max_headers:
@@ -451,6 +532,13 @@ class ClientConnection(asyncio.Protocol):
         if req is None:
             return
         req.complete = True
+        if self._awaiting_body and req is self._active:
+            self._awaiting_body = False
+            self._cancel_timer()
+            if not req.keep_alive:
+                self._pause(_PAUSE_DONE)
+            self._acquire(req, fresh=False)
+            return
         upstream = self._upstream
         if req is self._active and upstream is not None and req.error is None and req.has_body:
             # (Without a body, start() already applied the response timeout.)
@@ -488,8 +576,9 @@ class ClientConnection(asyncio.Protocol):
         if method == b"CONNECT":
             raise _Reject(405, "CONNECT is not supported: this router never opens tunnels")
         req.keep_alive = keep_alive and not ctx.draining
-        # llhttp upgrades only with a Connection field naming "upgrade" (CONNECT is refused above).
-        req.upgrade = self._connection_field and parser.should_upgrade()
+        # llhttp upgrades only with a Connection field naming "upgrade" (CONNECT is refused above);
+        # whether the router tunnels is decided below, from the Upgrade tokens.
+        llhttp_upgrade = self._connection_field and parser.should_upgrade()
 
         headers = self._headers
         target = self._url[0] if len(self._url) == 1 else b"".join(self._url)
@@ -508,6 +597,7 @@ class ClientConnection(asyncio.Protocol):
         key_value = b""
         more_key_fields: list[tuple[bytes, bytes]] | None = None
         forwarded_for = b""
+        expect = False
         # One pass classifies every field and renders the forwarded ones; the rare cases that
         # need a second look (Connection naming fields, tracing) re-render afterwards.
         out: list[bytes] = [method, b" ", b"", b" HTTP/1.1\r\n"]
@@ -515,7 +605,8 @@ class ClientConnection(asyncio.Protocol):
             lower = name.lower()
             code = fields.get(lower)
             if code is None:
-                if not lower.startswith(b"x-devstack-"):  # the router's own fields are its to set
+                # The router's own fields are its to set, in any spelling a backend might fold.
+                if not lower.startswith(b"x-devstack-") and not (b"_" in lower and _forges_owned_field(lower, fields)):
                     _add_field(out, name, value)
             elif code is _F_KEY:
                 if key_name is None:
@@ -541,7 +632,7 @@ class ClientConnection(asyncio.Protocol):
             elif code is _F_CONNECTION:
                 connection = [value] if connection is None else [*connection, value]
             elif code is _F_UPGRADE:
-                upgrade = value
+                upgrade = value if not upgrade else upgrade + b", " + value
             elif code is _F_FORWARDED_FOR:
                 forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
             elif code is _F_DEBUG:
@@ -550,6 +641,9 @@ class ClientConnection(asyncio.Protocol):
                 if ctx.settings.trust_forwarded:
                     _add_field(out, name, value)
             elif code is _F_TRACEPARENT:
+                _add_field(out, name, value)
+            elif code is _F_EXPECT:
+                expect = True
                 _add_field(out, name, value)
             # _F_DROP: hop-by-hop, never forwarded
 
@@ -568,10 +662,18 @@ class ClientConnection(asyncio.Protocol):
             req.has_body = True
         elif content_length > 0:
             req.has_body = True
-        if req.upgrade and req.has_body:
-            # llhttp hands everything after an Upgrade head to the tunnel, so a body here would
-            # be forwarded as tunnel bytes under a framing header that promises otherwise.
-            raise _Reject(400, "an Upgrade request cannot carry a body")
+            # A client that sent Expect: 100-continue waits for the upstream before its body.
+            req.small_body = content_length <= ctx.settings.limits.small_body and not expect
+        if llhttp_upgrade:
+            # Only allowed protocols open a tunnel, and only from HTTP/1.1 (RFC 9110 7.8); any
+            # other Upgrade is dropped and the request goes on as a plain one.
+            upgrade = _tunnel_protocols(upgrade, ctx.settings.upgrade_protocols) if req.http11 else b""
+            req.upgrade = bool(upgrade)
+            if req.has_body:
+                # llhttp hands everything after an Upgrade head to the tunnel, so a body here
+                # would be forwarded as tunnel bytes under a framing header that promises otherwise.
+                raise _Reject(400, "an Upgrade request cannot carry a body")
+            self._plain_after_upgrade = not req.upgrade
         max_body = ctx.settings.limits.max_body_bytes
         if max_body and content_length > max_body:
             raise _Reject(413, "request body too large")
@@ -690,6 +792,12 @@ class ClientConnection(asyncio.Protocol):
             self.ctx.stats.rejected[decision.status] += 1
             self._answer(decision.status, decision.reason, decision)
             return
+        if req.small_body and not req.complete:
+            # A small body is read whole first (on_message_complete acquires), within the body
+            # timeout: a client dripping it holds its own connection, never a pooled one.
+            self._awaiting_body = True
+            self._arm(self.ctx.settings.timeouts.body_idle)
+            return
         self._acquire(req, fresh=False)
 
     def _acquire(self, req: _Request, fresh: bool) -> None:
@@ -772,7 +880,10 @@ class ClientConnection(asyncio.Protocol):
                 self.ctx.tracer.finish(req.span, self._resp_status)
         if self._closed or self.transport is None:
             return
-        if not self._resp_keep_alive or (req is not None and req.has_body and not req.complete) or self.ctx.draining:
+        if req is not None and req.has_body and not req.complete:
+            self._linger()
+            return
+        if not self._resp_keep_alive or self.ctx.draining:
             self._close()
             return
         if self._queue:
@@ -848,7 +959,11 @@ class ClientConnection(asyncio.Protocol):
         req = self._active
         assert req is not None
         self._resp_status = status
-        client_keep_alive = self._resp_keep_alive and not req.upgrade and not self.ctx.draining
+        # A response that starts before the request body has ended says close: the router will
+        # linger over the rest of the body and close, never read another request after it.
+        client_keep_alive = (
+            self._resp_keep_alive and not req.upgrade and not self.ctx.draining and (req.complete or not req.has_body)
+        )
         if passthrough is not None and client_keep_alive and framing is Framing.LENGTH and req.http11 and status != 101:
             # Fast path: forward the validated head as received, adding only what we must. A
             # client connection about to close takes the rebuilding path, which says so.
@@ -951,27 +1066,51 @@ class ClientConnection(asyncio.Protocol):
         self._finish_exchange()
 
     def upstream_upgraded(self, rest: bytes) -> None:
-        self._tunnel = True
         transport = self.transport
         upstream = self._upstream
         if transport is None or upstream is None or self._closed:
             return
+        self._tunnel = True
+        self.ctx.stats.tunnels_open += 1
+        self._arm(self.ctx.settings.timeouts.tunnel_idle)
         if rest:
             transport.write(rest)
         pending = self._tunnel_pending or []
         self._tunnel_pending = None
         for chunk in pending:
             upstream.tunnel_write(chunk)
+        if self._client_eof:
+            upstream.tunnel_eof()  # the client half-closed while the upgrade was on its way
         self._resume(_PAUSE_UPGRADE | _PAUSE_PIPELINE | _PAUSE_DONE)
 
     def upstream_tunnel_data(self, data: bytes) -> None:
         if self.transport is not None and not self._closed:
             self.transport.write(data)
+            self._arm(self.ctx.settings.timeouts.tunnel_idle)
+
+    def upstream_tunnel_eof(self) -> None:
+        """The upstream half-closed the tunnel: pass it on; the tunnel ends once both have."""
+        self._upstream_eof = True
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        if self._client_eof:
+            self._end_tunnel()
+        elif transport.can_write_eof():
+            transport.write_eof()
+
+    def _end_tunnel(self) -> None:
+        """Both directions are done, or the tunnel idled out: flush and close both ends."""
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.end()  # its pool slot is given back here, not when the client goes
+        self._close()
 
     def upstream_failed(self, failure: Failure, response_started: bool) -> None:
         conn, self._upstream = self._upstream, None
         req = self._active
-        self.ctx.stats.upstream_errors[failure.label] += 1
+        if failure is not Failure.SLOW_BODY:
+            self.ctx.stats.upstream_errors[failure.label] += 1
         if req is None or self._closed:
             return
         if self._tunnel or self._resp_head_sent:
@@ -994,11 +1133,11 @@ class ClientConnection(asyncio.Protocol):
             self._acquire(req, fresh=True)
             return
         self._resp_head = None
-        if failure is Failure.TIMEOUT and req.has_body and not req.complete:
-            # The silence was the client's, mid-body: its fault, not the upstream's.
+        if failure is Failure.SLOW_BODY or (failure is Failure.TIMEOUT and req.has_body and not req.complete):
+            # The silence (or the drip) was the client's, mid-body: its fault, not the upstream's.
             self.ctx.stats.rejected[408] += 1
             req.keep_alive = False
-            self._answer(408, "body-read-timeout", req.decision)
+            self._answer(408, failure.label if failure is Failure.SLOW_BODY else "body-read-timeout", req.decision)
             return
         self._answer(failure.status, failure.label, req.decision)
 
@@ -1051,6 +1190,36 @@ class ClientConnection(asyncio.Protocol):
     def _cancel_timer(self) -> None:
         self._deadline = 0.0
 
+    def _linger(self) -> None:
+        """The exchange was answered before its request body ended (a 401, a 413, an upload
+        handler that does not read): closing now, with body bytes unread, would make the
+        kernel reset the connection and the client could lose the answer. So, as nginx's
+        lingering close does, send our FIN, then read and discard the rest of the body for a
+        bounded time and size, and close."""
+        transport = self.transport
+        assert transport is not None
+        limits, timeouts = self.ctx.settings.limits, self.ctx.settings.timeouts
+        self._lingering = True
+        self._closing = True  # nothing more is parsed or answered on this connection
+        self._parsing = None
+        self._queue.clear()
+        self._awaiting_body = False
+        self._linger_left = limits.linger_bytes
+        self._linger_end = self.loop.time() + timeouts.linger
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self._paused:
+            self._paused = 0
+            transport.resume_reading()
+        self._arm(timeouts.linger_pause)
+
+    def _discard(self, data: bytes) -> None:
+        self._linger_left -= len(data)
+        if self._linger_left < 0 or self.loop.time() >= self._linger_end:
+            self._close()
+            return
+        self._arm(self.ctx.settings.timeouts.linger_pause)
+
     def _on_timer(self) -> None:
         self._timer = None
         if not self._deadline or self._closed:
@@ -1059,6 +1228,19 @@ class ClientConnection(asyncio.Protocol):
         if now < self._deadline:
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
             self._timer_at = self._deadline
+            return
+        if self._tunnel:
+            self._end_tunnel()  # idle past --tunnel-idle-timeout: a forgotten tunnel
+            return
+        if self._lingering:
+            self._close()
+            return
+        req = self._active
+        if self._awaiting_body and req is not None and self.transport is not None:
+            self._awaiting_body = False
+            self.ctx.stats.rejected[408] += 1
+            req.keep_alive = False
+            self._answer(408, "body-read-timeout", req.decision)
             return
         # Idle keep-alive or a head that never finished (slowloris): close, answering 408 only
         # when a request had begun.

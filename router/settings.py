@@ -28,7 +28,8 @@ class Timeouts:
     """Idle seconds before a client keep-alive connection is closed; above the 60 s idle
     timeouts of common load balancers, so they close first and never race us."""
     body_idle: float = 60.0
-    """Seconds a request body may stall between reads before the exchange is abandoned."""
+    """Seconds a request body may stall between reads before the exchange is abandoned; also
+    the grace period before ``Limits.body_min_rate`` is enforced."""
     upstream_connect: float = 5.0
     """Seconds to establish an upstream TCP connection; a pod that takes longer is not there."""
     upstream_response: float = 60.0
@@ -40,6 +41,17 @@ class Timeouts:
     servers, so we close idle connections before they do (the reuse race shrinks)."""
     drain: float = 10.0
     """Seconds in-flight requests get to finish after SIGTERM."""
+    tunnel_idle: float = 3600.0
+    """Seconds an upgraded (WebSocket) tunnel may carry no bytes either way before both ends
+    are closed: generous, because chat and dashboard sockets idle for minutes between messages
+    and most send pings well within an hour; a forgotten tunnel still gives back its pool slot."""
+    linger: float = 30.0
+    """Seconds, at most, the router keeps reading and discarding a request body it answered
+    early (a 401 or 413 before the upload ended), so the client reads the answer instead of a
+    reset; nginx's ``lingering_time`` default."""
+    linger_pause: float = 5.0
+    """Longest pause while lingering before the connection is closed; nginx's
+    ``lingering_timeout`` default."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -65,12 +77,27 @@ class Limits:
     """Connections per upstream address (in use plus idle)."""
     upstream_pool_queue: int = 1024
     """Requests that may wait for a pooled connection; beyond it the router answers 503."""
+    body_min_rate: int = 1024
+    """Bytes per second a request body must average, once ``Timeouts.body_idle`` has passed
+    since it began (time the router itself paused the client for backpressure does not count),
+    or it is abandoned with 408 and its upstream connection released. A pause timer alone lets
+    a client hold an upstream connection forever with one byte a minute; an average rate does
+    not, and 1 KiB/s is far below any real link (a phone on EDGE uploads a few KiB/s), so an
+    honest slow upload passes. 0 turns the rate check off."""
+    small_body: int = 8192
+    """Request bodies declared (Content-Length) up to this size are read whole before an
+    upstream connection is taken, as nginx and Envoy buffer them: a client dripping a small
+    body holds only its own connection, never a pool slot."""
+    linger_bytes: int = 64 << 20
+    """Most bytes discarded while lingering (see ``Timeouts.linger``)."""
 
     def __post_init__(self) -> None:
         if self.max_header_bytes < 9000:
             raise ValueError("max_header_bytes must allow an 8192-byte W3C baggage header")
         if self.upstream_pool_size < 1:
             raise ValueError("upstream_pool_size must be at least 1")
+        if self.body_min_rate < 0:
+            raise ValueError("body_min_rate must not be negative")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -81,5 +108,14 @@ class RouterSettings:
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
     limits: Limits = dataclasses.field(default_factory=Limits)
     trust_forwarded: bool = False
-    """Keep a client's X-Forwarded-Proto/Host instead of overwriting them: only behind a
-    trusted load balancer, otherwise any client can claim to be on HTTPS."""
+    """Keep a client's X-Forwarded-Proto/Host and Forwarded instead of replacing or dropping
+    them: only behind a trusted load balancer, otherwise any client can claim to be on HTTPS."""
+    upgrade_protocols: frozenset[bytes] = frozenset({b"websocket"})
+    """Upgrade tokens (lower case, version stripped) the router tunnels after a 101. Anything
+    else is stripped and the request forwarded plainly: a tunnel skips every check the router
+    makes on requests, so only protocols meant to be tunnelled may open one. ``h2c`` never can
+    (the h2c smuggling attack: the tunnel would carry HTTP/2 requests past routing)."""
+
+    def __post_init__(self) -> None:
+        if b"h2c" in self.upgrade_protocols:
+            raise ValueError("h2c is never tunnelled: it would carry requests past the router's checks")

@@ -41,6 +41,7 @@ class RouterStats:
         "open_connections",
         "upstream_connections",
         "refused_connections",
+        "tunnels_open",
     )
 
     def __init__(self) -> None:
@@ -55,6 +56,8 @@ class RouterStats:
         self.open_connections = 0
         self.upstream_connections = 0
         self.refused_connections = 0
+        self.tunnels_open = 0
+        """Upgraded (WebSocket) client connections whose tunnel has not ended yet."""
 
     def observe_latency(self, seconds: float) -> None:
         # bisect_left by hand: compiled, a loop over 14 floats costs less than the call to bisect.

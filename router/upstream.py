@@ -62,6 +62,8 @@ class Failure(enum.Enum):
     RESET = ("reset", 502)
     BAD_RESPONSE = ("bad-response", 502)
     POOL_FULL = ("pool-full", 503)
+    SLOW_BODY = ("body-too-slow", 408)
+    """The client's request body fell below the minimum average rate: the client's fault."""
 
     # Properties over the value rather than an __init__: compiled (mypyc) enums take no custom __init__.
     @property
@@ -116,6 +118,10 @@ class UpstreamConnection(asyncio.Protocol):
         "_timer_at",
         "_closed",
         "_counted",
+        "_min_rate",
+        "_rate_base",
+        "_body_sent",
+        "_paused_at",
     )
 
     def __init__(self, pool: UpstreamPool, home: _AddressPool | None = None) -> None:
@@ -158,6 +164,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._counted = True
         """Whether the pool still counts this connection towards its address's cap."""
+        self._min_rate = float(pool.limits.body_min_rate)
+        self._rate_base = 0.0
+        """While a request body is being sent: when the body would be due at zero bytes (its
+        start plus the body-idle grace, moved on by time we paused the client for backpressure);
+        ``_body_sent / _min_rate`` seconds are added to it. 0 when no body is pending."""
+        self._body_sent = 0
+        self._paused_at = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -235,6 +248,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._broken = True
             self._finish(reusable=False)
 
+    def eof_received(self) -> bool | None:
+        if self._tunnel and self.owner is not None:
+            # A half-close inside a tunnel is a message for the client, not the end of it: the
+            # client may still be sending (RFC 9293 3.6).
+            self.owner.upstream_tunnel_eof()
+            return True
+        return None
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._cancel_timer()
@@ -244,17 +265,26 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._tunnel:
             self.owner = None
-            owner.upstream_complete(reusable=False)
+            if exc is None:
+                owner.upstream_complete(reusable=False)
+            else:
+                owner.upstream_failed(Failure.RESET, True)  # a reset tunnel ends the client's too
         elif self._started and not self._collecting and self._framing is Framing.CLOSE:
             self._finish(reusable=False)
         else:
             self._fail(Failure.RESET)
 
     def pause_writing(self) -> None:
+        if self._rate_base:
+            self._paused_at = self._clock()  # our backpressure, not the client's slowness
         if self.owner is not None:
             self.owner.upstream_pause()
 
     def resume_writing(self) -> None:
+        if self._paused_at:
+            if self._rate_base:
+                self._rate_base += self._clock() - self._paused_at
+            self._paused_at = 0.0
         if self.owner is not None:
             self.owner.upstream_resume()
 
@@ -324,6 +354,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_io = now
         self.idle_limit = self._timeouts.body_idle if body_pending else self._timeouts.upstream_response
         deadline = now + self.idle_limit
+        self._rate_base = deadline if body_pending and self._min_rate else 0.0
+        self._body_sent = 0
         timer = self._timer
         if timer is None or self._timer_at > deadline:
             if timer is not None:
@@ -336,15 +368,32 @@ class UpstreamConnection(asyncio.Protocol):
         """The whole request is on the wire: from now on only the upstream can be slow."""
         self.idle_limit = self._timeouts.upstream_response
         self.last_io = self._clock()
+        self._rate_base = 0.0
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.last_io = self._clock()
+        self._body_sent += len(data)
         self.transport.write(data)
 
     def tunnel_write(self, data: bytes) -> None:
         if self.transport is not None and not self._closed:
             self.transport.write(data)
+
+    def tunnel_eof(self) -> None:
+        """The client half-closed its side of the tunnel: pass the FIN on once our buffer drains."""
+        transport = self.transport
+        if transport is not None and not self._closed and transport.can_write_eof():
+            transport.write_eof()
+
+    def end(self) -> None:
+        """A tunnel whose both directions are done: flush what is buffered, then close."""
+        self._cancel_timer()
+        self.owner = None
+        if self.transport is not None and not self._closed:
+            self._closed = True
+            self.transport.close()
+            self.pool.forget(self)
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self._closed:
@@ -396,11 +445,17 @@ class UpstreamConnection(asyncio.Protocol):
         if self.owner is None or self._tunnel:
             return
         deadline = self.last_io + self.idle_limit
+        failure = Failure.TIMEOUT
+        if self._rate_base and not self._paused_at:
+            due = self._rate_base + self._body_sent / self._min_rate
+            if due < deadline:
+                deadline = due
+                failure = Failure.SLOW_BODY
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._on_timer)
             self._timer_at = deadline
             return
-        self._fail(Failure.TIMEOUT)
+        self._fail(failure)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -469,6 +524,14 @@ class UpstreamPool:
             raise PoolFull(pool.address)
         pool.waiters.append(waiter)
         return None
+
+    def withdraw(self, target: Target, waiter: ExchangeOwner) -> bool:
+        """Take a waiter out of its address's queue (its client left); whether it was queued."""
+        pool = self._pools.get(target.pool_key)
+        if pool is None or waiter not in pool.waiters:
+            return False
+        pool.waiters.remove(waiter)
+        return True
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection whose last exchange ended cleanly."""

@@ -342,7 +342,8 @@ class _Collector:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.current is not None and not self.current.head_done:  # trailers are not headers
-            self.current.headers.append((name, value))
+            # Whitespace after a value is not part of it (RFC 9110 5.5); llhttp keeps it.
+            self.current.headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         assert self.current is not None
@@ -403,18 +404,45 @@ class Reference:
         return None
 
 
+TUNNELLED: Final = frozenset({b"websocket"})
+"""README "WebSockets": the Upgrade protocols the router tunnels by default."""
+
+
+def tunnels(req: Message) -> bool:
+    """Whether the router opens a tunnel for a request llhttp upgrades: HTTP/1.1 only, and only
+    for an allowed protocol; any other Upgrade is dropped and the request goes on as a plain one."""
+    tokens = [t.strip(b" \t").partition(b"/")[0].lower() for v in req.header(b"upgrade") for t in v.split(b",")]
+    return req.version == "1.1" and any(t in TUNNELLED for t in tokens)
+
+
+def _declares_body(req: Message) -> bool:
+    lengths = req.header(b"content-length")
+    return bool(req.header(b"transfer-encoding")) or any(v.strip() not in (b"", b"0") for v in lengths)
+
+
 def reference_parse(raw: bytes) -> Reference:
     collector = _Collector()
-    parser = httptools.HttpRequestParser(collector)
-    collector.parser = parser
     error: str | None = None
     upgraded = False
-    try:
-        parser.feed_data(raw)
-    except httptools.HttpParserUpgrade:
-        upgraded = True
-    except httptools.HttpParserError as exc:
-        error = str(exc) or type(exc).__name__
+    offset = 0
+    while True:
+        parser = httptools.HttpRequestParser(collector)
+        collector.parser = parser
+        try:
+            parser.feed_data(raw[offset:])
+        except httptools.HttpParserUpgrade as exc:
+            last = collector.done[-1] if collector.done else None
+            if last is not None and last.upgrade and not tunnels(last) and not _declares_body(last):
+                # A refused Upgrade: forwarded plainly, and what follows is parsed afresh.
+                last.upgrade = False
+                offset += exc.args[0]
+                if offset < len(raw):
+                    continue
+            else:
+                upgraded = True
+        except httptools.HttpParserError as exc:
+            error = str(exc) or type(exc).__name__
+        break
     partial = collector.current if error is None and not upgraded else None
     failed = collector.current if error is not None else None
     return Reference(collector.done, partial, error, failed, upgraded)
@@ -775,13 +803,20 @@ def split_target(url: bytes) -> tuple[bytes | None, bytes]:
     return rest[:end], path if path.startswith(b"/") else b"/" + path
 
 
+ROUTER_OWNED = HOP_BY_HOP | {b"host", b"forwarded", b"traceparent", b"baggage", b"expect", b"http2-settings"}
+"""Names the router sets, reads or drops itself: a client's underscore spelling of one (which
+CGI-style backends fold into it) is dropped too (README "Forwarding")."""
+
+
 def end_to_end(headers: list[tuple[bytes, bytes]], dropped: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
     return [
         (name, value)
         for name, value in headers
         if (lower := name.lower()) not in dropped
         and lower not in HOP_BY_HOP
-        and not lower.startswith((b"x-forwarded-", b"x-devstack-"))
+        and lower not in (b"forwarded", b"http2-settings")
+        and not (folded := lower.replace(b"_", b"-")).startswith((b"x-forwarded-", b"x-devstack-"))
+        and not (b"_" in lower and folded in ROUTER_OWNED)
     ]
 
 

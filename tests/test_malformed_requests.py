@@ -72,6 +72,16 @@ REJECTED = [
     ("H01", b"GET / HTTP/1.1\r\n\r\n", {400}),
     ("H02", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", {400}),
     ("H03", b"GET / HTTP/1.1\r\nHost: a@b c\r\n\r\n", {400}),
+    # The port part of an authority is empty or a number from 1 to 65535, nothing else.
+    *(
+        (f"H04-{form}-{port.decode()}", raw % port, {400})
+        for port in (b"evil.com", b"abc", b"-1", b"+80", b"99999", b"0", b"80:80")
+        for form, raw in (
+            ("host", b"GET / HTTP/1.1\r\nHost: a:%s\r\n\r\n"),
+            ("absolute", b"GET http://a:%s/ HTTP/1.1\r\nHost: a\r\n\r\n"),
+        )
+    ),
+    ("H05-bracket", b"GET / HTTP/1.1\r\nHost: a[1]\r\n\r\n", {400}),
     ("S01", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", {414}),
     ("S03", b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(1000)) + b"\r\n", {431}),
     ("TE10", b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", {400}),
@@ -255,3 +265,55 @@ async def test_broken_upstream_framing_gives_502_and_is_never_copied(case: str, 
             assert status_of(response) == 502, (case, response)
             assert b"abc" not in response
             assert server.ctx is not None and server.ctx.pool.idle_count(("127.0.0.1", origin.port)) == 0
+
+
+async def test_whitespace_after_a_host_value_is_not_part_of_it(
+    router: RouterServer, origins: dict[str, Origin]
+) -> None:
+    raw = b"GET / HTTP/1.1\r\nHost: a \t\r\nX-Padded: v  \r\nConnection: close\r\n\r\n"
+    response, _ = await exchange(router.address[1], raw)
+    assert status_of(response) == 200, response[:200]
+    (seen,) = origins["baseline"].seen
+    assert seen.header("host") == ["a"]
+    assert seen.header("x-forwarded-host") == ["a"]
+    assert seen.header("x-padded") == ["v"]
+
+
+@pytest.mark.parametrize("host", [b"a:", b"a:8080", b"[::1]:80", b"A:65535"])
+async def test_a_host_with_an_empty_or_numeric_port_is_routed(
+    router: RouterServer, origins: dict[str, Origin], host: bytes
+) -> None:
+    response, _ = await exchange(router.address[1], b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host)
+    assert status_of(response) in (200, 404), response[:200]  # [::1] names no service: 404, not 400
+
+
+FORGED = (
+    b"X_Forwarded_For: 6.6.6.6\r\nX_Forwarded_Host: evil\r\nx_forwarded_proto: https\r\n"
+    b"X_Devstack_Route: forged\r\nContent_Length: 5\r\nForwarded: for=6.6.6.6;host=evil;proto=https\r\n"
+)
+
+
+async def test_underscore_spellings_and_forwarded_cannot_forge_the_routers_headers(
+    router: RouterServer, origins: dict[str, Origin]
+) -> None:
+    raw = b"GET / HTTP/1.1\r\nHost: a\r\n" + FORGED + b"X_Custom_Thing: kept\r\nConnection: close\r\n\r\n"
+    response, _ = await exchange(router.address[1], raw)
+    assert status_of(response) == 200, response[:200]
+    (seen,) = origins["baseline"].seen
+    names = [name.lower() for name, _ in seen.headers]
+    assert not [n for n in names if "_" in n and n != "x_custom_thing"], names
+    assert "forwarded" not in names
+    assert seen.header("x_custom_thing") == ["kept"]  # underscores alone are not a reason to drop
+    assert seen.header("x-forwarded-for") == ["127.0.0.1"]
+    assert seen.header("x-forwarded-host") == ["a"]
+    assert seen.header("x-forwarded-proto") == ["http"]
+
+
+async def test_forwarded_is_kept_only_with_trust_forwarded(origins: dict[str, Origin]) -> None:
+    table = make_table({"a": {"baseline": origins["baseline"].url}})
+    async with running_router(table, RouterSettings(trust_forwarded=True)) as server:
+        raw = b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=10.0.0.1;proto=https\r\nConnection: close\r\n\r\n"
+        response, _ = await exchange(server.address[1], raw)
+    assert status_of(response) == 200
+    (seen,) = origins["baseline"].seen
+    assert seen.header("forwarded") == ["for=10.0.0.1;proto=https"]
