@@ -137,6 +137,8 @@ def _without_fields(out: list[bytes], names: frozenset[bytes]) -> list[bytes]:
     return kept
 
 
+_TRACE_FIELDS: Final = frozenset({b"traceparent", b"tracestate"})
+
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
@@ -736,12 +738,16 @@ class ClientConnection(asyncio.Protocol):
             if stripped:
                 out = _without_fields(out, stripped)
         if ctx.tracer is not None:
-            req.span, traceparent = ctx.tracer.start(
+            req.span, traceparent, tracestate = ctx.tracer.start(
                 method, target, headers, routes.service, key, decision.kind.value, decision.target.url
             )
             if traceparent is not None:
-                out = _without_fields(out, frozenset({b"traceparent"}))
+                # The router's span is the parent now; the tracestate goes with the trace it
+                # belongs to (none when the client's traceparent was missing or invalid).
+                out = _without_fields(out, _TRACE_FIELDS)
                 out += (b"traceparent: ", traceparent, _CRLF)
+                if tracestate is not None:
+                    out += (b"tracestate: ", tracestate, _CRLF)
         if not forwarded_for and not ctx.settings.trust_forwarded:
             # The usual case, rendered once per connection and authority rather than per request.
             if authority != self._forwarded_authority:

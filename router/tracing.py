@@ -4,8 +4,12 @@ When tracing is on (``devstack router --trace``), the hot path calls :meth:`Requ
 once the routing decision is made and :meth:`RequestTracer.finish` when the exchange ends. The
 span continues the caller's trace (W3C ``traceparent``/``tracestate``, or B3 when no
 ``traceparent`` came), and the ``traceparent`` returned by ``start`` names the router's span so the
-upstream's spans become its children. Nothing here runs when tracing is off, and nothing here may
-fail a request: both methods swallow and log their own errors.
+upstream's spans become its children; the ``tracestate`` returned with it is the one the trace
+carries (none when the router starts a new trace: a caller's tracestate without a valid
+traceparent belongs to no trace, W3C Trace Context 3.3). Both are parsed and written by the
+SDK's strict W3C propagator, so a traced router is a conforming trace-context participant.
+Nothing here runs when tracing is off, and nothing here may fail a request: both methods
+swallow and log their own errors.
 
 The tracer provider follows the standard OpenTelemetry environment: ``OTEL_SERVICE_NAME`` and
 ``OTEL_RESOURCE_ATTRIBUTES`` (default service name ``devstack-router``), ``OTEL_TRACES_SAMPLER``
@@ -32,8 +36,9 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
+
+from propagation.tracecontext import TRACEPARENT_HEADER, TRACESTATE_HEADER, DevstackTraceContextPropagator
 
 __all__ = [
     "DEFAULT_SERVICE_NAME",
@@ -68,8 +73,8 @@ class _LinesGetter(textmap.Getter[Mapping[str, list[str]]]):
 
 _GETTER: Final = _LinesGetter()
 # Later propagators win on extract: W3C trace context over B3, as in the propagation SDK.
-_EXTRACTOR: Final = CompositePropagator([B3MultiFormat(), B3SingleFormat(), TraceContextTextMapPropagator()])
-_TRACEPARENT: Final = TraceContextTextMapPropagator()
+_EXTRACTOR: Final = CompositePropagator([B3MultiFormat(), B3SingleFormat(), DevstackTraceContextPropagator()])
+_W3C: Final = DevstackTraceContextPropagator()
 
 
 def _path_of(target: bytes) -> bytes:
@@ -107,9 +112,10 @@ class RequestTracer:
         key: str | None,
         kind: str,
         upstream: str | None,
-    ) -> tuple[object, bytes | None]:
+    ) -> tuple[object, bytes | None, bytes | None]:
         """Starts the span; returns (handle for :meth:`finish`, ``traceparent`` value to send
-        upstream in place of the client's, or None to forward headers unchanged).
+        upstream in place of the client's, or None to forward headers unchanged, and the
+        ``tracestate`` to send with it, or None for none).
 
         ``headers`` are the request's raw header pairs (any name case); ``kind`` is the routing
         decision (``baseline`` or ``override``); ``upstream`` the chosen upstream URL, if any.
@@ -138,12 +144,15 @@ class RequestTracer:
                 f"{method_text} {service}", context=parent, kind=SpanKind.SERVER, attributes=attributes
             )
             out: dict[str, str] = {}
-            _TRACEPARENT.inject(out, trace.set_span_in_context(span, Context()))
-            traceparent = out.get("traceparent")
-            return span, traceparent.encode("ascii") if traceparent is not None else None
+            _W3C.inject(out, trace.set_span_in_context(span, Context()))
+            traceparent = out.get(TRACEPARENT_HEADER)
+            if traceparent is None:
+                return span, None, None
+            tracestate = out.get(TRACESTATE_HEADER)
+            return span, traceparent.encode("ascii"), tracestate.encode("ascii") if tracestate else None
         except Exception:  # noqa: BLE001 - tracing must never fail a request
             _log.debug("could not start a span; forwarding untraced", exc_info=True)
-            return None, None
+            return None, None, None
 
     def finish(self, handle: object, status: int) -> None:
         """Ends the span ``start`` returned. ``status`` is the response status sent to the client,

@@ -153,9 +153,10 @@ def make_table(services: dict[str, dict[str, Any]], version: int = 1) -> RouteTa
 
 @contextlib.asynccontextmanager
 async def running_router(
-    table: RouteTable, settings: RouterSettings | None = None, admin: bool = False
+    table: RouteTable, settings: RouterSettings | None = None, admin: bool = False, tracer: Any = None
 ) -> AsyncIterator[RouterServer]:
-    server = RouterServer(settings or RouterSettings(), table)
+    """A router in-process on a loopback port; ``tracer`` a ``router.tracing.RequestTracer``."""
+    server = RouterServer(settings or RouterSettings(), table, tracer=tracer)
     await server.start(("127.0.0.1", 0), ("127.0.0.1", 0) if admin else None)
     try:
         yield server

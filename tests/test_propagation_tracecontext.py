@@ -48,6 +48,7 @@ from propagation.tracecontext import (
     parse_tracestate,
 )
 from router.settings import Mode, RouterSettings
+from router.tracing import RequestTracer
 from tests.support import Origin, make_table, running_router
 
 TRACE_ID = "12345678901234567890123456789012"
@@ -190,7 +191,13 @@ class Harness:
             assert got.tracestate_lines == (), value
 
 
-@pytest.fixture(params=["direct", "via-routers"])
+def _router_tracer(traced: bool) -> RequestTracer | None:
+    """A traced router is a trace-context participant itself (a span per hop, tracestate
+    re-sent by the trace it belongs to): it must pass the same cases."""
+    return RequestTracer(TracerProvider()) if traced else None
+
+
+@pytest.fixture(params=["direct", "via-routers", "via-traced-routers"])
 async def harness(request: pytest.FixtureRequest, aiohttp_server: ServerFactory) -> AsyncIterator[Harness]:
     next_hop = Origin("next-hop")
     await next_hop.start()
@@ -201,10 +208,11 @@ async def harness(request: pytest.FixtureRequest, aiohttp_server: ServerFactory)
                 yield Harness(session, str(service.make_url("/test")), None, next_hop, next_hop.url)
                 return
             sidecar_table = make_table({"nexthop": {"baseline": next_hop.url, "hosts": ["nexthop"]}})
-            async with running_router(sidecar_table, RouterSettings(mode=Mode.SIDECAR)) as sidecar:
+            tracer = _router_tracer(request.param == "via-traced-routers")
+            async with running_router(sidecar_table, RouterSettings(mode=Mode.SIDECAR), tracer=tracer) as sidecar:
                 service = await aiohttp_server(service_app(proxy=f"http://127.0.0.1:{sidecar.address[1]}"))
                 ingress_table = make_table({"service": {"baseline": str(service.make_url("")), "hosts": ["service"]}})
-                async with running_router(ingress_table) as ingress:
+                async with running_router(ingress_table, tracer=tracer) as ingress:
                     url = f"http://127.0.0.1:{ingress.address[1]}/test"
                     yield Harness(session, url, "service", next_hop, "http://nexthop")
     finally:

@@ -46,7 +46,7 @@ def test_continues_the_callers_trace_and_names_its_own_span_downstream(
     tracer: RequestTracer, exported: InMemorySpanExporter
 ) -> None:
     headers = [(b"Host", b"payments"), (b"TraceParent", TRACEPARENT), (b"tracestate", b"vendor=x")]
-    handle, traceparent = tracer.start(
+    handle, traceparent, _ = tracer.start(
         b"GET", b"/pay?x=1", headers, "payments", "alice", "override", "http://127.0.0.1:9102"
     )
     assert traceparent is not None
@@ -76,7 +76,7 @@ def test_continues_the_callers_trace_and_names_its_own_span_downstream(
 
 def test_b3_parent_when_no_traceparent(tracer: RequestTracer, exported: InMemorySpanExporter) -> None:
     headers = [(b"X-B3-TraceId", TRACE_ID.encode()), (b"X-B3-SpanId", PARENT_ID.encode()), (b"X-B3-Sampled", b"1")]
-    handle, traceparent = tracer.start(b"POST", b"/", headers, "orders", None, "baseline", "http://127.0.0.1:9001")
+    handle, traceparent, _ = tracer.start(b"POST", b"/", headers, "orders", None, "baseline", "http://127.0.0.1:9001")
     tracer.finish(handle, 201)
     span = only_span(exported)
     assert span.parent is not None and span.parent.span_id == int(PARENT_ID, 16)
@@ -88,7 +88,7 @@ def test_b3_parent_when_no_traceparent(tracer: RequestTracer, exported: InMemory
 
 def test_single_header_b3_parent(tracer: RequestTracer, exported: InMemorySpanExporter) -> None:
     headers = [(b"b3", f"{TRACE_ID}-{PARENT_ID}-1".encode())]
-    handle, traceparent = tracer.start(b"GET", b"/", headers, "orders", None, "baseline", None)
+    handle, traceparent, _ = tracer.start(b"GET", b"/", headers, "orders", None, "baseline", None)
     tracer.finish(handle, 200)
     assert only_span(exported).parent is not None
     assert traceparent is not None and parse_traceparent(traceparent)[1] == TRACE_ID
@@ -97,7 +97,7 @@ def test_single_header_b3_parent(tracer: RequestTracer, exported: InMemorySpanEx
 def test_w3c_wins_over_b3(tracer: RequestTracer, exported: InMemorySpanExporter) -> None:
     other = "a" * 32
     headers = [(b"x-b3-traceid", other.encode()), (b"x-b3-spanid", b"b" * 16), (b"traceparent", TRACEPARENT)]
-    handle, _ = tracer.start(b"GET", b"/", headers, "orders", None, "baseline", None)
+    handle, _, _ = tracer.start(b"GET", b"/", headers, "orders", None, "baseline", None)
     tracer.finish(handle, 200)
     parent = only_span(exported).parent
     assert parent is not None and parent.trace_id == int(TRACE_ID, 16)
@@ -117,7 +117,7 @@ def test_w3c_wins_over_b3(tracer: RequestTracer, exported: InMemorySpanExporter)
 def test_no_or_bad_parent_starts_a_new_trace(
     tracer: RequestTracer, exported: InMemorySpanExporter, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    handle, traceparent = tracer.start(b"GET", b"/", headers, "orders", None, "baseline", None)
+    handle, traceparent, _ = tracer.start(b"GET", b"/", headers, "orders", None, "baseline", None)
     tracer.finish(handle, 200)
     span = only_span(exported)
     assert span.parent is None
@@ -140,7 +140,7 @@ def test_no_or_bad_parent_starts_a_new_trace(
     ],
 )
 def test_url_path(tracer: RequestTracer, exported: InMemorySpanExporter, target: bytes, path: str) -> None:
-    handle, _ = tracer.start(b"OPTIONS", target, [], "payments", None, "baseline", None)
+    handle, _, _ = tracer.start(b"OPTIONS", target, [], "payments", None, "baseline", None)
     tracer.finish(handle, 204)
     assert (only_span(exported).attributes or {})["url.path"] == path
 
@@ -159,7 +159,7 @@ def test_url_path(tracer: RequestTracer, exported: InMemorySpanExporter, target:
 def test_status(
     tracer: RequestTracer, exported: InMemorySpanExporter, status: int, code: StatusCode, error_type: str | None
 ) -> None:
-    handle, _ = tracer.start(b"GET", b"/", [(b"traceparent", TRACEPARENT)], "payments", "carol", "override", None)
+    handle, _, _ = tracer.start(b"GET", b"/", [(b"traceparent", TRACEPARENT)], "payments", "carol", "override", None)
     tracer.finish(handle, status)
     span = only_span(exported)
     attributes = dict(span.attributes or {})
@@ -170,7 +170,7 @@ def test_status(
 
 def test_unsampled_parent_is_honoured(tracer: RequestTracer, exported: InMemorySpanExporter) -> None:
     unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00".encode()
-    handle, traceparent = tracer.start(b"GET", b"/", [(b"traceparent", unsampled)], "orders", None, "baseline", None)
+    handle, traceparent, _ = tracer.start(b"GET", b"/", [(b"traceparent", unsampled)], "orders", None, "baseline", None)
     tracer.finish(handle, 200)
     assert exported.get_finished_spans() == ()  # parent-based sampling: not recorded
     assert traceparent is not None
@@ -182,7 +182,8 @@ def test_sampler_off_still_propagates_the_trace(exported: InMemorySpanExporter) 
     provider = TracerProvider(sampler=ALWAYS_OFF)
     provider.add_span_processor(SimpleSpanProcessor(exported))
     tracer = RequestTracer(provider)
-    handle, traceparent = tracer.start(b"GET", b"/", [(b"traceparent", TRACEPARENT)], "orders", None, "baseline", None)
+    headers = [(b"traceparent", TRACEPARENT)]
+    handle, traceparent, _ = tracer.start(b"GET", b"/", headers, "orders", None, "baseline", None)
     tracer.finish(handle, 200)
     assert exported.get_finished_spans() == ()
     assert traceparent is not None and parse_traceparent(traceparent)[1] == TRACE_ID
@@ -196,7 +197,7 @@ def test_finish_ignores_what_start_did_not_make(tracer: RequestTracer, exported:
 
 def test_start_never_raises(tracer: RequestTracer) -> None:
     bad: list[tuple[bytes, bytes]] = [(1, b"x")]  # type: ignore[list-item]
-    assert tracer.start(b"GET", b"/", bad, "orders", None, "baseline", None) == (None, None)
+    assert tracer.start(b"GET", b"/", bad, "orders", None, "baseline", None) == (None, None, None)
 
 
 def test_exporters_from_env() -> None:
@@ -227,7 +228,8 @@ def test_make_tracer_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tracer is not None
     try:
         assert tracer.provider.resource.attributes[SERVICE_NAME] == "devstack-router"
-        handle, traceparent = tracer.start(b"GET", b"/", [(b"traceparent", TRACEPARENT)], "a", None, "baseline", None)
+        headers = [(b"traceparent", TRACEPARENT)]
+        handle, traceparent, _ = tracer.start(b"GET", b"/", headers, "a", None, "baseline", None)
         assert traceparent is not None and parse_traceparent(traceparent)[1] == TRACE_ID
         tracer.finish(handle, 200)
     finally:
@@ -283,3 +285,22 @@ async def test_router_with_tracing_starts_a_server_span_and_continues_the_trace(
     (forwarded,) = seen.header("traceparent")
     assert forwarded.split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert forwarded.split("-")[2] == f"{span.context.span_id:016x}"
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([(b"traceparent", TRACEPARENT), (b"tracestate", b"vendor=x,t@sys=1")], b"vendor=x,t@sys=1"),
+        ([(b"tracestate", b"vendor=x")], None),  # no traceparent: a new trace, no state of a lost one
+        ([(b"traceparent", b"00-" + b"0" * 32 + b"-" + PARENT_ID.encode() + b"-01"), (b"tracestate", b"a=1")], None),
+        ([(b"traceparent", TRACEPARENT), (b"tracestate", b"Bad Key=1")], None),  # invalid: discarded whole
+    ],
+    ids=["continued", "no-traceparent", "invalid-traceparent", "invalid-tracestate"],
+)
+def test_tracestate_goes_with_the_trace_it_belongs_to(
+    tracer: RequestTracer, headers: list[tuple[bytes, bytes]], expected: bytes | None
+) -> None:
+    handle, traceparent, tracestate = tracer.start(b"GET", b"/", headers, "orders", None, "baseline", None)
+    tracer.finish(handle, 200)
+    assert traceparent is not None
+    assert tracestate == expected
