@@ -277,6 +277,9 @@ class ClientConnection(asyncio.Protocol):
         # table generation, result): a connection nearly always names one authority, so both
         # are done once per connection and table rather than per request.
         self._valid_host: bytes | None = None
+        self._host_padded = False
+        """Whether that Host value ends in whitespace, which is not part of it (RFC 9110 5.5):
+        llhttp keeps it, so it is trimmed here rather than per field for every header."""
         self._route_authority: bytes | None = None
         self._route_generation = -1
         self._routes: Routes | None = None
@@ -295,6 +298,9 @@ class ClientConnection(asyncio.Protocol):
         self._write_paused = False
         self._tunnel = False
         self._tunnel_pending: list[bytes] | None = None
+        self._tunnel_pending_bytes = 0
+        """Bytes a client sent after its Upgrade head, held until the upstream answers: reading
+        goes on meanwhile (a reset must be seen at once), up to _BUFFER_LIMIT."""
         self._plain_after_upgrade = False
         """llhttp stopped at an Upgrade the router does not tunnel: parsing goes on afresh."""
         self._client_eof = False
@@ -350,7 +356,7 @@ class ClientConnection(asyncio.Protocol):
             self._discard(data)
             return
         if self._tunnel_pending is not None:
-            self._tunnel_pending.append(data)
+            self._hold_for_tunnel(data)
             return
         if self._paused & _PAUSE_DONE or self._closed:
             return
@@ -367,8 +373,8 @@ class ClientConnection(asyncio.Protocol):
                 if rest:
                     self.data_received(rest)
                 return
-            self._tunnel_pending = [rest] if rest else []
-            self._pause(_PAUSE_UPGRADE)
+            self._tunnel_pending = []
+            self._hold_for_tunnel(rest)
         except (httptools.HttpParserError, _Reject) as exc:
             if self._lingering:
                 return  # the exchange was answered mid-feed; what follows is discarded unread
@@ -388,6 +394,17 @@ class ClientConnection(asyncio.Protocol):
                 limits = self.ctx.settings.limits
                 if self._head_bytes > limits.max_header_bytes + limits.max_request_line + _BUFFER_LIMIT:
                     self._reject(431, "request head too large")
+
+    def _hold_for_tunnel(self, data: bytes) -> None:
+        # Reading is paused only past the limit: a paused socket would not notice a reset, and
+        # a client that gives up before the 101 must release its upstream connection at once.
+        pending = self._tunnel_pending
+        assert pending is not None
+        if data:
+            pending.append(data)
+            self._tunnel_pending_bytes += len(data)
+            if self._tunnel_pending_bytes > _BUFFER_LIMIT:
+                self._pause(_PAUSE_UPGRADE)
 
     def eof_received(self) -> bool | None:
         self._client_eof = True
@@ -478,9 +495,6 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._reading_head:
             return  # chunked trailer fields: dropped, never merged into the forwarded head
-        if value and value[-1] in (32, 9):
-            # llhttp keeps trailing whitespace; it is not part of the value (RFC 9110 5.5).
-            value = value.rstrip(b" \t")
         self._header_bytes += len(name) + len(value) + 4
         limits = self.ctx.settings.limits
         if self._header_bytes > limits.max_header_bytes or len(self._headers) >= limits.max_headers:
@@ -651,10 +665,19 @@ class ClientConnection(asyncio.Protocol):
 
         if host is None and req.http11:
             raise _Reject(400, "HTTP/1.1 request without Host")
-        if host is not None and host != self._valid_host:
-            if not is_valid_authority(host):
-                raise _Reject(400, "invalid Host header")
-            self._valid_host = host
+        if host is not None:
+            if host != self._valid_host:
+                trimmed = host.rstrip(b" \t")
+                if not is_valid_authority(trimmed):
+                    raise _Reject(400, "invalid Host header")
+                self._valid_host = host
+                self._host_padded = len(trimmed) != len(host)
+            if self._host_padded:
+                padded, host = host, host.rstrip(b" \t")
+                for i in range(6, len(out), 4):  # field values sit at 6, 10, ... (see _add_field)
+                    if out[i] is padded:  # this very object: no other field can be mistaken for it
+                        out[i] = host
+                        break
         if transfer_encoding is not None:
             if not req.http11:
                 raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")

@@ -354,8 +354,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_io = now
         self.idle_limit = self._timeouts.body_idle if body_pending else self._timeouts.upstream_response
         deadline = now + self.idle_limit
-        self._rate_base = deadline if body_pending and self._min_rate else 0.0
-        self._body_sent = 0
+        if body_pending and self._min_rate:
+            # (Otherwise _rate_base is already 0: request_sent() ended the last body's clock.)
+            self._rate_base = deadline
+            self._body_sent = 0
         timer = self._timer
         if timer is None or self._timer_at > deadline:
             if timer is not None:

@@ -5,13 +5,17 @@ mutations of them: inserted/deleted/replaced bytes, duplicated lines, CL/TE comb
 whitespace, bare LF/CR, NUL, obs-fold, huge/negative/hex Content-Length, chunk-size garbage,
 oversize heads) through one real router to two recording raw-TCP origins (baseline and alice),
 and checks the invariants listed in tests/fuzz_support.py against an independent reference parse
-of the client's bytes.
+of the client's bytes. Two more fuzz tests, on a second router with sub-second timers, check the
+connection lifecycle: WebSocket tunnels whose client and origin send, half-close and reset in
+random order (also before the 101), and request bodies dripped in pieces (honest, too slow,
+stalled, abandoned); after each, no connection, tunnel or pool slot outlives the exchange.
 
-Profiles (``DEVSTACK_FUZZ_PROFILE``): ``ci`` (default, part of ``make test``, well under 90 s on
-two cores) and ``long`` (20 000 examples, ``make fuzz``); ``DEVSTACK_FUZZ_EXAMPLES=N`` overrides the
-count. ``DEVSTACK_FUZZ_STRICT=1`` also fails on the open bugs reproduced by the xfail tests below
-(instead of counting them). Below the fuzz test: regression tests for the bugs it found and that
-are fixed, then strict-xfail reproductions of the open ones.
+Profiles (``DEVSTACK_FUZZ_PROFILE``): ``ci`` (default, part of ``make test``: 600 request, 300
+tunnel and 80 drip examples, about 70 s on two cores) and ``long`` (20 000, 5 000 and 1 000,
+``make fuzz``); ``DEVSTACK_FUZZ_EXAMPLES``, ``DEVSTACK_FUZZ_TUNNEL_EXAMPLES`` and
+``DEVSTACK_FUZZ_DRIP_EXAMPLES`` override the counts. ``DEVSTACK_FUZZ_STRICT=1`` also fails on the
+request fuzz's known-bug patterns (instead of counting them). Below the fuzz tests: regression
+tests for the bugs they found and that are fixed, then strict-xfail reproductions of open ones.
 """
 
 from __future__ import annotations
@@ -19,15 +23,26 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
+import struct
 import sys
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 from router.server import RouterServer
 from router.settings import RouterSettings, Timeouts
-from tests.fuzz_support import Case, Harness, cases
+from tests.fuzz_support import (
+    LIFECYCLE_SETTINGS,
+    Case,
+    DripCase,
+    Harness,
+    TunnelCase,
+    cases,
+    drip_cases,
+    tunnel_cases,
+)
 from tests.support import (
     Origin,
     RawOrigin,
@@ -52,6 +67,10 @@ _COMMON = {
     ],
 }
 _EXAMPLES = {"ci": 600, "long": 20000}
+_TUNNEL_EXAMPLES = {"ci": 300, "long": 5000}
+_DRIP_EXAMPLES = {"ci": 80, "long": 1000}
+"""A tunnel example takes ~10 ms (~1 s when it waits for tunnel_idle), a drip example ~0.3 s on
+average: its pauses and the router's timers are the point."""
 settings.register_profile("devstack-fuzz-ci", max_examples=_EXAMPLES["ci"], **_COMMON)
 settings.register_profile("devstack-fuzz-long", max_examples=_EXAMPLES["long"], **_COMMON)
 if PROFILE not in ("ci", "long"):
@@ -82,6 +101,94 @@ def test_fuzz_router_with_generated_and_mutated_requests(harness: Harness, capsy
         with capsys.disabled():
             sys.stdout.write("\n" + harness.summary(PROFILE) + "\n")
     assert harness.examples > 0
+
+
+_WS = b"GET /__ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+# Every run covers each kind of ending at least once, whatever mix Hypothesis draws.
+_HALF_CLOSES = TunnelCase(
+    head=_WS,
+    early=b"early",
+    before=(("client-send", b"before the 101"),),
+    first=b"with the 101",
+    after=(("client-send", b"c"), ("client-fin", b""), ("origin-send", b"after the client's FIN"), ("settle", b"")),
+    finish=("origin-fin",),
+)
+_IDLE = TunnelCase(head=_WS, after=(("client-send", b"x"), ("origin-send", b"y"), ("settle", b"")), finish=("idle",))
+_RESET_BEFORE_101 = TunnelCase(head=_WS, before=(("client-send", b"x"), ("client-rst", b"")))
+_ORIGIN_RESETS_FIRST = TunnelCase(head=_WS, answers=("reset", "accept"), after=(("origin-rst", b""),))
+_H2C = TunnelCase(
+    head=b"GET /__ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    pipelined=True,
+)
+_SLOW_LARGE = DripCase("large", "slow", 20000, step=30, keeps_sending=True)
+_SLOW_SMALL = DripCase("small", "slow", 4000, step=30)
+_STEADY_CHUNKED = DripCase("chunked", "steady", 8000, chunk=1000, step=700, end="fin")
+_STALLED = DripCase("large", "stall", 20000, cuts=(5000, 10000), stop_at=2)
+_ABANDONED = DripCase("chunked", "abandon", 5000, chunk=100, cuts=(1000,), stop_at=1, end="rst")
+
+
+@pytest.fixture(scope="module")
+def lifecycle() -> Iterator[Harness]:
+    """A router with sub-second body, linger and tunnel deadlines, for the lifecycle examples."""
+    h = Harness(LIFECYCLE_SETTINGS)
+    h.start()
+    yield h
+    h.stop()
+
+
+@pytest.mark.timeout(0 if PROFILE == "long" else 240)
+def test_fuzz_tunnels_end_with_either_side(lifecycle: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    # Client and origin send, half-close and reset in random order around a WebSocket upgrade;
+    # whatever they do, bytes cross in order until a reset, a FIN arrives as EOF, and the router
+    # keeps no connection, tunnel or pool slot once both ends are done.
+    examples = int(os.environ.get("DEVSTACK_FUZZ_TUNNEL_EXAMPLES", _TUNNEL_EXAMPLES[PROFILE]))
+
+    @settings(settings.get_profile(f"devstack-fuzz-{PROFILE}"), max_examples=examples)
+    @given(case=tunnel_cases())
+    @example(case=_HALF_CLOSES)
+    @example(case=_IDLE)
+    @example(case=_RESET_BEFORE_101)
+    @example(case=_ORIGIN_RESETS_FIRST)
+    @example(case=_H2C)
+    def run(case: TunnelCase) -> None:
+        lifecycle.check_tunnel(case)
+
+    lifecycle.start_tally()
+    try:
+        run()
+    finally:
+        with capsys.disabled():
+            sys.stdout.write("\n" + lifecycle.lifecycle_summary(f"tunnels[{PROFILE}]") + "\n")
+    assert lifecycle.tally["idle tunnel ends"] > 0  # the explicit examples ran
+
+
+@pytest.mark.timeout(0 if PROFILE == "long" else 240)
+def test_fuzz_drip_fed_bodies_are_delivered_or_refused_and_released(
+    lifecycle: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Bodies in pieces with pauses: an honest one arrives intact; one slower than body_min_rate
+    # or stalled past body_idle gets 408 and frees its upstream connection at once; an abandoned
+    # one leaves nothing behind.
+    examples = int(os.environ.get("DEVSTACK_FUZZ_DRIP_EXAMPLES", _DRIP_EXAMPLES[PROFILE]))
+
+    @settings(settings.get_profile(f"devstack-fuzz-{PROFILE}"), max_examples=examples)
+    @given(case=drip_cases())
+    @example(case=_SLOW_LARGE)
+    @example(case=_SLOW_SMALL)
+    @example(case=_STEADY_CHUNKED)
+    @example(case=_STALLED)
+    @example(case=_ABANDONED)
+    def run(case: DripCase) -> None:
+        lifecycle.check_drip(case)
+
+    lifecycle.start_tally()
+    try:
+        run()
+    finally:
+        with capsys.disabled():
+            sys.stdout.write("\n" + lifecycle.lifecycle_summary(f"drips[{PROFILE}]") + "\n")
+    assert lifecycle.tally["408 body-too-slow"] > 0  # the explicit examples ran
 
 
 def test_a_limit_answer_to_head_is_bodiless_even_where_the_head_would_not_have_parsed(harness: Harness) -> None:
@@ -218,3 +325,33 @@ async def test_refusal_of_a_head_request_with_too_many_fields_has_no_body(router
     assert status_of(response) == 431
     assert response.endswith(b"\r\n\r\n"), response
     assert closed
+
+
+async def test_a_client_reset_while_its_upgrade_awaits_the_101_ends_the_exchange_at_once() -> None:
+    # Found by the lifecycle fuzz: the router stopped reading the client once an Upgrade head was
+    # parsed (what follows is tunnel data), so it never saw the client's RST while the origin had
+    # not answered, and held the client connection and the upstream connection until the origin
+    # answered or upstream_response passed (60 s by default). It now reads on, holding up to
+    # 256 KiB for the tunnel: the upstream connection is closed within a second.
+    got_head, released = asyncio.Event(), asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        got_head.set()
+        await reader.read()  # b"" once the router closes its upstream connection
+        released.set()
+
+    async with RawOrigin(script) as origin:
+        settings = RouterSettings(timeouts=Timeouts(upstream_response=2))
+        async with running_router(make_table({"a": {"baseline": origin.url}}), settings) as r:
+            _, writer = await asyncio.open_connection(*r.address)
+            writer.write(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            await asyncio.wait_for(got_head.wait(), 5)
+            sock = writer.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+            writer.transport.abort()
+            try:
+                await asyncio.wait_for(released.wait(), 1.0)
+            finally:
+                await asyncio.wait_for(released.wait(), 3.0)  # the upstream timeout ends it: no stray task
+            assert (r.stats.open_connections, r.stats.upstream_connections) == (0, 0)

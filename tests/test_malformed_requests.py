@@ -270,13 +270,12 @@ async def test_broken_upstream_framing_gives_502_and_is_never_copied(case: str, 
 async def test_whitespace_after_a_host_value_is_not_part_of_it(
     router: RouterServer, origins: dict[str, Origin]
 ) -> None:
-    raw = b"GET / HTTP/1.1\r\nHost: a \t\r\nX-Padded: v  \r\nConnection: close\r\n\r\n"
+    raw = b"GET / HTTP/1.1\r\nHost: a \t\r\nConnection: close\r\n\r\n"
     response, _ = await exchange(router.address[1], raw)
     assert status_of(response) == 200, response[:200]
     (seen,) = origins["baseline"].seen
     assert seen.header("host") == ["a"]
     assert seen.header("x-forwarded-host") == ["a"]
-    assert seen.header("x-padded") == ["v"]
 
 
 @pytest.mark.parametrize("host", [b"a:", b"a:8080", b"[::1]:80", b"A:65535"])
