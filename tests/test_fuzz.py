@@ -6,9 +6,10 @@ whitespace, bare LF/CR, NUL, obs-fold, huge/negative/hex Content-Length, chunk-s
 oversize heads) through one real router to two recording raw-TCP origins (baseline and alice),
 and checks the invariants listed in tests/fuzz_support.py against an independent reference parse
 of the client's bytes. Two more fuzz tests, on a second router with sub-second timers, check the
-connection lifecycle: WebSocket tunnels whose client and origin send, half-close and reset in
-random order (also before the 101), and request bodies dripped in pieces (honest, too slow,
-stalled, abandoned); after each, no connection, tunnel or pool slot outlives the exchange.
+connection lifecycle (tests/fuzz_lifecycle.py): WebSocket tunnels whose client and origin send,
+half-close and reset in random order (also before the 101), and request bodies dripped in pieces
+(honest, too slow, stalled, abandoned); after each, no connection, tunnel or pool slot outlives
+the exchange.
 
 Profiles (``DEVSTACK_FUZZ_PROFILE``): ``ci`` (default, part of ``make test``: 600 request, 300
 tunnel and 80 drip examples, about 70 s on two cores) and ``long`` (20 000, 5 000 and 1 000,
@@ -33,16 +34,8 @@ from hypothesis import HealthCheck, example, given, settings
 
 from router.server import RouterServer
 from router.settings import RouterSettings, Timeouts
-from tests.fuzz_support import (
-    LIFECYCLE_SETTINGS,
-    Case,
-    DripCase,
-    Harness,
-    TunnelCase,
-    cases,
-    drip_cases,
-    tunnel_cases,
-)
+from tests.fuzz_lifecycle import DripCase, LifecycleHarness, TunnelCase, drip_cases, tunnel_cases
+from tests.fuzz_support import Case, Harness, cases
 from tests.support import (
     Origin,
     RawOrigin,
@@ -129,16 +122,16 @@ _ABANDONED = DripCase("chunked", "abandon", 5000, chunk=100, cuts=(1000,), stop_
 
 
 @pytest.fixture(scope="module")
-def lifecycle() -> Iterator[Harness]:
+def lifecycle() -> Iterator[LifecycleHarness]:
     """A router with sub-second body, linger and tunnel deadlines, for the lifecycle examples."""
-    h = Harness(LIFECYCLE_SETTINGS)
+    h = LifecycleHarness()
     h.start()
     yield h
     h.stop()
 
 
 @pytest.mark.timeout(0 if PROFILE == "long" else 240)
-def test_fuzz_tunnels_end_with_either_side(lifecycle: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fuzz_tunnels_end_with_either_side(lifecycle: LifecycleHarness, capsys: pytest.CaptureFixture[str]) -> None:
     # Client and origin send, half-close and reset in random order around a WebSocket upgrade;
     # whatever they do, bytes cross in order until a reset, a FIN arrives as EOF, and the router
     # keeps no connection, tunnel or pool slot once both ends are done.
@@ -165,7 +158,7 @@ def test_fuzz_tunnels_end_with_either_side(lifecycle: Harness, capsys: pytest.Ca
 
 @pytest.mark.timeout(0 if PROFILE == "long" else 240)
 def test_fuzz_drip_fed_bodies_are_delivered_or_refused_and_released(
-    lifecycle: Harness, capsys: pytest.CaptureFixture[str]
+    lifecycle: LifecycleHarness, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Bodies in pieces with pauses: an honest one arrives intact; one slower than body_min_rate
     # or stalled past body_idle gets 408 and frees its upstream connection at once; an abandoned
