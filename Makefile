@@ -69,7 +69,7 @@ fuzz: setup
 	DEVSTACK_FUZZ_PROFILE=long $(BIN)/pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 kube-test: setup
-	$(BIN)/pytest -q tests/kube tests/test_kube_*.py
+	$(BIN)/pytest -q tests/kube
 
 clean:
 	rm -rf $(VENV) build router/*.so router/_compiled.json *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -12,7 +12,7 @@ import yaml
 from controller.kube_build import find_leaks, parse_duration, routes_from_deployments
 from router.table import RouteTable
 
-FIXTURES = Path(__file__).parent / "fixtures" / "kube"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "kube"
 CASES = sorted(FIXTURES.glob("*.yaml"))
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from controller.kube_build import find_leaks, routes_from_deployments
 
-MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 KUSTOMIZATIONS = {"kustomization.yaml"}
 VERSIONS = ["1.29", kubernetes_validate.latest_version()]
 """The oldest Kubernetes we support and the newest the validator knows."""
