@@ -176,9 +176,9 @@ TE_OTHER: Final = 2
 _SPLIT_WHOLE: Final = 1024
 """Buffers up to this size are split whole: a small response's head and body cost one pass."""
 
-_HOP_OTHER: Final = frozenset(
-    {b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer", b"upgrade"}
-)
+_HOP_OTHER: Final = HOP_BY_HOP - {b"connection", b"keep-alive", b"transfer-encoding", b"content-length"}
+"""Hop-by-hop fields the response scan has no rule of its own for: their presence alone sends a
+head down the rebuilding path. ``_speedups.c`` spells the same names (tests/test_http_rules.py)."""
 
 
 def scan_response_head(buf: bytes) -> tuple[int, int, int, bytes | None]:

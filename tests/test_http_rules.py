@@ -7,7 +7,9 @@ also agree with the Python one on arbitrary bytes, errors included.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -204,3 +206,18 @@ def test_the_c_scan_keeps_every_cut_of_a_head_with_many_hop_by_hop_lines() -> No
 def test_the_c_scan_refuses_what_is_not_bytes() -> None:
     with pytest.raises(TypeError):
         _speedups.scan_response_head(bytearray(b"HTTP/1.1 200 OK\r\n\r\n"))  # type: ignore[arg-type]
+
+
+_C_SOURCE = Path(http.__file__).resolve().with_name("_speedups.c")
+
+
+def test_the_c_head_scan_looks_at_exactly_the_hop_by_hop_fields_of_its_original() -> None:
+    # The C scan cannot import the Python list, so it repeats it; this holds the two equal.
+    source = _C_SOURCE.read_text()
+    named = {name.encode() for name in re.findall(r'lower_equals\(line, name_len, "([a-z-]+)"\)', source)}
+    assert named == http.HOP_BY_HOP
+    branch = r'else if \((lower_equals\(line, name_len, "[a-z-]+"\)\s*(\|\|\s*)?)+\)\s*\{\s*passthrough_ok = 0;'
+    chain = re.search(branch, source)
+    assert chain is not None, "the C scan's catch-all hop-by-hop branch moved: update this test"
+    others = {name.encode() for name in re.findall(r'"([a-z-]+)"', chain.group(0))}
+    assert others == http._HOP_OTHER
