@@ -1,9 +1,11 @@
-"""HTTP/1.1 message rules the proxy applies: header classification and head rendering.
+"""HTTP/1.1 rules both sides of the hot path share, written once and free of I/O.
 
-This module is the sans-I/O half of the hot path: it turns parsed header lists into the exact
-bytes the router forwards, and renders the router's own error responses. It touches no socket
-and keeps no state, so every rule here is testable without a connection. It must never copy a
-framing header through unchanged: framing is always rendered by ``render_*`` from parsed values.
+The field names that never cross a hop (hop-by-hop, and framing the router re-renders) and those
+a ``Connection`` header may not strip; authority (Host) validation; ``Connection`` tokens; the
+one-pass scan of an upstream's response head (framing, and whether it can be forwarded as
+received); and the bodies of the router's own answers. It touches no socket and keeps no state, so
+every rule here is testable without a connection. Framing fields are never copied through: the
+scan reports Content-Length and Transfer-Encoding so the proxy renders its own from those values.
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ A ``ClientConnection`` parses requests strictly (llhttp via httptools plus the c
 leaves to us), picks the service from the authority and the routing key from the request's
 headers, resolves the current ``RouteTable`` once, and streams the exchange through a pooled
 ``UpstreamConnection``: request body up, response body down, backpressure both ways, WebSocket
-tunnels after a 101. It never awaits anything on the request path (connection setup is the only
-task, owned by the pool), never logs per request, and never forwards a request it had to guess
-about: every ambiguity is answered by the router itself with a 4xx and the connection closes.
+tunnels after a 101 (each side's FIN passed on, ended when both are done). It never awaits
+anything on the request path (connection setup is the only task, owned by the pool), never logs
+per request, and never forwards a request it had to guess about: every ambiguity is answered by
+the router itself with a 4xx and the connection closes, after a bounded lingering read when the
+client was still sending a body.
 """
 
 from __future__ import annotations
