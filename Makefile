@@ -9,7 +9,8 @@ INTERPRETED_TESTS ?= tests/test_keys.py tests/test_table.py tests/test_proxy.py 
 	tests/test_tracing.py tests/test_fuzz.py tests/test_demo.py tests/test_compiled.py \
 	tests/test_tunnels.py tests/test_slow_bodies.py
 
-HOT_PATH_SOURCES := $(wildcard router/http.py router/keys.py router/proxy.py router/settings.py router/stats.py router/table.py router/upstream.py router/_speedups.c)
+# router/_native.py owns the list of compiled sources (setup.py and router/__init__.py read it too).
+HOT_PATH_SOURCES := $(shell python3 router/_native.py sources)
 
 .PHONY: setup compile run test lint unit kube-test bench bench-quick bench-scale bench-micro fuzz soak clean
 
@@ -25,7 +26,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 ## The router hot path as C extensions (mypyc, plus the C helpers in router/*.c), rebuilt whenever one of its sources changes.
 compile: router/_compiled.json
 
-router/_compiled.json: $(VENV)/.installed $(HOT_PATH_SOURCES) setup.py
+router/_compiled.json: $(VENV)/.installed $(HOT_PATH_SOURCES) router/_native.py setup.py
 	@mkdir -p build
 	$(PY) setup.py -q build_ext --inplace > build/compile.log 2>&1 || true
 	@$(PY) -W ignore -c 'import router, sys; print("router hot path:", router.HOT_PATH_MODE); sys.exit(not router.COMPILED)' \

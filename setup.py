@@ -10,27 +10,29 @@ manifest of the compiled sources' hashes lets ``router/__init__.py`` refuse stal
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-HOT_PATH = ("http", "keys", "proxy", "settings", "stats", "table", "upstream")
-"""router/ modules compiled together; router/__init__.py keeps the same list."""
-NATIVE_HELPERS = ("_speedups",)
-"""Hand-written C extensions router/<name>.c, built along; router/__init__.py keeps the same list."""
 
-MANIFEST = "_compiled.json"
+def _load_native() -> ModuleType:
+    """router/_native.py by path: the one definition of what is compiled, loaded without
+    importing the router package (whose own import judges the build this script makes)."""
+    path = Path(__file__).resolve().parent / "router" / "_native.py"
+    spec = importlib.util.spec_from_file_location("_devstack_native", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _sources_digest() -> dict[str, str]:
-    here = Path(__file__).resolve().parent / "router"
-    sources = {name: here / f"{name}.py" for name in HOT_PATH} | {name: here / f"{name}.c" for name in NATIVE_HELPERS}
-    return {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in sources.items()}
+native = _load_native()
 
 
 class OptionalBuildExt(build_ext):
@@ -45,7 +47,7 @@ class OptionalBuildExt(build_ext):
         if self.extensions:
             target = Path("router") if self.inplace else Path(self.build_lib) / "router"
             target.mkdir(parents=True, exist_ok=True)
-            (target / MANIFEST).write_text(json.dumps(_sources_digest(), indent=1, sort_keys=True) + "\n")
+            (target / native.MANIFEST).write_text(json.dumps(native.digests(), indent=1, sort_keys=True) + "\n")
 
 
 def _extensions() -> list[object]:
@@ -59,11 +61,13 @@ def _extensions() -> list[object]:
     # The compile's own type check: the project's strict settings, but third-party packages
     # that may be absent from an isolated build environment are treated as untyped.
     compiled = mypycify(
-        ["--config-file=", "--ignore-missing-imports", *(f"router/{name}.py" for name in HOT_PATH)],
+        ["--config-file=", "--ignore-missing-imports", *(f"router/{name}.py" for name in native.HOT_PATH_MODULES)],
         opt_level="3",
         group_name="router._hotpath",
     )
-    helpers = [Extension(f"router.{name}", [f"router/{name}.c"], extra_compile_args=["-O3"]) for name in NATIVE_HELPERS]
+    helpers = [
+        Extension(f"router.{name}", [f"router/{name}.c"], extra_compile_args=["-O3"]) for name in native.NATIVE_HELPERS
+    ]
     return [*compiled, *helpers]
 
 

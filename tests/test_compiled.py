@@ -49,11 +49,18 @@ def test_the_suite_runs_the_mode_it_was_asked_for() -> None:
         assert router.proxy.__file__.endswith(SUFFIX if router.COMPILED else ".py")
 
 
-def test_setup_py_compiles_exactly_the_modules_the_package_guards() -> None:
-    setup_py = (ROUTER_DIR.parent / "setup.py").read_text()
-    for variable, names in (("HOT_PATH", router.HOT_PATH_MODULES), ("NATIVE_HELPERS", router.NATIVE_HELPERS)):
-        listed = setup_py.split(f"\n{variable} = (", 1)[1].split(")", 1)[0]
-        assert tuple(name.strip().strip('"') for name in listed.split(",") if name.strip()) == names
+def test_setup_py_and_the_makefile_take_the_compiled_modules_from_router_native() -> None:
+    root = ROUTER_DIR.parent
+    setup_py = (root / "setup.py").read_text()
+    assert "native.HOT_PATH_MODULES" in setup_py and "native.NATIVE_HELPERS" in setup_py
+    assert '"proxy"' not in setup_py, "setup.py keeps a module list of its own again"
+    assert "router/_native.py sources" in (root / "Makefile").read_text()
+    listed = subprocess.run(
+        [sys.executable, "router/_native.py", "sources"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split()
+    expected = [f"router/{name}.py" for name in router.HOT_PATH_MODULES]
+    assert listed == expected + [f"router/{name}.c" for name in router.NATIVE_HELPERS]
+    assert all((root / path).exists() for path in listed)
 
 
 def _import_in_copy(tmp_path: Path, edit: str | None, env: dict[str, str] | None = None) -> dict[str, object]:
