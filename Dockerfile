@@ -13,6 +13,7 @@ RUN apt-get update \
 
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
+COPY devstack ./devstack
 COPY router ./router
 COPY controller ./controller
 COPY propagation ./propagation

@@ -63,9 +63,9 @@ class Candidate:
 
 
 def router_command() -> list[str]:
-    """The venv's ``devstack`` console script next to this interpreter, else ``python -m router``."""
+    """The venv's ``devstack`` console script next to this interpreter, else ``python -m devstack``."""
     script = Path(sys.executable).with_name("devstack")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "router"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "devstack"]
 
 
 class Stack:

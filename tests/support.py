@@ -248,7 +248,7 @@ async def start_router(routes: Path, *extra: str) -> tuple[asyncio.subprocess.Pr
     """The real CLI in its own process; returns (process, proxy port, admin port) once ready."""
     port, admin = free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "router", "router", "--routes", str(routes),
+        sys.executable, "-m", "devstack", "router", "--routes", str(routes),
         "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--log-level", "WARNING", *extra,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )  # fmt: skip

@@ -160,7 +160,7 @@ async def running_stack(tmp_path: Path) -> AsyncIterator[tuple[int, list[Worker]
 
         async def router(name: str, mode: str) -> int:
             port, admin = free_port(), free_port()
-            args = ["-m", "router", "router", "--routes", str(routes), "--mode", mode, "--log-level", "WARNING",
+            args = ["-m", "devstack", "router", "--routes", str(routes), "--mode", mode, "--log-level", "WARNING",
                     "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"]  # fmt: skip
             proc = await stack.spawn(name, args, pod_env())
             readiness.append(asyncio.create_task(stack.wait_ready(name, proc, f"http://127.0.0.1:{admin}/readyz")))

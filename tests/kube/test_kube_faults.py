@@ -1,6 +1,6 @@
 """Controller faults: an API server that is not there yet, one that flaps, a controller that is killed.
 
-The processes under test are real: ``python -m router router --kubernetes`` and ``python -m router
+The processes under test are real: ``python -m devstack router --kubernetes`` and ``python -m devstack
 controller --kubernetes`` run as subprocesses configured by a KUBECONFIG file, exactly as an
 operator starts them; the API server is the wire-protocol fake, bound to the port the kubeconfig
 names. Every routing assertion is a real HTTP request through a router to an aiohttp upstream
@@ -38,7 +38,7 @@ from tests.kube.kube_support import eventually, start_upstream
 REPO = Path(__file__).resolve().parents[2]
 
 STARTUP = 20.0
-"""A cold ``python -m router`` imports the Kubernetes client (seconds of CPU); generous for shared CI."""
+"""A cold ``python -m devstack`` imports the Kubernetes client (seconds of CPU); generous for shared CI."""
 API_BACKOFF = 8.0
 """After a few failures the source waits 0.8 → 1.6 → 3.2 s (jittered 50-100 %) before the next list."""
 FEED_BACKOFF = 12.0
@@ -63,7 +63,7 @@ def _write_kubeconfig(directory: Path, server: str) -> Path:
 
 
 class Process:
-    """One ``python -m router ...`` subprocess, its output in a file the test can read."""
+    """One ``python -m devstack ...`` subprocess, its output in a file the test can read."""
 
     def __init__(self, name: str, args: list[str], kubeconfig: Path, directory: Path) -> None:
         self.name = name
@@ -77,7 +77,7 @@ class Process:
         env["KUBECONFIG"] = str(self.kubeconfig)
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "router", *self.args, stdout=log, stderr=log, env=env, cwd=REPO
+                sys.executable, "-m", "devstack", *self.args, stdout=log, stderr=log, env=env, cwd=REPO
             )
 
     @property
