@@ -118,4 +118,4 @@ class RouterSettings:
 
     def __post_init__(self) -> None:
         if b"h2c" in self.upgrade_protocols:
-            raise ValueError("h2c is never tunnelled: it would carry requests past the router's checks")
+            raise ValueError("--upgrade h2c: h2c is never tunnelled, it would carry requests past the router's checks")
