@@ -8,6 +8,7 @@ send raw request bytes and read until the router closes. Nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -25,6 +26,7 @@ from aiohttp import web
 from router.server import RouterServer
 from router.settings import RouterSettings
 from router.table import Fallback, Override, Routes, RouteTable, Target
+from tests.fuzz.responses import split_responses as strict_split
 
 
 @dataclasses.dataclass
@@ -202,26 +204,17 @@ def status_of(response: bytes) -> int:
 def split_responses(
     data: bytes, head_requests: frozenset[int] = frozenset()
 ) -> list[tuple[int, dict[str, str], bytes]]:
-    """Parse a stream of Content-Length-framed responses (router answers and echo origins).
+    """The responses in ``data`` as (status, headers by lower-case name, body), split by the fuzz
+    harness's strict splitter (tests/fuzz/responses.py): a response that does not parse, or is cut
+    short, fails the test instead of being read as far as it goes.
 
     ``head_requests`` holds the indexes of responses to HEAD requests, which carry no body.
     """
-    out: list[tuple[int, dict[str, str], bytes]] = []
-    while data:
-        head, sep, rest = data.partition(b"\r\n\r\n")
-        if not sep:
-            break
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ")[1])
-        headers = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(b":")
-            headers[k.decode().strip().lower()] = v.decode().strip()
-        bodiless = status in (204, 304) or len(out) in head_requests
-        length = 0 if bodiless else int(headers.get("content-length", "0"))
-        out.append((status, headers, rest[:length]))
-        data = rest[length:]
-    return out
+    responses, problem = strict_split(data, lambda i, status: i in head_requests, collections.Counter())
+    assert problem is None, problem
+    return [
+        (r.status, {k.decode().strip().lower(): v.decode().strip() for k, v in r.headers}, r.body) for r in responses
+    ]
 
 
 def body_json(body: bytes) -> dict[str, Any]:

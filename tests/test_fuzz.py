@@ -4,9 +4,9 @@ Every example sends raw bytes (valid requests, pipelined pairs and triples, and 
 mutations of them: inserted/deleted/replaced bytes, duplicated lines, CL/TE combinations, odd
 whitespace, bare LF/CR, NUL, obs-fold, huge/negative/hex Content-Length, chunk-size garbage,
 oversize heads) through one real router to two recording raw-TCP origins (baseline and alice),
-and checks the invariants listed in tests/fuzz_support.py against an independent reference parse
+and checks the invariants listed in tests/fuzz/harness.py against an independent reference parse
 of the client's bytes. Two more fuzz tests, on a second router with sub-second timers, check the
-connection lifecycle (tests/fuzz_lifecycle.py): WebSocket tunnels whose client and origin send,
+connection lifecycle (tests/fuzz/lifecycle.py): WebSocket tunnels whose client and origin send,
 half-close and reset in random order (also before the 101), and request bodies dripped in pieces
 (honest, too slow, stalled, abandoned); after each, no connection, tunnel or pool slot outlives
 the exchange.
@@ -34,8 +34,9 @@ from hypothesis import HealthCheck, example, given, settings
 
 from router.server import RouterServer
 from router.settings import RouterSettings, Timeouts
-from tests.fuzz_lifecycle import DripCase, LifecycleHarness, TunnelCase, drip_cases, tunnel_cases
-from tests.fuzz_support import Case, Harness, cases
+from tests.fuzz.harness import Harness
+from tests.fuzz.lifecycle import DripCase, LifecycleHarness, TunnelCase, drip_cases, tunnel_cases
+from tests.fuzz.strategies import Case, cases
 from tests.support import (
     Origin,
     RawOrigin,

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from router import http
 from router._native import source
 from router.http import TE_CHUNKED, TE_NONE, TE_OTHER
-from tests.fuzz_support import HOP_BY_HOP as FUZZ_HOP_BY_HOP
+from tests.fuzz.expectations import HOP_BY_HOP as FUZZ_HOP_BY_HOP
 
 try:
     from router import _speedups
