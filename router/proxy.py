@@ -1134,7 +1134,7 @@ class ClientConnection(asyncio.Protocol):
         """Both directions are done, or the tunnel idled out: flush and close both ends."""
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
-            upstream.end()  # its pool slot is given back here, not when the client goes
+            upstream.close(flush=True)  # its pool slot is given back here, not when the client goes
         self._close()
 
     def upstream_failed(self, failure: Failure, response_started: bool) -> None:

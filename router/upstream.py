@@ -388,14 +388,6 @@ class UpstreamConnection(asyncio.Protocol):
         if transport is not None and not self._closed and transport.can_write_eof():
             transport.write_eof()
 
-    def end(self) -> None:
-        """A tunnel whose both directions are done: flush what is buffered, then close."""
-        self._cancel_timer()
-        self.owner = None
-        if self.transport is not None and not self._closed:
-            self._closed = True
-            self.transport.close()
-            self.pool.forget(self)
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self._closed:
@@ -410,12 +402,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner = None
         self.close()
 
-    def close(self) -> None:
+    def close(self, flush: bool = False) -> None:
+        """Close now (buffered bytes dropped: the framing is unknown), or with ``flush`` after
+        what is buffered has gone out (a tunnel whose both directions are done)."""
         self._cancel_timer()
         self.owner = None
         if self.transport is not None and not self._closed:
             self._closed = True
-            self.transport.abort()
+            if flush:
+                self.transport.close()
+            else:
+                self.transport.abort()
             self.pool.forget(self)
 
     @property

@@ -84,7 +84,6 @@ async def test_dropped_websockets_give_their_pool_slots_back(origins: dict[str, 
             writer.write(b"\x81\x85abcd" + bytes(b ^ k for b, k in zip(b"hello", b"abcdabcd")))  # masked "hello"
             await writer.drain()
             writer.close()  # FIN, as a browser tab that goes away does
-        assert server.stats.tunnels_open in (0, 1, 2)
         await all_released(server)
         for _ in range(3):
             response, _ = await exchange(server.address[1], b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")

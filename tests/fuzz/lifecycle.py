@@ -170,7 +170,22 @@ def tunnel_cases(draw: st.DrawFn) -> TunnelCase:
     )
 
 
-class TunnelRun:
+class _Run:
+    """What every lifecycle example holds: the router, the origin it should reach, the client's
+    end, and what went wrong (problems) and happened (log) for the failure report."""
+
+    def __init__(self, harness: LifecycleHarness, alice: bool, peer: str) -> None:
+        assert harness.router is not None
+        self.router = harness.router
+        self.harness = harness
+        self.peer = peer
+        self.origin = harness.origins["alice" if alice else "baseline"]
+        self.client = PeerEnd()
+        self.problems: list[str] = []
+        self.log: list[str] = []
+
+
+class TunnelRun(_Run):
     """One tunnel example: drives both ends and knows what each must have seen.
 
     The model: with no reset so far, every byte sent either way arrives, in order, and a FIN from
@@ -180,20 +195,13 @@ class TunnelRun:
     """
 
     def __init__(self, harness: LifecycleHarness, case: TunnelCase, peer: str) -> None:
-        assert harness.router is not None
-        self.router = harness.router
-        self.harness = harness
+        super().__init__(harness, case.alice, peer)
         self.case = case
-        self.peer = peer
-        self.origin = harness.origins["alice" if case.alice else "baseline"]
-        self.client = PeerEnd()
         self.far: PeerEnd | None = None
         """The origin's end of the tunnel, once it has sent its 101."""
         self.expected: tuple[int, str | None] | None = None
         """(status, origin or None for the router) of the answer that refuses the upgrade."""
         self.held_expected = 1
-        self.problems: list[str] = []
-        self.log: list[str] = []
 
     def _held(self) -> list[HeldUpgrade]:
         return [h for o in self.harness.origins.values() for h in o.held if h.record.peer == self.peer.encode()]
@@ -607,7 +615,7 @@ def drip_cases(draw: st.DrawFn) -> DripCase:
     return dataclasses.replace(case, stop_at=stop_at, end=draw(st.sampled_from(["fin", "rst"])))
 
 
-class DripRun:
+class DripRun(_Run):
     """One drip example: sends the plan, then checks what the README promises for it.
 
     An honest body (fast, or steady past the grace) reaches the right origin intact and is
@@ -621,15 +629,8 @@ class DripRun:
     """
 
     def __init__(self, harness: LifecycleHarness, case: DripCase, peer: str) -> None:
-        assert harness.router is not None
-        self.router = harness.router
-        self.harness = harness
+        super().__init__(harness, case.alice, peer)
         self.case = case
-        self.peer = peer
-        self.origin = harness.origins["alice" if case.alice else "baseline"]
-        self.client = PeerEnd()
-        self.problems: list[str] = []
-        self.log: list[str] = []
 
     def _responses(self) -> list[Response]:
         return split_responses(bytes(self.client.received), lambda i, s: False, collections.Counter())[0]

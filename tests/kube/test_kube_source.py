@@ -426,6 +426,22 @@ def _created_for_expiry_in(seconds: float, ttl_seconds: int) -> tuple[str, float
     return stamp, float(expires)
 
 
+def _apply_expired_override(fake_api: FakeApiServer) -> None:
+    """The baseline and alice's override of payments, whose 1m TTL ran out 10 s ago."""
+    created, _ = _created_for_expiry_in(-10, 60)
+    fake_api.apply(BASELINE)
+    fake_api.apply(
+        deployment(
+            "payments-alice",
+            service="payments",
+            key="alice",
+            upstream="http://10.0.0.2:8080",
+            annotations={"devstack.io/ttl": "1m"},
+            created=created,
+        )
+    )
+
+
 async def test_expired_override_stops_receiving_traffic_without_any_event(
     fake_api: FakeApiServer, harness: Any
 ) -> None:
@@ -481,18 +497,7 @@ async def test_429_on_a_delete_is_retried_by_the_source_after_delete_retry(
     fake_api: FakeApiServer, harness: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="devstack.controller.kubernetes")
-    created, _ = _created_for_expiry_in(-10, 60)
-    fake_api.apply(BASELINE)
-    fake_api.apply(
-        deployment(
-            "payments-alice",
-            service="payments",
-            key="alice",
-            upstream="http://10.0.0.2:8080",
-            annotations={"devstack.io/ttl": "1m"},
-            created=created,
-        )
-    )
+    _apply_expired_override(fake_api)
     # Longer than this test waits, shorter than its teardown bound: urllib3 sleeping on it would fail it.
     fake_api.delete_scripts.append(ListScript(429, retry_after=5))
     await harness(delete_expired=True)
@@ -505,18 +510,7 @@ async def test_429_on_a_delete_is_retried_by_the_source_after_delete_retry(
 
 
 async def test_without_delete_expired_nothing_is_deleted(fake_api: FakeApiServer, harness: Any) -> None:
-    created, _ = _created_for_expiry_in(-10, 60)
-    fake_api.apply(BASELINE)
-    fake_api.apply(
-        deployment(
-            "payments-alice",
-            service="payments",
-            key="alice",
-            upstream="http://10.0.0.2:8080",
-            annotations={"devstack.io/ttl": "1m"},
-            created=created,
-        )
-    )
+    _apply_expired_override(fake_api)
     h = await harness()
     await eventually(lambda: h.decide("alice") is not None and h.decide("alice").reason == "override-expired")
     assert fake_api.deletes() == []
