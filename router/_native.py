@@ -18,7 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-HOT_PATH_MODULES: tuple[str, ...] = ("http", "keys", "proxy", "settings", "stats", "table", "upstream")
+HOT_PATH_MODULES: tuple[str, ...] = (
+    "errors", "flow", "http", "keys", "proxy", "relay", "request", "settings", "stats", "table", "tunnel", "upstream",
+)
 """Typed modules compiled together with mypyc (``router/<name>.py``)."""
 NATIVE_HELPERS: tuple[str, ...] = ("_speedups",)
 """Hand-written C extensions (``router/<name>.c``). Each function in them has a Python original

@@ -52,10 +52,12 @@ class _RouterCollector(Collector):
             errors.add_metric([kind], count)
         yield errors
         rejected = CounterMetricFamily(
-            "devstack_rejected_requests", "Requests the router answered itself, by status.", labels=["status"]
+            "devstack_rejected_requests",
+            "Requests the router answered itself (not for an upstream's failure), by status and reason.",
+            labels=["status", "reason"],
         )
-        for status, count in sorted(stats.rejected.items()):
-            rejected.add_metric([str(status)], count)
+        for answer, count in sorted(stats.rejected.items(), key=lambda item: item[0].value):
+            rejected.add_metric([str(answer.status), answer.reason], count)
         yield rejected
         buckets: list[tuple[str, float]] = []
         running = 0
@@ -119,7 +121,7 @@ def make_admin_app(state: AdminState) -> web.Application:
                 "target": decision.kind.value,
                 "upstream": decision.target.url if decision.target else None,
                 "reason": decision.reason,
-                "status": decision.status,
+                "status": decision.answer.status if decision.answer is not None else 200,
             }
         )
 

@@ -3,14 +3,13 @@
 The field names that never cross a hop (hop-by-hop, and framing the router re-renders) and those
 a ``Connection`` header may not strip; authority (Host) validation; ``Connection`` tokens; the
 one-pass scan of an upstream's response head (framing, and whether it can be forwarded as
-received); and the bodies of the router's own answers. It touches no socket and keeps no state, so
-every rule here is testable without a connection. Framing fields are never copied through: the
+received). The router's own answers are ``router.errors``. It touches no socket and keeps no
+state, so every rule here is testable without a connection. Framing fields are never copied through: the
 scan reports Content-Length and Transfer-Encoding so the proxy renders its own from those values.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Final
@@ -22,7 +21,6 @@ __all__ = [
     "status_reason",
     "PROTECTED",
     "connection_tokens",
-    "error_response",
     "is_valid_authority",
 ]
 
@@ -108,45 +106,6 @@ def is_valid_authority(value: bytes) -> bool:
 
 def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
-
-
-def error_response(
-    status: int,
-    reason: str,
-    *,
-    service: str | None = None,
-    key: str | None = None,
-    target: str | None = None,
-    close: bool = False,
-    route_header: bytes | None = None,
-) -> bytes:
-    """A complete response the router answers itself, with a small JSON body.
-
-    ``service`` and ``key`` come from the route table and the validated key (labels), so they
-    cannot inject anything; the JSON encoder escapes them regardless.
-    """
-    body = json.dumps(
-        {
-            "error": reason_phrase(status).decode(),
-            "service": service,
-            "key": key,
-            "target": target,
-            "reason": reason,
-        },
-        separators=(",", ":"),
-    ).encode()
-    head = [
-        b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)),
-        b"content-type: application/json\r\n",
-        b"content-length: %d\r\n" % len(body),
-    ]
-    if route_header is not None:
-        head.append(b"x-devstack-route: " + route_header + b"\r\n")
-    if close:
-        head.append(b"connection: close\r\n")
-    head.append(b"\r\n")
-    head.append(body)
-    return b"".join(head)
 
 
 _CUT_CONNECTION: Final = frozenset({b"close", b""})

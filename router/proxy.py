@@ -1,43 +1,36 @@
-"""Client side of the hot path: one asyncio protocol per client connection.
+"""Client side of the hot path: one HTTP/1.1 connection from a client, from accept to close.
 
-A ``ClientConnection`` parses requests strictly (llhttp via httptools plus the checks llhttp
-leaves to us), picks the service from the authority and the routing key from the request's
-headers, resolves the current ``RouteTable`` once, and streams the exchange through a pooled
-``UpstreamConnection``: request body up, response body down, backpressure both ways, WebSocket
-tunnels after a 101 (each side's FIN passed on, ended when both are done). It never awaits
-anything on the request path (connection setup is the only task, owned by the pool), never logs
-per request, and never forwards a request it had to guess about: every ambiguity is answered by
-the router itself with a 4xx and the connection closes, after a bounded lingering read when the
-client was still sending a body.
-"""
+A ``ClientConnection`` parses requests strictly (llhttp via httptools, plus size limits while
+reading), hands each head to the request policy (``router.request.decide``), and runs the
+exchanges one at a time in order: the router's own answer (``router.errors``), or a pooled
+``UpstreamConnection`` that reports back through the ``ExchangeOwner`` contract. Its pieces
+each have one job: ``ResponseRelay`` writes the response, ``FlowControl`` keeps why reading is
+paused, ``Tunnel`` carries an upgraded connection's bytes; the connection's own state is one of
+six named below. It never awaits anything on the request path (connection setup is the only
+task, owned by the pool), never logs per request, and never forwards a request it had to guess
+about: every ambiguity is answered with a 4xx and the connection closes, after a bounded
+lingering read when the client was still sending a body."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from router import COMPILED
-from router.http import (
-    HOP_BY_HOP,
-    PROTECTED,
-    connection_tokens,
-    error_response,
-    head_fields,
-    is_valid_authority,
-    reason_phrase,
-    status_reason,
-)
-from router.keys import BaggageKeySource, KeySource
-from router.settings import Mode, RouterSettings
+from router.errors import Answer, render
+from router.flow import BUFFER, DONE, PIPELINE, UPGRADE, UPSTREAM, FlowControl
+from router.keys import KeySource
+from router.relay import ResponseRelay
+from router.request import HeadCache, Plan, Policy, TableSlot, decide
+from router.settings import RouterSettings
 from router.stats import RouterStats
-from router.table import Decision, Routes, RouteTable
-from router.upstream import Failure, Framing, PoolFull, UnexpectedUpgrade, UpstreamConnection, UpstreamPool
+from router.tunnel import Tunnel
+from router.upstream import ExchangeOwner, Framing, PoolFull, UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when tracing is switched on
     from router.tracing import RequestTracer
@@ -45,118 +38,12 @@ if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when tracing is swit
 __all__ = ["ClientConnection", "ProxyContext", "TableSlot"]
 
 _CRLF: Final = b"\r\n"
-_COLON_SP: Final = b": "
-
-
-def _add_field(out: list[bytes], name: bytes, value: bytes) -> None:
-    # Four appends, not `out += (name, b": ", value, _CRLF)`: no tuple per field (compiled, the
-    # call itself is a direct C call).
-    out.append(name)
-    out.append(_COLON_SP)
-    out.append(value)
-    out.append(_CRLF)
-
-
 _CHUNK_END: Final = b"0\r\n\r\n"
 
-_join: Callable[[list[bytes]], bytes] = b"".join
-if COMPILED:
-    # The same join without a buffer acquire and release per piece (tests/test_speedups.py).
-    from router import _speedups
-
-    _join = _speedups.join_bytes
 _BUFFER_LIMIT: Final = 256 * 1024
 """Request body bytes held while an upstream connection is being set up, before we stop reading."""
 
-# Reasons the client socket's reading is paused; reading resumes when none is left.
-_PAUSE_PIPELINE: Final = 1
-_PAUSE_BUFFER: Final = 2
-_PAUSE_UPSTREAM: Final = 4
-_PAUSE_UPGRADE: Final = 8
-_PAUSE_DONE: Final = 16
-
-_CLOSING_STATUSES: Final = frozenset({400, 405, 408, 413, 414, 431, 501, 505})
-"""Answers to requests we could not parse or will not serve: the connection's state is suspect."""
-
-# Request fields the single classification pass treats specially (see _prepare).
-_F_KEY: Final = 1
-_F_HOST: Final = 2
-_F_CONTENT_LENGTH: Final = 3
-_F_TRANSFER_ENCODING: Final = 4
-_F_CONNECTION: Final = 5
-_F_UPGRADE: Final = 6
-_F_FORWARDED_FOR: Final = 7
-_F_DEBUG: Final = 8
-_F_FORWARDED: Final = 9
-_F_TRACEPARENT: Final = 10
-_F_DROP: Final = 11
-_F_EXPECT: Final = 12
-_REQUEST_FIELDS: Final = {
-    b"host": _F_HOST,
-    b"content-length": _F_CONTENT_LENGTH,
-    b"transfer-encoding": _F_TRANSFER_ENCODING,
-    b"connection": _F_CONNECTION,
-    b"upgrade": _F_UPGRADE,
-    b"x-forwarded-for": _F_FORWARDED_FOR,
-    b"x-devstack-debug": _F_DEBUG,
-    b"x-forwarded-proto": _F_FORWARDED,
-    b"x-forwarded-host": _F_FORWARDED,
-    b"forwarded": _F_FORWARDED,
-    b"traceparent": _F_TRACEPARENT,
-    b"expect": _F_EXPECT,
-    # HTTP2-Settings belongs to an h2c upgrade, which is never tunnelled (RFC 9113 3.1).
-    b"http2-settings": _F_DROP,
-    **{name: _F_DROP for name in HOP_BY_HOP - {b"content-length", b"transfer-encoding", b"connection", b"upgrade"}},
-}
-_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
-
-
-def _forges_owned_field(lower: bytes, fields: dict[bytes, int]) -> bool:
-    """A name with underscores that CGI-style backends (PHP, WSGI's environ, nginx's
-    ``$http_*``) fold into one the router owns: ``X_Forwarded_For`` would arrive as
-    ``X-Forwarded-For`` past our cleaning, ``Content_Length`` as a second framing header."""
-    folded = lower.replace(b"_", b"-")
-    return folded in fields or folded.startswith(b"x-devstack-")
-
-
-def _tunnel_protocols(upgrade: bytes, allowed: frozenset[bytes]) -> bytes:
-    """The tokens of an ``Upgrade`` value the router may tunnel, as sent; empty when none."""
-    kept = []
-    for token in upgrade.split(b","):
-        token = token.strip(b" \t")
-        if token and token.partition(b"/")[0].lower() in allowed:
-            kept.append(token)
-    return b", ".join(kept)
-
-
-def _without_fields(out: list[bytes], names: frozenset[bytes]) -> list[bytes]:
-    """The rendered head pieces minus the fields called ``names`` (rare: Connection-listed
-    fields, a traceparent the router replaces). Pieces after the request line come in fours."""
-    kept = out[:4]
-    for i in range(4, len(out), 4):
-        if out[i].lower() not in names:
-            kept += out[i : i + 4]
-    return kept
-
-
-_TRACE_FIELDS: Final = frozenset({b"traceparent", b"tracestate"})
-
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-
-
-class TableSlot:
-    """The one mutable reference to the current table; the controller side swaps it whole."""
-
-    __slots__ = ("generation", "table")
-
-    def __init__(self, table: RouteTable) -> None:
-        self.table = table
-        self.generation = 0
-        """Bumped by every swap: connections remember lookups made in one generation."""
-
-    def swap(self, table: RouteTable) -> None:
-        self.table = table
-        self.generation += 1
 
 
 class ProxyContext:
@@ -176,19 +63,16 @@ class ProxyContext:
         self.slot = slot
         self.stats = stats or RouterStats()
         self.pool = UpstreamPool(loop, settings.timeouts, settings.limits, self.stats)
-        self.key_sources: tuple[KeySource, ...] = tuple(
-            key_sources if key_sources is not None else (BaggageKeySource(settings.key_members),)
-        )
-        self.key_headers = frozenset(source.header for source in self.key_sources)
-        self.request_fields: dict[bytes, int] = {**_REQUEST_FIELDS, **dict.fromkeys(self.key_headers, _F_KEY)}
+        self.policy = Policy(settings, key_sources, tracer)
         self.connections: set[ClientConnection] = set()
         self.draining = False
-        self.no_route_status = 403 if settings.mode is Mode.SIDECAR else 404
         self.tracer = tracer
         """Off (None) by default: then tracing costs one attribute check per request."""
 
-    def protocol_factory(self) -> ClientConnection:
-        return ClientConnection(self)
+    def protocol_factory(self) -> asyncio.Protocol:
+        # An asyncio protocol by its methods, which uvloop and asyncio call by name; its one base
+        # class is the upstream contract (a compiled class has one).
+        return cast(asyncio.Protocol, ClientConnection(self))
 
     async def drain(self, deadline: float) -> None:
         """Stop keep-alive, close idle connections, wait (bounded) for in-flight exchanges."""
@@ -208,83 +92,70 @@ class _Stop(Exception):
 
 
 class _Reject(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+    """Raised from a parser callback when a limit refuses the request being parsed."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__(answer.reason)
+        self.answer = answer
 
 
-class _Request:
-    """One request's parse and forwarding state."""
-
-    __slots__ = (
-        "method",
-        "keep_alive",
-        "http11",
-        "upgrade",
-        "chunked",
-        "has_body",
-        "body",
-        "body_buffered",
-        "body_bytes",
-        "complete",
-        "debug",
-        "error",
-        "decision",
-        "head",
-        "started_at",
-        "retried",
-        "span",
-        "key",
-        "small_body",
-    )
+class _Request(Plan):
+    """One request: the policy's plan for it, and its body's progress through the connection."""
 
     def __init__(self) -> None:
-        self.method = b""
-        self.keep_alive = False
-        self.http11 = True
-        self.upgrade = False
-        self.chunked = False
-        self.has_body = False
+        super().__init__()
         self.body: list[bytes] = []
+        """Body bytes held until an upstream connection is attached."""
         self.body_buffered = 0
         self.body_bytes = 0
         self.complete = False
-        self.debug = False
-        self.error: tuple[int, str] | None = None
-        self.decision: Decision | None = None
-        self.head = b""
-        """The rendered request head for the upstream, kept for a single safe retry."""
         self.started_at = 0.0
         self.retried = False
-        self.span: object = None
-        self.key: str | None = None
-        self.small_body = False
-        """A body small enough to read whole before taking an upstream connection."""
 
 
-class ClientConnection(asyncio.Protocol):
+# The connection's states. Exactly one holds at a time; the transitions are the methods named.
+_READING: Final = 0
+"""Parsing requests and running their exchanges one at a time, in order (pipelined ones queue)."""
+_UPGRADING: Final = 1
+"""An Upgrade head was parsed; llhttp reads no further, so the client's next bytes are held in
+the ``Tunnel`` until the upstream answers (``upstream_upgraded``) or the exchange ends (close)."""
+_TUNNEL: Final = 2
+"""After the 101: bytes pass both ways unparsed until both sides have ended (``_end_tunnel``)."""
+_LINGERING: Final = 3
+"""Answered before the request body ended: our FIN is sent and the rest of the body is read and
+discarded, for a bounded time and size, before closing (``_linger``)."""
+_CLOSING: Final = 4
+"""Nothing more is read or answered: the transport is closing (``_close``)."""
+_CLOSED: Final = 5
+"""The transport is gone (``connection_lost``), or was refused at ``connection_made``."""
+
+
+class ClientConnection(ExchangeOwner):
+    """One client connection: HTTP/1.1 parsing and pipelining, and the exchange lifecycle.
+
+    It parses each request head with llhttp, asks the request policy (``router.request.decide``)
+    what to do with it, and runs the exchanges one at a time: the router's own answer, or an
+    upstream connection from the pool, which reports back through the ``ExchangeOwner`` methods.
+    What the client receives is written by the ``ResponseRelay``; why reading is paused is
+    kept by ``FlowControl``; an upgraded connection's bytes go through a ``Tunnel``. It is an
+    asyncio protocol by its methods (uvloop and asyncio call them by name).
+    """
+
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self.loop = ctx.loop
         self.transport: asyncio.Transport | None = None
+        self._state = _READING
         self._parser = httptools.HttpRequestParser(self)
         self._feed = self._parser.feed_data
         """Bound once: compiled, calling it skips a method lookup per read."""
-        self._peer = b""
-        self._forwarded_authority: bytes | None = None
-        self._forwarded = b""
-        """X-Forwarded-* lines for the last authority seen (see _prepare)."""
-        # The last Host value that passed validation, and the last routing lookup (authority,
-        # table generation, result): a connection nearly always names one authority, so both
-        # are done once per connection and table rather than per request.
-        self._valid_host: bytes | None = None
-        self._host_padded = False
-        """Whether that Host value ends in whitespace, which is not part of it (RFC 9110 5.5):
-        llhttp keeps it, so it is trimmed here rather than per field for every header."""
-        self._route_authority: bytes | None = None
-        self._route_generation = -1
-        self._routes: Routes | None = None
+        self._cache = HeadCache()
+        """What the request policy remembers between this connection's requests."""
+        self._flow = FlowControl()
+        self._relay = ResponseRelay()
+        self._tunnel: Tunnel | None = None
+        """Made when an Upgrade head is parsed (state _UPGRADING, then _TUNNEL)."""
+        # The head being parsed (llhttp hands it over in pieces).
         self._url: list[bytes] = []
         self._url_len = 0
         self._headers: list[tuple[bytes, bytes]] = []
@@ -292,41 +163,24 @@ class ClientConnection(asyncio.Protocol):
         self._connection_field = False
         self._head_bytes = 0
         self._reading_head = True
+        self._pending_reject: _Reject | None = None
+        self._plain_after_upgrade = False
+        """llhttp stopped at an Upgrade the router does not tunnel: parsing goes on afresh."""
+        # The exchanges: the request being parsed, the one running, the ones waiting their turn.
         self._parsing: _Request | None = None
         self._active: _Request | None = None
         self._queue: collections.deque[_Request] = collections.deque()
         self._upstream: UpstreamConnection | None = None
-        self._paused = 0
-        self._write_paused = False
-        self._tunnel = False
-        self._tunnel_pending: list[bytes] | None = None
-        self._tunnel_pending_bytes = 0
-        """Bytes a client sent after its Upgrade head, held until the upstream answers: reading
-        goes on meanwhile (a reset must be seen at once), up to _BUFFER_LIMIT."""
-        self._plain_after_upgrade = False
-        """llhttp stopped at an Upgrade the router does not tunnel: parsing goes on afresh."""
-        self._client_eof = False
-        self._upstream_eof = False
-        """Half-closes seen inside a tunnel; when both sides have sent theirs, it ends."""
         self._awaiting_body = False
         """A small body is being read whole before an upstream connection is taken."""
-        self._lingering = False
         self._linger_left = 0
         self._linger_end = 0.0
-        self._closed = False
-        self._closing = False
-        self._pending_reject: _Reject | None = None
-        self._resp_head: bytes | None = None
-        self._resp_head_sent = False
-        self._resp_chunked = False
-        self._resp_keep_alive = True
-        self._resp_status = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         """When ``_timer`` fires: kept here because TimerHandle.when() is a method call."""
         self._deadline = 0.0
 
-    # -- asyncio.Protocol ---------------------------------------------------------------------
+    # -- asyncio protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -335,32 +189,38 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         if len(ctx.connections) >= ctx.settings.limits.max_client_connections or ctx.draining:
             ctx.stats.refused_connections += 1
-            self._closed = True
+            self._state = _CLOSED
+            self._flow.closed = True
             transport.abort()
             return
         ctx.connections.add(self)
         ctx.stats.open_connections += 1
+        self._flow.transport = transport
+        self._relay.transport = transport
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
-            self._peer = str(peer[0]).encode()
+            self._cache.peer = str(peer[0]).encode()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._arm(ctx.settings.timeouts.header_read)
 
     def data_received(self, data: bytes) -> None:
-        if self._tunnel:
-            if self._upstream is not None:
-                self._upstream.tunnel_write(data)
+        state = self._state
+        if state != _READING:
+            if state == _TUNNEL:
+                tunnel = self._tunnel
+                assert tunnel is not None
+                tunnel.to_upstream(data)
                 self._arm(self.ctx.settings.timeouts.tunnel_idle)
+            elif state == _LINGERING:
+                self._discard(data)
+            elif state == _UPGRADING:
+                tunnel = self._tunnel
+                assert tunnel is not None
+                tunnel.hold(data)
             return
-        if self._lingering:
-            self._discard(data)
-            return
-        if self._tunnel_pending is not None:
-            self._hold_for_tunnel(data)
-            return
-        if self._paused & _PAUSE_DONE or self._closed:
+        if self._flow.paused & DONE:
             return
         try:
             self._feed(data)
@@ -375,19 +235,21 @@ class ClientConnection(asyncio.Protocol):
                 if rest:
                     self.data_received(rest)
                 return
-            self._tunnel_pending = []
-            self._hold_for_tunnel(rest)
+            if self._state == _READING and self.transport is not None:
+                self._state = _UPGRADING
+                tunnel = self._tunnel = Tunnel(self.transport, self._flow)
+                tunnel.hold(rest)
         except (httptools.HttpParserError, _Reject) as exc:
-            if self._lingering:
+            if self._state == _LINGERING:
                 return  # the exchange was answered mid-feed; what follows is discarded unread
             # httptools wraps exceptions raised in some callbacks; ours are parked on self.
             pending, self._pending_reject = self._pending_reject, None
             if isinstance(exc, _Reject):
                 pending = exc
             if pending is not None:
-                self._reject(pending.status, pending.reason, parsed_so_far=True)
+                self._reject(pending.answer, parsed_so_far=True)
             else:
-                self._reject(400, f"malformed request: {exc}")
+                self._reject(Answer.MALFORMED, str(exc))
         except _Stop:
             return
         else:
@@ -395,29 +257,20 @@ class ClientConnection(asyncio.Protocol):
                 self._head_bytes += len(data)
                 limits = self.ctx.settings.limits
                 if self._head_bytes > limits.max_header_bytes + limits.max_request_line + _BUFFER_LIMIT:
-                    self._reject(431, "request head too large")
-
-    def _hold_for_tunnel(self, data: bytes) -> None:
-        # Reading is paused only past the limit: a paused socket would not notice a reset, and
-        # a client that gives up before the 101 must release its upstream connection at once.
-        pending = self._tunnel_pending
-        assert pending is not None
-        if data:
-            pending.append(data)
-            self._tunnel_pending_bytes += len(data)
-            if self._tunnel_pending_bytes > _BUFFER_LIMIT:
-                self._pause(_PAUSE_UPGRADE)
+                    self._reject(Answer.HEADERS_TOO_LARGE)
 
     def eof_received(self) -> bool | None:
-        self._client_eof = True
-        if self._tunnel:
-            # Pass the half-close on; the tunnel ends when the upstream has sent its own.
-            upstream = self._upstream
-            if upstream is not None and not self._upstream_eof:
-                upstream.tunnel_eof()
+        state = self._state
+        tunnel = self._tunnel
+        if tunnel is not None:
+            if state == _TUNNEL:
+                # Pass the half-close on; the tunnel ends when the upstream has sent its own.
+                if tunnel.client_half_closed():
+                    self._end_tunnel()
                 return True
-            self._end_tunnel()
-            return True
+            tunnel.client_eof = True  # passed on if the 101 comes
+        if state >= _LINGERING:
+            return None
         # A client that half-closes after a complete request may still want its response: keep
         # the socket until that exchange ends. A half-close mid-request ends the exchange.
         req = self._active
@@ -433,17 +286,21 @@ class ClientConnection(asyncio.Protocol):
             # Still queued for a pooled connection: nobody has seen the request yet, so a client
             # that leaves gives up its place now rather than when a connection frees up.
             return None
-        self._pause(_PAUSE_DONE)
+        self._flow.pause(DONE)
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._closed and self not in self.ctx.connections:
+        if self._state == _CLOSED and self not in self.ctx.connections:
             return
-        self._closed = True
+        self._state = _CLOSED
+        self._flow.closed = True
+        self._relay.transport = None
         self.ctx.connections.discard(self)
         self.ctx.stats.open_connections -= 1
         self._cancel_timer()
-        if self._tunnel:
+        tunnel = self._tunnel
+        if tunnel is not None and tunnel.open:
+            tunnel.open = False
             self.ctx.stats.tunnels_open -= 1
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
@@ -459,12 +316,12 @@ class ClientConnection(asyncio.Protocol):
         self._active = None
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._flow.write_paused = True
         if self._upstream is not None:
             self._upstream.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self._flow.write_paused = False
         if self._upstream is not None:
             self._upstream.resume_reading()
 
@@ -475,7 +332,7 @@ class ClientConnection(asyncio.Protocol):
         return reject
 
     def on_message_begin(self) -> None:
-        if self._closing:
+        if self._state != _READING:
             raise _Stop
         self._parsing = _Request()
         self._url = []
@@ -491,7 +348,7 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url_len += len(url)
         if self._url_len > self.ctx.settings.limits.max_request_line:
-            raise self._park(_Reject(414, "request target too long"))
+            raise self._park(_Reject(Answer.TARGET_TOO_LONG))
         self._url.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -500,7 +357,7 @@ class ClientConnection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value) + 4
         limits = self.ctx.settings.limits
         if self._header_bytes > limits.max_header_bytes or len(self._headers) >= limits.max_headers:
-            raise self._park(_Reject(431, "request header fields too large"))
+            raise self._park(_Reject(Answer.HEADERS_TOO_LARGE))
         self._headers.append((name, value))
         if len(name) == 10 and name.lower() == b"connection":
             self._connection_field = True
@@ -509,17 +366,30 @@ class ClientConnection(asyncio.Protocol):
         self._reading_head = False
         req = self._parsing
         assert req is not None
-        try:
-            self._prepare(req)
-        except _Reject as exc:
-            self.ctx.stats.rejected[exc.status] += 1
-            req.error = (exc.status, exc.reason)
+        parser = self._parser
+        keep_alive = parser.should_keep_alive()
+        connection_field = self._connection_field
+        # llhttp keeps only HTTP/1.1 alive by default (it refuses 1.x for x > 1), so with no
+        # Connection field keep-alive means 1.1: get_http_version, which formats a string on
+        # every call, is left for the other cases. llhttp upgrades only with a Connection field
+        # naming "upgrade" (or CONNECT, which the policy refuses).
+        version = "1.1" if keep_alive and not connection_field else parser.get_http_version()
+        parser_upgrade = connection_field and parser.should_upgrade()
+        url = self._url
+        target = url[0] if len(url) == 1 else b"".join(url)
+        ctx = self.ctx
+        decide(ctx.policy, self._cache, ctx.slot, parser.get_method(), target, version, keep_alive, parser_upgrade,
+               self._headers, req)  # fmt: skip
+        if ctx.draining:
             req.keep_alive = False
+        if parser_upgrade and not req.upgrade and req.refusal is None:
+            # llhttp stops at any Upgrade head for good; this one goes on as a plain request.
+            self._plain_after_upgrade = True
         if self._active is None and not self._queue:
             self._start(req)
         else:
             self._queue.append(req)
-            self._pause(_PAUSE_PIPELINE)
+            self._flow.pause(PIPELINE)
 
     def on_body(self, body: bytes) -> None:
         req = self._parsing
@@ -528,8 +398,8 @@ class ClientConnection(asyncio.Protocol):
         req.body_bytes += len(body)
         max_body = self.ctx.settings.limits.max_body_bytes
         if max_body and req.body_bytes > max_body:
-            raise self._park(_Reject(413, "request body too large"))
-        if req.error is not None or (req is self._active and req.decision is None):
+            raise self._park(_Reject(Answer.BODY_TOO_LARGE))
+        if req.refusal is not None:
             return
         upstream = self._upstream
         if req is self._active and upstream is not None:
@@ -541,7 +411,7 @@ class ClientConnection(asyncio.Protocol):
         req.body.append(body)
         req.body_buffered += len(body)
         if req.body_buffered > _BUFFER_LIMIT:
-            self._pause(_PAUSE_BUFFER)
+            self._flow.pause(BUFFER)
 
     def on_message_complete(self) -> None:
         req = self._parsing
@@ -554,274 +424,34 @@ class ClientConnection(asyncio.Protocol):
             self._awaiting_body = False
             self._cancel_timer()
             if not req.keep_alive:
-                self._pause(_PAUSE_DONE)
+                self._flow.pause(DONE)
             self._acquire(req, fresh=False)
             return
         upstream = self._upstream
-        if req is self._active and upstream is not None and req.error is None and req.has_body:
+        if req is self._active and upstream is not None and req.refusal is None and req.has_body:
             # (Without a body, start() already applied the response timeout.)
             if req.chunked:
                 upstream.write(_CHUNK_END)
             upstream.request_sent()
         if not req.keep_alive:
             # Nothing after a request that closes the connection is read, let alone forwarded.
-            self._pause(_PAUSE_DONE)
-
-    # -- request preparation ------------------------------------------------------------------
-
-    def _prepare(self, req: _Request) -> None:
-        """Validate the parsed head, route it, and render the upstream head; raises _Reject."""
-        parser = self._parser
-        ctx = self.ctx
-        method = parser.get_method()
-        req.method = method  # first, so even a refusal of a HEAD request is sent without a body
-        keep_alive = parser.should_keep_alive()
-        if keep_alive and not self._connection_field:
-            # llhttp keeps only HTTP/1.1 alive by default (it refuses 1.x for x > 1), so with no
-            # Connection field keep-alive means 1.1: get_http_version, which formats a string
-            # on every call, is left for the other cases.
-            req.http11 = True
-        else:
-            version = parser.get_http_version()
-            if version == "1.1":
-                req.http11 = True
-            elif version == "1.0":
-                req.http11 = False
-            elif version == "0.9":
-                raise _Reject(400, "HTTP/0.9 is not supported")
-            else:
-                raise _Reject(505, "HTTP version not supported")
-        if method == b"CONNECT":
-            raise _Reject(405, "CONNECT is not supported: this router never opens tunnels")
-        req.keep_alive = keep_alive and not ctx.draining
-        # llhttp upgrades only with a Connection field naming "upgrade" (CONNECT is refused above);
-        # whether the router tunnels is decided below, from the Upgrade tokens.
-        llhttp_upgrade = self._connection_field and parser.should_upgrade()
-
-        headers = self._headers
-        target = self._url[0] if len(self._url) == 1 else b"".join(self._url)
-        # Only absolute-form names its own authority; origin-form and OPTIONS' asterisk-form
-        # forward the client's Host line where it stood.
-        absolute = target[:1] != b"/" and target != b"*"
-        fields = ctx.request_fields
-        host: bytes | None = None
-        content_length = -1
-        transfer_encoding: bytes | None = None
-        connection: list[bytes] | None = None
-        upgrade = b""
-        # The routing-key fields: the first one as a name and value (the usual case is exactly
-        # one baggage line), any further ones in a list made only when they occur.
-        key_name: bytes | None = None
-        key_value = b""
-        more_key_fields: list[tuple[bytes, bytes]] | None = None
-        forwarded_for = b""
-        expect = False
-        # One pass classifies every field and renders the forwarded ones; the rare cases that
-        # need a second look (Connection naming fields, tracing) re-render afterwards.
-        out: list[bytes] = [method, b" ", b"", b" HTTP/1.1\r\n"]
-        for name, value in headers:
-            lower = name.lower()
-            code = fields.get(lower)
-            if code is None:
-                # The router's own fields are its to set, in any spelling a backend might fold.
-                if not lower.startswith(b"x-devstack-") and not (b"_" in lower and _forges_owned_field(lower, fields)):
-                    _add_field(out, name, value)
-            elif code is _F_KEY:
-                if key_name is None:
-                    key_name = lower
-                    key_value = value
-                elif more_key_fields is None:
-                    more_key_fields = [(lower, value)]
-                else:
-                    more_key_fields.append((lower, value))
-                _add_field(out, name, value)
-            elif code is _F_HOST:
-                if host is not None:
-                    raise _Reject(400, "more than one Host header")
-                host = value
-                if not absolute:
-                    _add_field(out, name, value)
-            elif code is _F_CONTENT_LENGTH:
-                content_length = int(value)
-            elif code is _F_TRANSFER_ENCODING:
-                if transfer_encoding is not None:
-                    raise _Reject(400, "more than one Transfer-Encoding header")
-                transfer_encoding = value
-            elif code is _F_CONNECTION:
-                connection = [value] if connection is None else [*connection, value]
-            elif code is _F_UPGRADE:
-                upgrade = value if not upgrade else upgrade + b", " + value
-            elif code is _F_FORWARDED_FOR:
-                forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
-            elif code is _F_DEBUG:
-                req.debug = value.strip() == b"1"
-            elif code is _F_FORWARDED:
-                if ctx.settings.trust_forwarded:
-                    _add_field(out, name, value)
-            elif code is _F_TRACEPARENT:
-                _add_field(out, name, value)
-            elif code is _F_EXPECT:
-                expect = True
-                _add_field(out, name, value)
-            # _F_DROP: hop-by-hop, never forwarded
-
-        if host is None and req.http11:
-            raise _Reject(400, "HTTP/1.1 request without Host")
-        if host is not None:
-            if host != self._valid_host:
-                trimmed = host.rstrip(b" \t")
-                if not is_valid_authority(trimmed):
-                    raise _Reject(400, "invalid Host header")
-                self._valid_host = host
-                self._host_padded = len(trimmed) != len(host)
-            if self._host_padded:
-                padded, host = host, host.rstrip(b" \t")
-                for i in range(6, len(out), 4):  # field values sit at 6, 10, ... (see _add_field)
-                    if out[i] is padded:  # this very object: no other field can be mistaken for it
-                        out[i] = host
-                        break
-        if transfer_encoding is not None:
-            if not req.http11:
-                raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
-            if transfer_encoding.strip(b" \t").lower() != b"chunked":
-                raise _Reject(501, "only the chunked transfer coding is supported")
-            req.chunked = True
-            req.has_body = True
-        elif content_length > 0:
-            req.has_body = True
-            # A client that sent Expect: 100-continue waits for the upstream before its body.
-            req.small_body = content_length <= ctx.settings.limits.small_body and not expect
-        if llhttp_upgrade:
-            # Only allowed protocols open a tunnel, and only from HTTP/1.1 (RFC 9110 7.8); any
-            # other Upgrade is dropped and the request goes on as a plain one.
-            upgrade = _tunnel_protocols(upgrade, ctx.settings.upgrade_protocols) if req.http11 else b""
-            req.upgrade = bool(upgrade)
-            if req.has_body:
-                # llhttp hands everything after an Upgrade head to the tunnel, so a body here
-                # would be forwarded as tunnel bytes under a framing header that promises otherwise.
-                raise _Reject(400, "an Upgrade request cannot carry a body")
-            self._plain_after_upgrade = not req.upgrade
-        max_body = ctx.settings.limits.max_body_bytes
-        if max_body and content_length > max_body:
-            raise _Reject(413, "request body too large")
-
-        authority = host
-        if target[:1] == b"/":
-            path = target
-        elif absolute and target[:7].lower() == b"http://":
-            rest = target[7:]
-            end = len(rest)
-            for sep in (b"/", b"?", b"#"):
-                found = rest.find(sep)
-                if 0 <= found < end:
-                    end = found
-            authority = rest[:end]
-            path = rest[end:]
-            if not path.startswith(b"/"):
-                path = b"/" + path
-            if b"@" in authority or not is_valid_authority(authority):
-                raise _Reject(400, "invalid authority in request target")
-            out += (b"Host", b": ", authority, _CRLF)
-        elif target == b"*" and method == b"OPTIONS":
-            path = target
-        else:
-            raise _Reject(400, "unsupported request target form")
-        if authority is None:
-            raise _Reject(400, "no authority to route on")
-
-        slot = ctx.slot
-        if authority == self._route_authority and slot.generation == self._route_generation:
-            routes = self._routes
-        else:
-            routes = slot.table.routes_for_authority(authority.decode("latin-1"))
-            self._route_authority = authority
-            self._route_generation = slot.generation
-            self._routes = routes
-        if routes is None:
-            req.error = (ctx.no_route_status, "no-route")
-            ctx.stats.rejected[ctx.no_route_status] += 1
-            return
-        key: str | None = None
-        if key_name is not None:
-            for source in ctx.key_sources:
-                lines = [key_value] if source.header == key_name else []
-                if more_key_fields is not None:
-                    lines += [value for field, value in more_key_fields if field == source.header]
-                if lines:
-                    key = source.key_from(lines)
-                    if key is not None:
-                        break
-        req.key = key
-        decision = routes.resolve(key)
-        req.decision = decision
-        if decision.target is None:
-            return
-
-        out[2] = path
-        if connection is not None:
-            stripped = connection_tokens(connection) - PROTECTED - _CONNECTION_OPTIONS
-            if stripped:
-                out = _without_fields(out, stripped)
-        if ctx.tracer is not None:
-            req.span, traceparent, tracestate = ctx.tracer.start(
-                method, target, headers, routes.service, key, decision.kind.value, decision.target.url
-            )
-            if traceparent is not None:
-                # The router's span is the parent now; the tracestate goes with the trace it
-                # belongs to (none when the client's traceparent was missing or invalid).
-                out = _without_fields(out, _TRACE_FIELDS)
-                out += (b"traceparent: ", traceparent, _CRLF)
-                if tracestate is not None:
-                    out += (b"tracestate: ", tracestate, _CRLF)
-        if not forwarded_for and not ctx.settings.trust_forwarded:
-            # The usual case, rendered once per connection and authority rather than per request.
-            if authority != self._forwarded_authority:
-                self._forwarded_authority = authority
-                self._forwarded = (
-                    b"X-Forwarded-For: " + self._peer + b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
-                    + authority + _CRLF
-                )  # fmt: skip
-            out.append(self._forwarded)
-        else:
-            out += (
-                b"X-Forwarded-For: ",
-                forwarded_for + b", " + self._peer if forwarded_for else self._peer,
-                _CRLF,
-            )
-            if not ctx.settings.trust_forwarded:
-                out += (b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: ", authority, _CRLF)
-        if req.chunked:
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        elif content_length >= 0 and (content_length > 0 or method not in (b"GET", b"HEAD")):
-            out.append(b"Content-Length: %d\r\n" % content_length)
-        if req.upgrade and upgrade:
-            out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, _CRLF)
-        out.append(_CRLF)
-        req.head = _join(out)
+            self._flow.pause(DONE)
 
     # -- exchange lifecycle -------------------------------------------------------------------
 
     def _start(self, req: _Request) -> None:
-        if self._closing:
+        if self._state >= _LINGERING:
             return
         self._active = req
         self._cancel_timer()
         req.started_at = perf_counter()
-        self._resp_head = None
-        self._resp_head_sent = False
-        self._resp_chunked = False
-        self._resp_status = 0
-        self._resp_keep_alive = req.keep_alive
+        self._relay.begin(req.keep_alive)
         decision = req.decision
-        if req.error is not None:
-            status, reason = req.error
-            self._answer(status, reason, decision)
-            return
-        assert decision is not None
-        self.ctx.stats.requests[decision.stats_key] += 1
-        if decision.target is None:
-            self.ctx.stats.rejected[decision.status] += 1
-            self._answer(decision.status, decision.reason, decision)
+        if decision is not None:
+            self.ctx.stats.requests[decision.stats_key] += 1
+        refusal = req.refusal
+        if refusal is not None:
+            self._answer(refusal, req.detail)
             return
         if req.small_body and not req.complete:
             # A small body is read whole first (on_message_complete acquires), within the body
@@ -837,31 +467,18 @@ class ClientConnection(asyncio.Protocol):
         try:
             conn = self.ctx.pool.acquire(decision.target, self, fresh=fresh)
         except PoolFull:
-            self.ctx.stats.upstream_errors[Failure.POOL_FULL.label] += 1
-            self._answer(Failure.POOL_FULL.status, Failure.POOL_FULL.label, decision)
+            self.ctx.stats.upstream_errors[Answer.POOL_FULL.reason] += 1
+            self._answer(Answer.POOL_FULL)
             return
         if conn is not None:
             self._attach(conn)
-
-    def upstream_ready(self, conn: UpstreamConnection | None, failure: Failure | None) -> None:
-        req = self._active
-        if self._closed or req is None or self._upstream is not None:
-            if conn is not None:
-                self.ctx.pool.release(conn)
-            return
-        if conn is None:
-            assert failure is not None
-            self.ctx.stats.upstream_errors[failure.label] += 1
-            self._answer(failure.status, failure.label, req.decision)
-            return
-        self._attach(conn)
 
     def _attach(self, conn: UpstreamConnection) -> None:
         req = self._active
         assert req is not None
         self._upstream = conn
         conn.start(self, req.head, req.method == b"HEAD", body_pending=not req.complete and req.has_body)
-        if self._write_paused:
+        if self._flow.write_paused:
             conn.pause_reading()
         if req.body:
             if req.chunked:
@@ -872,75 +489,78 @@ class ClientConnection(asyncio.Protocol):
                     conn.write(chunk)
             req.body = []
             req.body_buffered = 0
-            self._resume(_PAUSE_BUFFER)
+            self._flow.resume(BUFFER)
         if req.complete and req.chunked:
             conn.write(_CHUNK_END)
         # A request complete before the upstream was attached needs no request_sent(): start()
         # already applied the response timeout (no body pending) and every write since counts as I/O.
 
-    def _answer(self, status: int, reason: str, decision: Decision | None) -> None:
+    def _answer(self, answer: Answer, detail: str | None = None) -> None:
         """The router answers the active request itself, then moves on or closes."""
         req = self._active
         assert req is not None and self.transport is not None
+        if not answer.upstream:
+            self.ctx.stats.rejected[answer] += 1  # (upstream failures are counted where they happen)
+        decision = req.decision
         target = decision.target.url if decision is not None and decision.target is not None else None
         # After an Upgrade head the parser reads no further requests: the connection must end.
-        close = not req.keep_alive or req.upgrade or (req.has_body and not req.complete) or status in _CLOSING_STATUSES
-        answer = error_response(
-            status,
-            reason,
-            service=decision.service if decision is not None else None,
-            key=req.key,
-            target=target,
-            close=close,
-            route_header=decision.route_header(req.key) if decision is not None and req.debug else None,
+        close = not req.keep_alive or req.upgrade or (req.has_body and not req.complete) or answer.closes
+        self.transport.write(
+            render(
+                answer,
+                detail=detail,
+                service=decision.service if decision is not None else None,
+                key=req.key,
+                target=target,
+                close=close,
+                route_header=decision.route_header(req.key) if decision is not None and req.debug else None,
+                head_only=req.method == b"HEAD",
+            )
         )
-        if req.method == b"HEAD":
-            answer = answer[: answer.find(b"\r\n\r\n") + 4]  # same head, no body (RFC 9110 9.3.2)
-        self.transport.write(answer)
-        self._resp_keep_alive = not close
-        self._resp_status = status
+        self._relay.answered(answer.status, not close)
         self._finish_exchange()
 
     def _finish_exchange(self) -> None:
         req = self._active
         self._active = None
+        ctx = self.ctx
         if req is not None:
             # perf_counter, not loop.time(): uvloop's clock counts whole milliseconds.
-            self.ctx.stats.observe_latency(perf_counter() - req.started_at)
-            if req.span is not None and self.ctx.tracer is not None:
-                self.ctx.tracer.finish(req.span, self._resp_status)
-        if self._closed or self.transport is None:
+            ctx.stats.observe_latency(perf_counter() - req.started_at)
+            if req.span is not None and ctx.tracer is not None:
+                ctx.tracer.finish(req.span, self._relay.status)
+        if self._state == _CLOSED or self.transport is None:
             return
         if req is not None and req.has_body and not req.complete:
             self._linger()
             return
-        if not self._resp_keep_alive or self.ctx.draining:
+        if not self._relay.keep_alive or ctx.draining:
             self._close()
             return
         if self._queue:
             # Soon, not now: we may be inside the upstream's parser callback.
             self.loop.call_soon(self._start_next)
             return
-        self._resume(_PAUSE_PIPELINE)
-        if self._paused & _PAUSE_DONE:
+        flow = self._flow
+        flow.resume(PIPELINE)
+        if flow.paused & DONE:
             self._close()
             return
-        timeouts = self.ctx.settings.timeouts
+        timeouts = ctx.settings.timeouts
         # A head already begun (pipelined behind this exchange) gets the head deadline.
         self._arm(timeouts.header_read if self._parsing is not None else timeouts.keepalive_idle)
 
     def _start_next(self) -> None:
-        if self._closed or self._active is not None or not self._queue:
+        if self._state == _CLOSED or self._active is not None or not self._queue:
             return
         self._start(self._queue.popleft())
-        if not self._queue and not self._closing:
+        if not self._queue and self._state == _READING:
             # The started request may still be mid-body in the parser: let it read on.
-            self._resume(_PAUSE_PIPELINE)
+            self._flow.resume(PIPELINE)
 
-    def _reject(self, status: int, reason: str, *, parsed_so_far: bool = False) -> None:
+    def _reject(self, answer: Answer, detail: str | None = None, *, parsed_so_far: bool = False) -> None:
         """A request could not be parsed: answer in order, then close. Never forward it."""
-        self.ctx.stats.rejected[status] += 1
-        self._pause(_PAUSE_DONE)
+        self._flow.pause(DONE)
         req = self._parsing
         self._parsing = None
         if req is not None and req is self._active:
@@ -948,21 +568,21 @@ class ClientConnection(asyncio.Protocol):
             upstream, self._upstream = self._upstream, None
             if upstream is not None:
                 upstream.detach()
-            if self._resp_head_sent:
+            if self._relay.head_sent:
                 self.abort()
                 return
             req.keep_alive = False
-            self._answer(status, reason, req.decision)
+            self._answer(answer, detail)
             return
         if req is not None and req in self._queue:
             # Pipelined behind the active exchange and found bad mid-body: it has not been
             # forwarded yet, and now it never will be; it is answered in its turn.
-            req.error = (status, reason)
+            req.refusal, req.detail = answer, detail
             req.keep_alive = False
             req.complete = True
             return
         bad = _Request()
-        bad.error = (status, reason)
+        bad.refusal, bad.detail = answer, detail
         bad.complete = True
         if req is not None and parsed_so_far:
             # A limit, not a syntax error, stopped a well-formed request: if it is a HEAD
@@ -973,122 +593,47 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._queue.append(bad)
 
-    # -- upstream events (router.upstream.ExchangeOwner) ----------------------------------------
+    # -- what the upstream reports (router.upstream.ExchangeOwner) -----------------------------
+
+    def upstream_ready(self, conn: UpstreamConnection | None, failure: Answer | None) -> None:
+        req = self._active
+        if self._state == _CLOSED or req is None or self._upstream is not None:
+            if conn is not None:
+                self.ctx.pool.release(conn)
+            return
+        if conn is None:
+            assert failure is not None
+            self.ctx.stats.upstream_errors[failure.reason] += 1
+            self._answer(failure)
+            return
+        self._attach(conn)
 
     def upstream_interim(self, status: int, head: bytes) -> None:
         req = self._active
-        if req is None or not req.http11 or self.transport is None:
-            return
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, status_reason(head) or reason_phrase(status))]
-        for name, value in head_fields(head):
-            if name.lower() not in HOP_BY_HOP:
-                out += (name, b": ", value, _CRLF)
-        out.append(_CRLF)
-        self.transport.write(b"".join(out))
+        if req is not None:
+            self._relay.interim(req, status, head)
 
     def upstream_head(self, status: int, head: bytes, passthrough: bytes | None, framing: Framing) -> None:
         req = self._active
         assert req is not None
-        self._resp_status = status
+        relay = self._relay
         # A response that starts before the request body has ended says close: the router will
         # linger over the rest of the body and close, never read another request after it.
-        client_keep_alive = (
-            self._resp_keep_alive and not req.upgrade and not self.ctx.draining and (req.complete or not req.has_body)
-        )
-        if passthrough is not None and client_keep_alive and framing is Framing.LENGTH and req.http11 and status != 101:
-            # Fast path: forward the validated head as received, adding only what we must. A
-            # client connection about to close takes the rebuilding path, which says so.
-            self._resp_keep_alive = True
-            if req.debug and req.decision is not None:
-                route = req.decision.route_header(req.key)
-                passthrough = passthrough[:-2] + b"x-devstack-route: " + route + _CRLF + _CRLF
-            self._resp_head = passthrough
-            return
-        self._rebuild_head(req, status, head, framing, client_keep_alive)
-
-    def _rebuild_head(self, req: _Request, status: int, head: bytes, framing: Framing, client_keep_alive: bool) -> None:
-        """Render a response head field by field: hop-by-hop removal, our own framing."""
-        fields = head_fields(head)
-        lowered = [name.lower() for name, _ in fields]
-        stripped: frozenset[bytes] = frozenset()
-        if b"connection" in lowered:
-            values = [value for lower, (_, value) in zip(lowered, fields) if lower == b"connection"]
-            stripped = connection_tokens(values) - PROTECTED
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, status_reason(head) or reason_phrase(status))]
-        content_length: bytes | None = None
-        upgrade = b""
-        for lower, (name, value) in zip(lowered, fields):
-            if lower in HOP_BY_HOP or lower in stripped:
-                if lower == b"content-length":
-                    content_length = value
-                elif lower == b"upgrade":
-                    upgrade = value
-                continue
-            out += (name, b": ", value, _CRLF)
-        if req.debug and req.decision is not None:
-            out += (b"x-devstack-route: ", req.decision.route_header(req.key), _CRLF)
-        if status == 101:
-            if not req.upgrade:
-                raise UnexpectedUpgrade
-            out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, _CRLF, _CRLF)
-            assert self.transport is not None
-            self.transport.write(b"".join(out))
-            self._resp_head_sent = True
-            return
-        if framing is Framing.NONE:
-            if content_length is not None and status != 204:
-                out += (b"Content-Length: ", content_length, _CRLF)
-        elif framing is Framing.LENGTH:
-            assert content_length is not None
-            out += (b"Content-Length: ", content_length, _CRLF)
-        elif req.http11:
-            self._resp_chunked = True
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        else:
-            client_keep_alive = False
-        if not client_keep_alive:
-            out.append(b"Connection: close\r\n")
-        elif not req.http11:
-            out.append(b"Connection: keep-alive\r\n")
-        self._resp_keep_alive = client_keep_alive
-        out.append(_CRLF)
-        self._resp_head = b"".join(out)
+        keep_alive = relay.keep_alive and not req.upgrade and not self.ctx.draining
+        relay.head(req, status, head, passthrough, framing, keep_alive and (req.complete or not req.has_body))
 
     def upstream_body(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None or self._closed:
-            return
-        head = self._resp_head
-        if head is not None:
-            self._resp_head = None
-            self._resp_head_sent = True
-            if self._resp_chunked:
-                transport.writelines((head, b"%x\r\n" % len(data), data, _CRLF))
-            else:
-                transport.writelines((head, data))
-            return
-        if self._resp_chunked:
-            transport.writelines((b"%x\r\n" % len(data), data, _CRLF))
-        else:
-            transport.write(data)
+        self._relay.body(data)
 
     def upstream_complete(self, reusable: bool) -> None:
         upstream, self._upstream = self._upstream, None
-        req = self._active
-        transport = self.transport
-        if self._tunnel:
-            self._close()
+        if self._state == _TUNNEL:
+            self._end_tunnel()  # the upstream closed the tunnel cleanly: the client's side goes too
             return
-        if transport is not None and not self._closed:
-            head = self._resp_head
-            self._resp_head = None
-            if head is not None:
-                self._resp_head_sent = True
-                transport.write(head + _CHUNK_END if self._resp_chunked else head)
-            elif self._resp_chunked:
-                transport.write(_CHUNK_END)
+        req = self._active
+        self._relay.end()
         if upstream is not None:
-            if self._write_paused:
+            if self._flow.write_paused:
                 upstream.resume_reading()
             if reusable and req is not None and req.complete:
                 self.ctx.pool.release(upstream)
@@ -1096,61 +641,22 @@ class ClientConnection(asyncio.Protocol):
                 upstream.close()
         self._finish_exchange()
 
-    def upstream_upgraded(self, rest: bytes) -> None:
-        transport = self.transport
-        upstream = self._upstream
-        if transport is None or upstream is None or self._closed:
-            return
-        self._tunnel = True
-        self.ctx.stats.tunnels_open += 1
-        self._arm(self.ctx.settings.timeouts.tunnel_idle)
-        if rest:
-            transport.write(rest)
-        pending = self._tunnel_pending or []
-        self._tunnel_pending = None
-        for chunk in pending:
-            upstream.tunnel_write(chunk)
-        if self._client_eof:
-            upstream.tunnel_eof()  # the client half-closed while the upgrade was on its way
-        self._resume(_PAUSE_UPGRADE | _PAUSE_PIPELINE | _PAUSE_DONE)
-
-    def upstream_tunnel_data(self, data: bytes) -> None:
-        if self.transport is not None and not self._closed:
-            self.transport.write(data)
-            self._arm(self.ctx.settings.timeouts.tunnel_idle)
-
-    def upstream_tunnel_eof(self) -> None:
-        """The upstream half-closed the tunnel: pass it on; the tunnel ends once both have."""
-        self._upstream_eof = True
-        transport = self.transport
-        if transport is None or self._closed:
-            return
-        if self._client_eof:
-            self._end_tunnel()
-        elif transport.can_write_eof():
-            transport.write_eof()
-
-    def _end_tunnel(self) -> None:
-        """Both directions are done, or the tunnel idled out: flush and close both ends."""
-        upstream, self._upstream = self._upstream, None
-        if upstream is not None:
-            upstream.close(flush=True)  # its pool slot is given back here, not when the client goes
-        self._close()
-
-    def upstream_failed(self, failure: Failure, response_started: bool) -> None:
+    def upstream_failed(self, failure: Answer, response_started: bool) -> None:
         conn, self._upstream = self._upstream, None
         req = self._active
-        if failure is not Failure.SLOW_BODY:
-            self.ctx.stats.upstream_errors[failure.label] += 1
-        if req is None or self._closed:
+        if failure is not Answer.SLOW_BODY:
+            self.ctx.stats.upstream_errors[failure.reason] += 1
+        if req is None or self._state == _CLOSED:
             return
-        if self._tunnel or self._resp_head_sent:
+        relay = self._relay
+        if self._state == _TUNNEL or relay.head_sent:
             # Part of the response is already with the client: the only honest signal left is
             # to cut the connection, so a truncated body is never taken for a whole one.
             self.abort()
             return
+        relay.pending_head = None
         if (
-            failure is Failure.RESET
+            failure is Answer.UPSTREAM_RESET
             and not response_started
             and conn is not None
             and conn.reused
@@ -1160,23 +666,50 @@ class ClientConnection(asyncio.Protocol):
         ):
             # The pooled connection was closed by the upstream as we reused it: safe to retry once.
             req.retried = True
-            self._resp_head = None
             self._acquire(req, fresh=True)
             return
-        self._resp_head = None
-        if failure is Failure.SLOW_BODY or (failure is Failure.TIMEOUT and req.has_body and not req.complete):
-            # The silence (or the drip) was the client's, mid-body: its fault, not the upstream's.
-            self.ctx.stats.rejected[408] += 1
+        if failure is Answer.UPSTREAM_TIMEOUT and req.has_body and not req.complete:
+            failure = Answer.BODY_TIMEOUT  # the silence was the client's, mid-body: not the upstream's
+        if failure.closes:
             req.keep_alive = False
-            self._answer(408, failure.label if failure is Failure.SLOW_BODY else "body-read-timeout", req.decision)
+        self._answer(failure)
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        upstream = self._upstream
+        tunnel = self._tunnel
+        if self._state != _UPGRADING or upstream is None or tunnel is None:
             return
-        self._answer(failure.status, failure.label, req.decision)
+        self._state = _TUNNEL
+        self.ctx.stats.tunnels_open += 1
+        self._arm(self.ctx.settings.timeouts.tunnel_idle)
+        tunnel.start(upstream, rest)
+        self._flow.resume(UPGRADE | PIPELINE | DONE)
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        tunnel = self._tunnel
+        if self._state == _TUNNEL and tunnel is not None:
+            tunnel.to_client(data)
+            self._arm(self.ctx.settings.timeouts.tunnel_idle)
+
+    def upstream_tunnel_eof(self) -> None:
+        """The upstream half-closed the tunnel: pass it on; the tunnel ends once both have."""
+        tunnel = self._tunnel
+        if self._state == _TUNNEL and tunnel is not None and tunnel.upstream_half_closed():
+            self._end_tunnel()
 
     def upstream_pause(self) -> None:
-        self._pause(_PAUSE_UPSTREAM)
+        self._flow.pause(UPSTREAM)
 
     def upstream_resume(self) -> None:
-        self._resume(_PAUSE_UPSTREAM)
+        self._flow.resume(UPSTREAM)
+
+    def _end_tunnel(self) -> None:
+        """Both directions are done, the upstream closed, or the tunnel idled out: close both."""
+        self._upstream = None
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.end()
+        self._close()
 
     # -- connection control -------------------------------------------------------------------
 
@@ -1189,23 +722,12 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     def _close(self) -> None:
-        self._closing = True
-        self._paused |= _PAUSE_DONE
+        if self._state != _CLOSED:
+            self._state = _CLOSING
+        self._flow.paused |= DONE  # marked only: the transport is closing, nothing is resumed
         self._cancel_timer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
-
-    def _pause(self, reason: int) -> None:
-        if not self._paused and self.transport is not None and not self._closed:
-            self.transport.pause_reading()
-        self._paused |= reason
-
-    def _resume(self, reasons: int) -> None:
-        if not self._paused & reasons:
-            return
-        self._paused &= ~reasons
-        if not self._paused and self.transport is not None and not self._closed:
-            self.transport.resume_reading()
 
     def _arm(self, timeout: float) -> None:
         deadline = self.ctx.pool.clock() + timeout
@@ -1230,8 +752,7 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         limits, timeouts = self.ctx.settings.limits, self.ctx.settings.timeouts
-        self._lingering = True
-        self._closing = True  # nothing more is parsed or answered on this connection
+        self._state = _LINGERING  # nothing more is parsed or answered on this connection
         self._parsing = None
         self._queue.clear()
         self._awaiting_body = False
@@ -1239,9 +760,7 @@ class ClientConnection(asyncio.Protocol):
         self._linger_end = self.loop.time() + timeouts.linger
         if transport.can_write_eof():
             transport.write_eof()
-        if self._paused:
-            self._paused = 0
-            transport.resume_reading()
+        self._flow.resume_all()
         self._arm(timeouts.linger_pause)
 
     def _discard(self, data: bytes) -> None:
@@ -1253,29 +772,29 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if not self._deadline or self._closed:
+        state = self._state
+        if not self._deadline or state == _CLOSED:
             return
         now = self.loop.time()
         if now < self._deadline:
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
             self._timer_at = self._deadline
             return
-        if self._tunnel:
+        if state == _TUNNEL:
             self._end_tunnel()  # idle past --tunnel-idle-timeout: a forgotten tunnel
             return
-        if self._lingering:
+        if state == _LINGERING:
             self._close()
             return
         req = self._active
         if self._awaiting_body and req is not None and self.transport is not None:
             self._awaiting_body = False
-            self.ctx.stats.rejected[408] += 1
             req.keep_alive = False
-            self._answer(408, "body-read-timeout", req.decision)
+            self._answer(Answer.BODY_TIMEOUT)
             return
         # Idle keep-alive or a head that never finished (slowloris): close, answering 408 only
         # when a request had begun.
         if self._parsing is not None and self._active is None and self.transport is not None:
-            self.ctx.stats.rejected[408] += 1
-            self.transport.write(error_response(408, "header-read-timeout", close=True))
+            self.ctx.stats.rejected[Answer.HEADER_TIMEOUT] += 1
+            self.transport.write(render(Answer.HEADER_TIMEOUT, close=True))
         self._close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Final
 
+from router.errors import Answer
+
 LATENCY_BUCKETS: Final[tuple[float, ...]] = (
     0.0005,
     0.001,
@@ -49,8 +51,8 @@ class RouterStats:
         """(service, target kind) → requests routed."""
         self.upstream_errors: defaultdict[str, int] = defaultdict(int)
         """Error kind (connect, timeout, reset, bad-response, pool-full) → count."""
-        self.rejected: defaultdict[int, int] = defaultdict(int)
-        """Status → requests the router refused itself (4xx/5xx before any upstream)."""
+        self.rejected: defaultdict[Answer, int] = defaultdict(int)
+        """Answer → requests the router answered itself for a reason other than an upstream's failure."""
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.open_connections = 0

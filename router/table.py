@@ -1,10 +1,10 @@
 """The immutable, versioned route table and the routing decision made from it.
 
 This module owns one decision: given a service and a routing key, which upstream serves the
-request (or why none does). It is pure and imports only the standard library, so the controller
-can build tables and the hot path can read them without either knowing the other. It must never
-perform I/O or mutate a table after construction: the router swaps whole tables atomically.
-"""
+request (or why none does). It is pure and imports only the standard library and the catalogue
+of answers (``router.errors``), so the controller can build tables and the hot path can read
+them without either knowing the other. It must never perform I/O or mutate a table after
+construction: the router swaps whole tables atomically."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from collections.abc import Hashable, Mapping
 from types import MappingProxyType
 from typing import Final
 from urllib.parse import urlsplit
+
+from router.errors import Answer
 
 __all__ = [
     "Decision",
@@ -88,8 +90,8 @@ class Decision:
     kind: TargetKind
     target: Target | None
     reason: str
-    status: int = 200
-    """HTTP status the router answers itself with when ``target`` is None."""
+    answer: Answer | None = None
+    """What the router answers itself when ``target`` is None (from the catalogue in router.errors)."""
 
     stats_key: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
     """(service, target kind): the request counter's label, made once rather than per request.
@@ -158,15 +160,15 @@ class Routes:
             by_key[key] = _OverrideDecisions(
                 override=ov,
                 serve=Decision(self.service, key, TargetKind.OVERRIDE, ov.target, "override"),
-                not_ready=self._unusable(ov, "override-not-ready"),
-                expired=self._unusable(ov, "override-expired"),
+                not_ready=self._unusable(ov, Answer.OVERRIDE_NOT_READY),
+                expired=self._unusable(ov, Answer.OVERRIDE_EXPIRED),
             )
         object.__setattr__(self, "_by_key", by_key)
 
-    def _unusable(self, ov: Override, reason: str) -> Decision:
+    def _unusable(self, ov: Override, answer: Answer) -> Decision:
         if ov.fallback is Fallback.BASELINE:
-            return Decision(self.service, ov.key, TargetKind.BASELINE, self.baseline, reason + "-fallback")
-        return Decision(self.service, ov.key, TargetKind.ERROR, None, reason, status=503)
+            return Decision(self.service, ov.key, TargetKind.BASELINE, self.baseline, answer.reason + "-fallback")
+        return Decision(self.service, ov.key, TargetKind.ERROR, None, answer.reason, answer)
 
     def resolve(self, key: str | None, now: float | None = None) -> Decision:
         """Pick the upstream for ``key`` (already validated) at Unix time ``now`` (default:

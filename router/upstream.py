@@ -1,7 +1,8 @@
 """Upstream side of the hot path: one protocol per upstream TCP connection, and their pools.
 
 An ``UpstreamConnection`` parses exactly one response at a time (strictly, with llhttp) and
-reports it to the exchange that owns it; the ``UpstreamPool`` keeps idle keep-alive connections
+reports it to the exchange that owns it, through the ``ExchangeOwner`` contract defined here
+(so this module never imports the client side); the ``UpstreamPool`` keeps idle keep-alive connections
 per address with a size cap and a bounded wait queue. A connection is reused only when its last
 response was framed unambiguously and fully read; anything else (a parse error, stray bytes
 while idle, a HEAD response, a timeout) discards it, because a reused connection carrying
@@ -15,26 +16,16 @@ import collections
 import enum
 import socket
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import httptools
 
 from router import COMPILED, http
+from router.errors import Answer
 from router.http import TE_CHUNKED, TE_NONE
 from router.settings import Limits, Timeouts
 from router.stats import RouterStats
 from router.table import Target
-
-if TYPE_CHECKING:
-    # The exchange an upstream connection reports to: the client side's connection, named as a
-    # class rather than a Protocol so the compiled build calls it natively (one cycle-free
-    # TYPE_CHECKING import). What it is told, in order: upstream_interim* (1xx heads), then
-    # upstream_head (the final head: raw bytes llhttp validated, plus the same ready to forward
-    # when only plain keep-alive fields had to go), upstream_body*, and upstream_complete; or
-    # upstream_failed at any point; upstream_upgraded / upstream_tunnel_data after a 101; and
-    # upstream_pause / upstream_resume for write backpressure on this connection. The pool
-    # tells a waiting owner upstream_ready(connection or None, failure or None).
-    from router.proxy import ClientConnection as ExchangeOwner
 
 Address = tuple[str, int]
 
@@ -56,33 +47,76 @@ class Framing(enum.Enum):
     """Body delimited by the upstream closing the connection (HTTP/1.0 style)."""
 
 
-class Failure(enum.Enum):
-    CONNECT = ("connect", 502)
-    TIMEOUT = ("timeout", 504)
-    RESET = ("reset", 502)
-    BAD_RESPONSE = ("bad-response", 502)
-    POOL_FULL = ("pool-full", 503)
-    SLOW_BODY = ("body-too-slow", 408)
-    """The client's request body fell below the minimum average rate: the client's fault."""
-
-    # Properties over the value rather than an __init__: compiled (mypyc) enums take no custom __init__.
-    @property
-    def label(self) -> str:
-        label: str = self.value[0]
-        return label
-
-    @property
-    def status(self) -> int:
-        status: int = self.value[1]
-        return status
-
-
 class UnexpectedUpgrade(Exception):
     """The exchange refuses a 101 it did not ask for; the response counts as broken."""
 
 
 class _HeadDone(Exception):
     """Raised from the parser callback to stop after a bodiless (HEAD) response head."""
+
+
+class ExchangeOwner:
+    """What an upstream connection reports to: the exchange that owns it for one response.
+
+    The whole contract between the two sides of the hot path. This module defines it and never
+    imports the client side, which implements it (``router.proxy.ClientConnection``). A base
+    class rather than a ``typing.Protocol`` so that, compiled, every report is a native call.
+
+    For one exchange the reports come in this order: ``upstream_ready`` once if the pool had
+    to connect or queue (a connection, or None and the failure); then ``upstream_interim`` for
+    each 1xx head; ``upstream_head`` for the final head; ``upstream_body`` for each piece of
+    body; and ``upstream_complete``. ``upstream_failed`` may come instead at any point, after
+    which nothing more is reported. After a 101, ``upstream_upgraded`` and then
+    ``upstream_tunnel_data`` / ``upstream_tunnel_eof`` until the tunnel ends with
+    ``upstream_complete`` (a clean close) or ``upstream_failed`` (a reset).
+    ``upstream_pause`` / ``upstream_resume`` may come at any time: the upstream's write buffer
+    is full / has drained, so the owner should stop / restart sending it request body bytes.
+    """
+
+    def upstream_ready(self, conn: UpstreamConnection | None, failure: Answer | None) -> None:
+        """The connection ``acquire`` could not give at once: connected, or None and why not.
+        A connection handed over here belongs to the owner, who must release it."""
+        raise NotImplementedError
+
+    def upstream_interim(self, status: int, head: bytes) -> None:
+        """A 1xx head other than 101, as received (llhttp validated it)."""
+        raise NotImplementedError
+
+    def upstream_head(self, status: int, head: bytes, passthrough: bytes | None, framing: Framing) -> None:
+        """The final head as received, and the same ready to forward unchanged when only plain
+        keep-alive fields had to go (else None); ``framing`` says how the body is delimited.
+        Raising ``UnexpectedUpgrade`` refuses a 101 the owner did not ask for."""
+        raise NotImplementedError
+
+    def upstream_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def upstream_complete(self, reusable: bool) -> None:
+        """The response ended; the connection is no longer this owner's. ``reusable``: whether
+        its framing allows another exchange (the owner decides whether to release it)."""
+        raise NotImplementedError
+
+    def upstream_failed(self, failure: Answer, response_started: bool) -> None:
+        """The exchange failed (the connection is closed already); ``response_started``:
+        whether bytes of a response had arrived."""
+        raise NotImplementedError
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        """A 101 arrived: the connection is a tunnel now; ``rest`` came after its head."""
+        raise NotImplementedError
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def upstream_tunnel_eof(self) -> None:
+        """The upstream half-closed the tunnel; it may still read what the client sends."""
+        raise NotImplementedError
+
+    def upstream_pause(self) -> None:
+        raise NotImplementedError
+
+    def upstream_resume(self) -> None:
+        raise NotImplementedError
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -200,7 +234,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._collecting:
             buf = self._head_buf = self._head_buf + data if self._head_buf else data
             if len(buf) > self._max_head and buf.find(b"\r\n\r\n", 0, self._max_head) < 0:
-                self._fail(Failure.BAD_RESPONSE)
+                self._fail(Answer.BAD_RESPONSE)
                 return
         try:
             self._feed(data)
@@ -210,14 +244,14 @@ class UpstreamConnection(asyncio.Protocol):
                 self._cancel_timer()
                 self.owner.upstream_upgraded(data[exc.args[0] :])
             else:
-                self._fail(Failure.BAD_RESPONSE)
+                self._fail(Answer.BAD_RESPONSE)
         except (_HeadDone, UnexpectedUpgrade, httptools.HttpParserError):
             # httptools may wrap what a callback raised; _head_done says whether it was ours
             # stopping after a bodiless HEAD response, anything else is a broken response.
             if self._head_done:
                 self._finish(reusable=False)
             else:
-                self._fail(Failure.BAD_RESPONSE)
+                self._fail(Answer.BAD_RESPONSE)
         else:
             if self._length > 0 and self.owner is not None and not self._collecting:
                 remaining = self._length - self._body_seen
@@ -268,11 +302,11 @@ class UpstreamConnection(asyncio.Protocol):
             if exc is None:
                 owner.upstream_complete(reusable=False)
             else:
-                owner.upstream_failed(Failure.RESET, True)  # a reset tunnel ends the client's too
+                owner.upstream_failed(Answer.UPSTREAM_RESET, True)  # a reset tunnel ends the client's too
         elif self._started and not self._collecting and self._framing is Framing.CLOSE:
             self._finish(reusable=False)
         else:
-            self._fail(Failure.RESET)
+            self._fail(Answer.UPSTREAM_RESET)
 
     def pause_writing(self) -> None:
         if self._rate_base:
@@ -431,7 +465,7 @@ class UpstreamConnection(asyncio.Protocol):
         if owner is not None:
             owner.upstream_complete(reusable)
 
-    def _fail(self, failure: Failure) -> None:
+    def _fail(self, failure: Answer) -> None:
         owner = self.owner
         started = self._started
         self._broken = True
@@ -444,12 +478,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self.owner is None or self._tunnel:
             return
         deadline = self.last_io + self.idle_limit
-        failure = Failure.TIMEOUT
+        failure = Answer.UPSTREAM_TIMEOUT
         if self._rate_base and not self._paused_at:
             due = self._rate_base + self._body_sent / self._min_rate
             if due < deadline:
                 deadline = due
-                failure = Failure.SLOW_BODY
+                failure = Answer.SLOW_BODY
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._on_timer)
             self._timer_at = deadline
@@ -583,7 +617,7 @@ class UpstreamPool:
         except (TimeoutError, OSError) as exc:
             pool.total -= 1
             self.stats.upstream_connections -= 1
-            failure = Failure.TIMEOUT if isinstance(exc, asyncio.TimeoutError) else Failure.CONNECT
+            failure = Answer.UPSTREAM_TIMEOUT if isinstance(exc, asyncio.TimeoutError) else Answer.UPSTREAM_CONNECT
             waiter.upstream_ready(None, failure)
             return
         waiter.upstream_ready(conn, None)

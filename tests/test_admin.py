@@ -47,7 +47,7 @@ async def test_admin_endpoints(origins: dict[str, Origin]) -> None:
             text = await resp.text()
         assert 'devstack_requests_total{service="payments",target="override"} 2.0' in text
         assert 'devstack_requests_total{service="payments",target="baseline"} 1.0' in text
-        assert 'devstack_rejected_requests_total{status="404"} 1.0' in text
+        assert 'devstack_rejected_requests_total{reason="no-route",status="404"} 1.0' in text
         assert "devstack_route_table_version 7.0" in text
         assert "devstack_request_duration_seconds_count 4.0" in text
 

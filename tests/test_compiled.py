@@ -21,6 +21,7 @@ import pytest
 import router
 import router.http
 import router.proxy
+import router.request
 import router.upstream
 
 from .support import make_table, running_router
@@ -38,13 +39,13 @@ def test_the_suite_runs_the_mode_it_was_asked_for() -> None:
         from router import _speedups  # built with the compiled hot path
 
         assert router.upstream._scan_response_head is _speedups.scan_response_head
-        assert router.proxy._join is _speedups.join_bytes
+        assert router.request._join is _speedups.join_bytes
     elif os.environ.get("DEVSTACK_INTERPRETED") == "1":
         assert not router.COMPILED
         assert router.HOT_PATH_MODE in {"DEVSTACK_INTERPRETED=1", "not compiled"}
         assert router.proxy.__file__.endswith(".py")
         assert router.upstream._scan_response_head is router.http.scan_response_head
-        assert router.proxy._join == b"".join
+        assert router.request._join == b"".join
     else:
         assert router.proxy.__file__.endswith(SUFFIX if router.COMPILED else ".py")
 

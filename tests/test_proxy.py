@@ -73,7 +73,8 @@ async def test_unusable_override_answers_503_naming_service_key_and_reason(
     resp = await get(router, baggage=f"devstack={key}")
     assert resp.status == 503
     body = json.loads(await resp.read())
-    assert body == {"error": "Service Unavailable", "service": "payments", "key": key, "target": None, "reason": reason}
+    expected = {"error": "Service Unavailable", "service": "payments", "key": key, "target": None, "reason": reason}
+    assert body == {**expected, "detail": None}
     assert not origins["bob"].seen
 
 
@@ -278,6 +279,7 @@ async def test_connect_refused_is_502_naming_the_target() -> None:
             "key": None,
             "target": "http://127.0.0.1:9",
             "reason": "connect",
+            "detail": None,
         }
         assert server.stats.upstream_errors["connect"] == 1
 

@@ -50,7 +50,8 @@ def test_resolve_rows(
 ) -> None:
     r = routes(**({override.key: override} if override else {}))
     decision = r.resolve(key, now=1000.0)
-    assert (decision.kind, decision.target, decision.reason, decision.status) == (kind, target, reason, status)
+    answered = decision.answer.status if decision.answer is not None else 200
+    assert (decision.kind, decision.target, decision.reason, answered) == (kind, target, reason, status)
     assert decision.service == "payments"
     # Shared decisions (no key, no override for this key) carry no key; override decisions do.
     assert decision.key == (key if override is not None else None)

@@ -17,6 +17,7 @@ import pytest
 
 from controller.aggregator import Aggregator
 from controller.sources.kubernetes import KubernetesSource, KubeSettings, WatchSettings, kubernetes_source
+from router.errors import Answer
 from router.table import Decision, RouteTable, TargetKind
 from tests.kube.kube_fake_apiserver import (
     FakeApiServer,
@@ -157,7 +158,8 @@ async def test_override_scaled_to_zero_answers_503(fake_api: FakeApiServer, harn
     fake_api.apply(
         deployment("payments-alice", service="payments", key="alice", ready=0, upstream="http://10.0.0.2:8080")
     )
-    decision = await eventually(lambda: (d := h.decide("alice")) is not None and d.status == 503 and d)
+    not_ready = Answer.OVERRIDE_NOT_READY
+    decision = await eventually(lambda: (d := h.decide("alice")) is not None and d.answer is not_ready and d)
     assert decision.reason == "override-not-ready"
 
 
@@ -463,7 +465,7 @@ async def test_expired_override_stops_receiving_traffic_without_any_event(
     decision = await eventually(
         lambda: (d := h.decide("alice")) is not None and d.reason == "override-expired" and d, timeout=2.0
     )
-    assert decision.status == 503
+    assert decision.answer is not None and decision.answer.status == 503
     assert time.time() - expires < 1.0
     await eventually(lambda: h.source.rebuilds > rebuilds, timeout=1.5, what="a rebuild at the expiry time")
     assert len(fake_api.history["deployments"]) == events, "no watch event was needed"
