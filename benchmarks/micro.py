@@ -10,7 +10,7 @@ real request is not). Two measures:
   callgrind (runs with 0 and N exchanges, subtracts): the same figure on every run of the same
   build, whatever else the machine is doing. Needs the Debian package ``valgrind``.
 
-The README's hot-path notes quote the instruction counts; ``router.HOT_PATH_MODE`` says whether
+benchmarks/RESULTS.md keeps the instruction counts over time; ``router.HOT_PATH_MODE`` says whether
 the compiled or the interpreted hot path was measured.
 """
 

@@ -85,6 +85,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(scenarios.BY_NAME),
         help=f"default mode: comma-separated subset of {tuple(scenarios.BY_NAME)}",
     )
+    p.add_argument(
+        "--against",
+        type=Path,
+        metavar="CHECKOUT",
+        help="default mode: also run the router of another checkout (a git worktree, built in place) as "
+        "candidate router-base, interleaved with this one: how a change compares with the code before it",
+    )
     p.add_argument("--idle-connections", type=int, default=scale.IDLE_CONNECTIONS, help="--scale: idle connections")
     p.add_argument("--output-dir", type=Path, default=RESULTS, help=f"where results go (default {RESULTS})")
     args = p.parse_args(argv)
@@ -98,6 +105,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"unknown scenarios: {sorted(unknown)}")
     if unknown := set(args.candidates) - set(ALL_CANDIDATES):
         p.error(f"unknown candidates: {sorted(unknown)}")
+    if args.against is not None:
+        if not (args.against / "devstack" / "__main__.py").exists():
+            p.error(f"--against {args.against}: not a devstack checkout (no devstack/__main__.py)")
+        args.candidates.append("router-base")
     return args
 
 
@@ -156,7 +167,7 @@ def _check_candidate(stack: Stack, candidate: Candidate) -> None:
     _log(f"  {candidate.name}: {count} routing checks passed")
 
 
-def _start_candidates(stack: Stack, names: Sequence[str]) -> list[Candidate]:
+def _start_candidates(stack: Stack, names: Sequence[str], against: Path | None = None) -> list[Candidate]:
     started = []
     for name in names:
         if name == "direct":
@@ -166,11 +177,13 @@ def _start_candidates(stack: Stack, names: Sequence[str]) -> list[Candidate]:
         elif name == "haproxy":
             started.append(stack.start_haproxy())
         else:
+            # router-base: the same interpreter running another checkout's code (--against).
+            command = None if against is None or name != "router-base" else ["env", f"PYTHONPATH={against.resolve()}"]
             try:
-                router, took = stack.start_router()
+                router, took = stack.start_router(name, launcher=command)
             except StartError as exc:
                 raise RouterFailure(f"router did not start: {exc}") from exc
-            _log(f"  router ready in {took:.2f}s")
+            _log(f"  {name} ready in {took:.2f}s")
             started.append(router)
     return started
 
@@ -232,7 +245,7 @@ def run_default(stack: Stack, args: argparse.Namespace, host: dict[str, Any], *,
     if not stack.can_upload:
         plan = tuple(s for s in plan if not s.needs_upload)
     _log("starting candidates on core 1 and checking routing")
-    candidates = _start_candidates(stack, names)
+    candidates = _start_candidates(stack, names, None if quick else args.against)
     for candidate in candidates:
         try:
             _check_candidate(stack, candidate)

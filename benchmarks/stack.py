@@ -134,13 +134,22 @@ class Stack:
         return Candidate("haproxy", port, proc)
 
     def start_router(
-        self, name: str = "router", routes: str | None = None, *, extra: Sequence[str] = (), ready_within: float = 60
+        self,
+        name: str = "router",
+        routes: str | None = None,
+        *,
+        extra: Sequence[str] = (),
+        ready_within: float = 60,
+        launcher: Sequence[str] | None = None,
     ) -> tuple[Candidate, float]:
-        """Start the devstack router on the proxy core; returns it and the seconds until ready."""
+        """Start the devstack router on the proxy core; returns it and the seconds until ready.
+        ``launcher`` (e.g. ``env PYTHONPATH=...``) runs ``python -m devstack`` under it instead
+        of this checkout's command."""
         port, admin = free_ports(2)
         path = self._write(f"{name}-routes.yaml", routes if routes is not None else configs.route_yaml(self.upstreams))
         argv = [
-            *router_command(), "router", "--routes", str(path),
+            *(router_command() if launcher is None else [*launcher, sys.executable, "-m", "devstack"]),
+            "router", "--routes", str(path),
             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--log-level", "WARNING", *extra,
         ]  # fmt: skip
         proc = self.procs.start(name, argv, cpu=PROXY_CPU)
