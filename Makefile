@@ -7,12 +7,13 @@ PYTEST_ARGS ?=
 INTERPRETED_TESTS ?= tests/test_keys.py tests/test_table.py tests/test_proxy.py tests/test_malformed_requests.py \
 	tests/test_hardening.py tests/test_streaming.py tests/test_reload_under_load.py tests/test_admin.py \
 	tests/test_tracing.py tests/test_fuzz.py tests/test_demo.py tests/test_compiled.py \
-	tests/test_tunnels.py tests/test_slow_bodies.py tests/test_request_policy.py tests/test_errors.py
+	tests/test_tunnels.py tests/test_slow_bodies.py tests/test_request_policy.py tests/test_errors.py \
+	tests/test_access_log.py tests/test_failure_log.py
 
 # router/_native.py owns the list of compiled sources (setup.py and router/__init__.py read it too).
 HOT_PATH_SOURCES := $(shell python3 router/_native.py sources)
 
-.PHONY: setup compile run test lint unit kube-test bench bench-quick bench-scale bench-micro fuzz soak clean
+.PHONY: setup compile run test lint unit kube-test bench bench-quick bench-scale bench-micro fuzz soak clean wheel-check
 
 setup: $(VENV)/.installed router/_compiled.json
 
@@ -20,7 +21,8 @@ setup: $(VENV)/.installed router/_compiled.json
 $(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 'setuptools>=77'  # `make compile` builds outside pip's isolation
-	DEVSTACK_COMPILE=0 $(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip uninstall -q -y devstack >/dev/null 2>&1 || true  # the distribution's old name, in a venv made before the rename
+	DEVSTACK_COMPILE=0 $(BIN)/pip install -q -e '.[router,kubernetes,test]'
 	touch $@
 
 ## The router hot path as C extensions (mypyc, plus the C helpers in router/*.c), rebuilt whenever one of its sources changes.
@@ -71,6 +73,14 @@ fuzz: setup
 
 kube-test: setup
 	$(BIN)/pytest -q tests/kube
+
+## The release artefact, checked as a user gets it: a wheel of a clean copy of the tree with the hot
+## path compiled, repaired by auditwheel to a manylinux tag (both from the test extra), installed into fresh
+## venvs: [router] (the demo answers through the installed router) and [sdk] (none of the router's
+## dependencies). Needs the package index. The wheel is left in $(WHEEL_DIR)/.
+WHEEL_DIR ?= dist
+wheel-check: setup
+	DEVSTACK_WHEEL_CHECK=1 DEVSTACK_WHEEL_DIR=$(WHEEL_DIR) $(BIN)/pytest -q -s --durations=0 -p no:cacheprovider tests/test_wheel.py
 
 clean:
 	rm -rf $(VENV) build router/*.so router/_compiled.json *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

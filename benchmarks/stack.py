@@ -150,6 +150,9 @@ class Stack:
         argv = [
             *(router_command() if launcher is None else [*launcher, sys.executable, "-m", "devstack"]),
             "router", "--routes", str(path),
+            # Like the nginx and haproxy configs, no access log: what is measured is proxying. (An
+            # older checkout given with --against has no such flag, and no access log either.)
+            *(["--access-log", "off"] if launcher is None else []),
             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--log-level", "WARNING", *extra,
         ]  # fmt: skip
         proc = self.procs.start(name, argv, cpu=PROXY_CPU)

@@ -16,7 +16,7 @@ from typing import Any
 from router.keys import is_valid_key
 from router.table import Fallback, Override, Routes, RouteTable, TableError, Target
 
-__all__ = ["BuildError", "LineDict", "merge_snapshots", "routes_from_spec"]
+__all__ = ["BuildError", "LineDict", "LineList", "merge_snapshots", "routes_from_spec"]
 
 
 class BuildError(ValueError):
@@ -43,6 +43,20 @@ class LineDict(dict[str, Any]):
         return self.key_lines.get(key, self.line)
 
 
+class LineList(list[Any]):
+    """A sequence that remembers the 1-based source line of itself and of each item."""
+
+    line: int | None = None
+    item_lines: list[int]
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.item_lines = []
+
+    def line_of(self, index: int) -> int | None:
+        return self.item_lines[index] if index < len(self.item_lines) else self.line
+
+
 _SERVICE_KEYS = frozenset({"hosts", "baseline", "overrides"})
 _OVERRIDE_KEYS = frozenset({"url", "ready", "expires", "fallback", "namespace", "workload"})
 
@@ -50,7 +64,13 @@ _OVERRIDE_KEYS = frozenset({"url", "ready", "expires", "fallback", "namespace", 
 def _line(obj: object, key: str | None = None) -> int | None:
     if isinstance(obj, LineDict):
         return obj.line_of(key) if key is not None else obj.line
+    if isinstance(obj, LineList):
+        return obj.line
     return None
+
+
+def _item_line(seq: object, index: int, fallback: int | None) -> int | None:
+    return seq.line_of(index) if isinstance(seq, LineList) else fallback
 
 
 def _dns_label(name: str) -> bool:
@@ -96,6 +116,7 @@ def routes_from_spec(spec: object, *, origin: str = "") -> dict[str, Routes]:
         raise fail("'services' must be a mapping of service name to routes", spec, "services")
 
     result: dict[str, Routes] = {}
+    claimed: dict[str, tuple[str, int | None]] = {}  # host (lower case) → (first claimant, its line)
     for name, body in services.items():
         if not isinstance(name, str) or not _dns_label(name):
             raise fail(f"service name {name!r} must be a DNS-1123 label", services, str(name))
@@ -131,7 +152,9 @@ def routes_from_spec(spec: object, *, origin: str = "") -> dict[str, Routes]:
             if not isinstance(key, str) or not _dns_label(key):
                 raise fail(f"{where}: a routing key must be a DNS-1123 label", overrides_raw, str(key))
             if isinstance(ov, str):
-                ov = {"url": ov}
+                short = LineDict(url=ov)
+                short.line = _line(overrides_raw, key)  # so errors in the short form still name its line
+                ov = short
             if not isinstance(ov, Mapping):
                 raise fail(f"{where}: expected a mapping with 'url'", overrides_raw, key)
             extra = set(ov) - _OVERRIDE_KEYS
@@ -168,8 +191,37 @@ def routes_from_spec(spec: object, *, origin: str = "") -> dict[str, Routes]:
                 )
             except TableError as exc:
                 raise fail(f"{where}: {exc}", ov, "url") from None
+        _claim_hosts(claimed, name, hosts_raw, services, body, origin)
         result[name] = Routes(service=name, baseline=baseline, overrides=overrides, hosts=tuple(hosts_raw))
     return result
+
+
+def _claim_hosts(
+    claimed: dict[str, tuple[str, int | None]],
+    name: str,
+    hosts: list[str],
+    services: object,
+    body: object,
+    origin: str,
+) -> None:
+    """Record the names service ``name`` answers to; a name another service claimed is an error.
+
+    ``RouteTable`` refuses such a table too, but only a parsed document knows lines: checking
+    here lets the message point at the second claim (the line to fix) and name the first.
+    """
+    hosts_line = _line(body, "hosts")
+    claims = [(name, _line(services, name))]
+    claims += [(host, _item_line(hosts, index, hosts_line)) for index, host in enumerate(hosts)]
+    for host, line in claims:
+        host = host.lower()
+        owner = claimed.get(host)
+        if owner is None:
+            claimed[host] = (name, line)
+        elif owner[0] != name:
+            first = f" (line {owner[1]})" if owner[1] is not None else ""
+            raise BuildError(
+                f"host {host!r} is claimed by both {owner[0]!r}{first} and {name!r}", origin=origin, line=line
+            )
 
 
 def merge_snapshots(snapshots: Mapping[str, Mapping[str, Routes]], version: int) -> RouteTable:

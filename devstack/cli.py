@@ -3,7 +3,9 @@
 This is the one place where the router and the controller meet: it builds ``RouterSettings``
 from flags, starts the configured sources, wires their snapshots through the ``Aggregator``
 into the router's table slot, and installs signal handlers (SIGTERM/SIGINT drain and exit,
-SIGHUP re-reads the route file). Nothing here runs per request.
+SIGHUP re-reads the route file). A mistake the user can fix (a bad flag, a busy port, a route
+file that fails validation, a missing optional package) ends the command with one line,
+``devstack: <what>: <why>``, never a traceback. Nothing here runs per request.
 """
 
 from __future__ import annotations
@@ -12,83 +14,277 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import importlib.metadata
+import importlib.util
 import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import router
 from controller.aggregator import Aggregator
 from controller.build import BuildError
 from controller.sources.file import FileSource, load_route_file
+from controller.startup import StartupError, parse_listen, start_router
 from router.keys import DEFAULT_MEMBER
-from router.server import RouterServer, parse_hostport
+from router.server import RouterServer
 from router.settings import Limits, Mode, RouterSettings, Timeouts
 
-log = logging.getLogger("devstack")
+if TYPE_CHECKING:
+    from router.tracing import RequestTracer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_ADMIN = "127.0.0.1:9901"
+DEFAULT_CONTROLLER_LISTEN = "127.0.0.1:9902"
+DISTRIBUTIONS: Final = ("devstack-router", "devstack")
+"""The package's distribution names, newest first (``devstack`` before the rename)."""
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+OTLP_EXTRA: Final = "pip install 'devstack-router[otlp]'"
+KUBERNETES_EXTRA: Final = "pip install 'devstack-router[kubernetes]'"
+ACCESS_LOG_NAMED: Final[dict[str, str | None]] = {"off": None, "stdout": "-"}
+"""``--access-log`` words that are not file paths → ``RouterSettings.access_log``."""
+
+
+def version() -> str:
+    """The installed distribution's version, or ``unknown`` in a checkout that was never installed."""
+    for name in DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error in one line; the full usage of ``router`` alone is forty lines."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Ends each flag's help with its default, so no help text can forget or misstate it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is argparse.SUPPRESS or default is None or default == []:
+            return text
+        if default is False and action.nargs == 0:
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
+def _host_port(value: str) -> str:
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _log_level(value: str) -> str:
+    return value.upper()
+
+
+def _add_log_level(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-level",
+        type=_log_level,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="least severe level logged, upper or lower case (DEBUG also shows each retry of a lost feed)",
+    )
 
 
 def _add_router_flags(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--routes", metavar="FILE", help="YAML route file (re-read on change and on SIGHUP)")
-    src.add_argument("--kubernetes", action="store_true", help="watch labelled Deployments (see README)")
-    src.add_argument("--routes-from", metavar="URL", help="follow a devstack controller's /v1/routes feed")
-    p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"proxy listener host:port (default {DEFAULT_LISTEN})")
-    p.add_argument("--admin", default=DEFAULT_ADMIN, help=f"admin listener host:port (default {DEFAULT_ADMIN})")
-    p.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.INGRESS.value)
+    src.add_argument(
+        "--routes", metavar="FILE", help="YAML route file; re-read when it changes (polled every second) and on SIGHUP"
+    )
+    src.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="watch Deployments labelled devstack.io/service; see the README's Kubernetes section",
+    )
+    src.add_argument(
+        "--routes-from",
+        metavar="URL",
+        help="follow a devstack controller's /v1/routes feed, e.g. http://127.0.0.1:9902",
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", type=_host_port, default=DEFAULT_LISTEN, help="proxy listener")
+    p.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        type=_host_port,
+        default=DEFAULT_ADMIN,
+        help="admin listener (/healthz, /readyz, /metrics, /routes)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default=Mode.INGRESS.value,
+        help="ingress: a host no service claims gets 404; sidecar: 403 (the router is not an open proxy)",
+    )
     p.add_argument(
         "--key-member",
         action="append",
         metavar="NAME",
-        help=f"baggage member carrying the routing key; repeat for aliases (default {DEFAULT_MEMBER})",
+        help="baggage member carrying the routing key; repeat for aliases, the first has precedence "
+        f"(default: {DEFAULT_MEMBER})",
     )
-    p.add_argument("--namespace", action="append", default=[], help="with --kubernetes: namespace(s) to watch")
     p.add_argument(
-        "--trust-forwarded", action="store_true", help="keep clients' X-Forwarded-Proto/Host and Forwarded"
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="with --kubernetes: a namespace to watch; repeatable (default: all namespaces)",
+    )
+    p.add_argument(
+        "--trust-forwarded",
+        action="store_true",
+        help="keep clients' X-Forwarded-Proto/Host and Forwarded headers (only behind a trusted load balancer)",
     )
     p.add_argument(
         "--upgrade",
         action="append",
         metavar="TOKEN",
-        help="an Upgrade protocol to tunnel besides websocket; repeatable (h2c never is)",
+        help="another Upgrade protocol to tunnel; repeatable; h2c never is (default: websocket only)",
     )
     p.add_argument(
         "--trace",
         action="store_true",
-        help="start a server span per request (OpenTelemetry SDK, configured by OTEL_* variables)",
+        help="a server span per request with the OpenTelemetry SDK, configured by OTEL_* variables "
+        f"(OTLP export needs {OTLP_EXTRA})",
+    )
+    p.add_argument(
+        "--access-log",
+        metavar="{off,stdout,PATH}",
+        default="stdout",
+        help="one line per exchange: nowhere, to standard output, or appended to a file",
+    )
+    p.add_argument(
+        "--access-log-format",
+        choices=("json", "text"),
+        default="json",
+        help="access log lines as JSON objects or as readable text",
+    )
+    p.add_argument(
+        "--access-log-sample",
+        metavar="N",
+        type=int,
+        default=1,
+        help="log one successful exchange in N; answers of 400 and above are always logged",
+    )
+    p.add_argument(
+        "--access-log-query",
+        action="store_true",
+        help="log request paths with their query strings (queries may carry tokens and personal data)",
     )
     t = Timeouts()
-    p.add_argument("--header-timeout", type=float, default=t.header_read)
-    p.add_argument("--keepalive-timeout", type=float, default=t.keepalive_idle)
-    p.add_argument("--body-timeout", type=float, default=t.body_idle)
-    p.add_argument("--connect-timeout", type=float, default=t.upstream_connect)
-    p.add_argument("--upstream-timeout", type=float, default=t.upstream_response)
-    p.add_argument("--drain-timeout", type=float, default=t.drain)
+    p.add_argument(
+        "--header-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=t.header_read,
+        help="a client must send a whole request head within this (slowloris guard; 408)",
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=t.keepalive_idle,
+        help="idle client keep-alive connections are closed after this",
+    )
+    p.add_argument(
+        "--body-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=t.body_idle,
+        help="longest pause while a client sends a request body (408); also the grace before --body-min-rate",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=t.upstream_connect,
+        help="upstream TCP connect timeout (504)",
+    )
+    p.add_argument(
+        "--upstream-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=t.upstream_response,
+        help="longest upstream silence, before the response head or between body reads (504)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=t.drain,
+        help="on SIGTERM, in-flight exchanges get this long to finish",
+    )
     p.add_argument(
         "--tunnel-idle-timeout",
+        metavar="SECONDS",
         type=float,
         default=t.tunnel_idle,
-        help=f"seconds a WebSocket tunnel may stay silent both ways before it is closed (default {t.tunnel_idle:g})",
+        help="a WebSocket tunnel silent both ways for this long is closed",
     )
     lim = Limits()
-    p.add_argument("--max-connections", type=int, default=lim.max_client_connections)
-    p.add_argument("--max-body", type=int, default=lim.max_body_bytes, help="bytes, 0 = unlimited")
+    p.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=int,
+        default=lim.max_client_connections,
+        help="client connections beyond this are closed at once",
+    )
+    p.add_argument(
+        "--max-body",
+        metavar="BYTES",
+        type=int,
+        default=lim.max_body_bytes,
+        help="request bodies larger than this get 413; 0 = unlimited",
+    )
     p.add_argument(
         "--body-min-rate",
+        metavar="BYTES_PER_S",
         type=int,
         default=lim.body_min_rate,
-        help="bytes/s a request body must average after --body-timeout (408 below it; 0 = off; "
-        f"default {lim.body_min_rate})",
+        help="average rate a request body must keep once --body-timeout has passed (408 below it); 0 = off",
     )
-    p.add_argument("--pool-size", type=int, default=lim.upstream_pool_size)
-    p.add_argument("--pool-queue", type=int, default=lim.upstream_pool_queue)
-    p.add_argument("--max-header-bytes", type=int, default=lim.max_header_bytes)
-    p.add_argument("--max-headers", type=int, default=lim.max_headers)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--pool-size",
+        metavar="N",
+        type=int,
+        default=lim.upstream_pool_size,
+        help="connections per upstream address, in use plus idle",
+    )
+    p.add_argument(
+        "--pool-queue",
+        metavar="N",
+        type=int,
+        default=lim.upstream_pool_queue,
+        help="requests that may wait for a pooled connection; beyond it 503 pool-full",
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        metavar="BYTES",
+        type=int,
+        default=lim.max_header_bytes,
+        help="all request header lines together (431); must stay above the 8192-byte W3C baggage",
+    )
+    p.add_argument(
+        "--max-headers",
+        metavar="N",
+        type=int,
+        default=lim.max_headers,
+        help="request header lines (431)",
+    )
+    _add_log_level(p)
 
 
 def settings_from_args(args: argparse.Namespace) -> RouterSettings:
@@ -97,6 +293,10 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         key_members=tuple(args.key_member or (DEFAULT_MEMBER,)),
         trust_forwarded=args.trust_forwarded,
         upgrade_protocols=frozenset({b"websocket", *(token.lower().encode() for token in args.upgrade or ())}),
+        access_log=ACCESS_LOG_NAMED.get(args.access_log, args.access_log),
+        access_log_format=args.access_log_format,
+        access_log_sample=args.access_log_sample,
+        access_log_query=args.access_log_query,
         timeouts=Timeouts(
             header_read=args.header_timeout,
             keepalive_idle=args.keepalive_timeout,
@@ -118,40 +318,60 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
     )
 
 
+def _otlp_installed() -> bool:
+    try:
+        return importlib.util.find_spec("opentelemetry.exporter.otlp") is not None
+    except ModuleNotFoundError:  # not even the opentelemetry.exporter namespace
+        return False
+
+
+def _make_tracer() -> RequestTracer | None:
+    """The ``--trace`` tracer; an exporter that cannot be made is a start-up error naming the fix."""
+    try:
+        from router.tracing import make_tracer_from_env  # noqa: PLC0415 - the SDK loads only when asked
+
+        return make_tracer_from_env()
+    except (ImportError, ValueError) as exc:
+        hint = "" if _otlp_installed() else f"; install the OTLP exporter: {OTLP_EXTRA}"
+        raise StartupError(f"--trace: {exc}{hint}") from None
+
+
 async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; raises ``StartupError`` for anything the user must fix first."""
     try:
         settings = settings_from_args(args)
-    except ValueError as exc:
-        log.error("%s", exc)  # a flag out of range (e.g. --upgrade h2c): say which, no traceback
-        return 2
+    except ValueError as exc:  # a flag out of range (e.g. --upgrade h2c): the message names it
+        raise StartupError(str(exc)) from None
+    tracer = _make_tracer() if args.trace else None
     server: RouterServer
     aggregator: Aggregator
-    tasks: list[asyncio.Task[Any]] = []
+    file_source: FileSource | None = None
+    sources: list[tuple[str, Any]] = []
 
     def readiness() -> tuple[bool, dict[str, Any]]:
         return (aggregator.ready and server.table.version > 0, {"errors": dict(aggregator.errors)})
 
-    tracer = None
-    if args.trace:
-        from router.tracing import make_tracer_from_env  # noqa: PLC0415 - the SDK loads only when asked
-
-        tracer = make_tracer_from_env()
     server = RouterServer(settings, readiness=readiness, tracer=tracer)
     if args.routes:
-        aggregator = Aggregator(["file"], server.swap)
-        source = FileSource(args.routes, aggregator.update, aggregator.report_error)
-        if not source.load_once():
-            log.error("%s", aggregator.errors.get("file"))
-            return 2
-        tasks.append(asyncio.create_task(source.run(), name="file-source"))
+        aggregator = Aggregator([FileSource.name], server.swap)
+        file_source = FileSource(args.routes, aggregator.update, aggregator.report_error)
+        try:
+            file_source.load_first()  # the validation `devstack check` runs; no table, no router
+        except BuildError as exc:
+            raise StartupError(str(exc)) from None
     else:
         sources = _external_sources(args)
-        if sources is None:
-            return 2
         aggregator = Aggregator([name for name, _ in sources], server.swap)
-        for name, factory in sources:
-            tasks.append(asyncio.create_task(factory(aggregator), name=f"{name}-source"))
-    await server.start(parse_hostport(args.listen), parse_hostport(args.admin))
+    # The admin listener's route-source metrics read the aggregator's own counts.
+    server.stats.table_failures = aggregator.failures
+    server.stats.source_confirmed = aggregator.confirmed
+    access_log = None if settings.access_log is None else args.access_log
+    await start_router(server, args.listen, args.admin, access_log=access_log)
+    tasks: list[asyncio.Task[Any]] = []
+    if file_source is not None:
+        tasks.append(asyncio.create_task(file_source.run(), name="file-source"))
+    for name, factory in sources:
+        tasks.append(asyncio.create_task(factory(aggregator), name=f"{name}-source"))
     log.info(
         "devstack router (%s mode) on %s:%d, admin on %s:%d, table v%d, hot path %s",
         settings.mode.value,
@@ -164,8 +384,8 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if args.routes:
-        loop.add_signal_handler(signal.SIGHUP, source.reload)
+    if file_source is not None:
+        loop.add_signal_handler(signal.SIGHUP, file_source.reload)
     if started is not None:
         started.set()
     await stop.wait()
@@ -176,47 +396,90 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
     return 0
 
 
-def _external_sources(args: argparse.Namespace) -> list[tuple[str, Any]] | None:
+def _external_sources(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """Sources that live outside this module: Kubernetes and the remote controller feed."""
-    try:
-        if args.kubernetes:
+    if args.kubernetes:
+        try:
             from controller.sources.kubernetes import kubernetes_source  # noqa: PLC0415 - optional
+        except ImportError as exc:
+            raise StartupError(f"--kubernetes needs the Kubernetes client ({exc.name}): {KUBERNETES_EXTRA}") from None
+        return [("kubernetes", kubernetes_source(namespaces=args.namespace))]
+    from controller.sources.remote import remote_source  # noqa: PLC0415 - loads aiohttp's client only when used
 
-            return [("kubernetes", kubernetes_source(namespaces=args.namespace))]
-        from controller.sources.remote import remote_source  # noqa: PLC0415 - optional
-
+    try:
         return [("remote", remote_source(args.routes_from))]
-    except ImportError as exc:
-        log.error("source not available in this build: %s", exc)
-        return None
+    except ValueError as exc:
+        raise StartupError(f"--routes-from: {exc}") from None
 
 
 def _check_routes(path: str) -> int:
+    """``devstack check``: the router's own validation of a route file (``load_route_file``)."""
     try:
         services = load_route_file(path)
     except BuildError as exc:
-        print(exc, file=sys.stderr)
+        print(f"devstack: {exc}", file=sys.stderr)
         return 1
     print(f"{path}: ok, {len(services)} services")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="devstack", description="Baggage-routed overrides for shared environments.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_router_flags(sub.add_parser("router", help="run the routing proxy"))
-    check = sub.add_parser("check", help="validate a route file and exit")
-    check.add_argument("routes")
-    demo = sub.add_parser("demo", help="router + demo services on loopback; prints what to try")
-    demo.add_argument("--listen", default=DEFAULT_LISTEN)
-    demo.add_argument("--admin", default=DEFAULT_ADMIN)
-    ctl = sub.add_parser("controller", help="run the route controller (serves /v1/routes)")
-    ctl.add_argument("--kubernetes", action="store_true", required=True)
-    ctl.add_argument("--namespace", action="append", default=[])
-    ctl.add_argument("--listen", default="127.0.0.1:9902")
-    ctl.add_argument("--delete-expired", action="store_true")
-    ctl.add_argument("--log-level", default="INFO")
+    parser = _Parser(
+        prog="devstack",
+        description="Baggage-routed overrides for shared environments.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"devstack {version()}", help="print the version")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+
+    _add_router_flags(command("router", "run the routing proxy"))
+    check = command("check", "validate a route file as the router would, and exit (1 and file:line on error)")
+    check.add_argument("routes", metavar="FILE", help="the YAML route file to validate")
+    demo = command("demo", "router + demo services on loopback; prints what to try")
+    demo.add_argument("--listen", metavar="HOST:PORT", type=_host_port, default=DEFAULT_LISTEN, help="proxy listener")
+    demo.add_argument("--admin", metavar="HOST:PORT", type=_host_port, default=DEFAULT_ADMIN, help="admin listener")
+    _add_log_level(demo)
+    ctl = command("controller", "run the route controller (serves /v1/routes for routers to follow)")
+    src = ctl.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--routes",
+        metavar="FILE",
+        help="serve this YAML route file; re-read when it changes (polled every second) and on SIGHUP",
+    )
+    src.add_argument("--kubernetes", action="store_true", help="watch Deployments labelled devstack.io/service")
+    ctl.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="with --kubernetes: a namespace to watch; repeatable (default: all namespaces)",
+    )
+    ctl.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        type=_host_port,
+        default=DEFAULT_CONTROLLER_LISTEN,
+        help="listener for /v1/routes, /healthz, /readyz and /metrics",
+    )
+    ctl.add_argument(
+        "--delete-expired",
+        action="store_true",
+        help="with --kubernetes: delete override Deployments past their TTL (needs delete RBAC)",
+    )
+    _add_log_level(ctl)
     return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "controller" and args.routes and (args.namespace or args.delete_expired):
+        flag = "--namespace" if args.namespace else "--delete-expired"
+        parser.exit(2, f"devstack controller: {flag} applies to --kubernetes only, not --routes\n")
+    return args
 
 
 def _install_uvloop() -> None:
@@ -249,26 +512,30 @@ def _keep_freed_memory() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     logging.basicConfig(
-        level=getattr(args, "log_level", "INFO").upper(),
+        level=getattr(args, "log_level", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "check":
         return _check_routes(args.routes)
     _install_uvloop()
-    with contextlib.suppress(KeyboardInterrupt):
-        if args.command == "router":
-            _keep_freed_memory()
-            return asyncio.run(run_router(args))
-        if args.command == "demo":
-            from devstack_examples.demo import run_demo  # noqa: PLC0415 - the demo is optional
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            if args.command == "router":
+                _keep_freed_memory()
+                return asyncio.run(run_router(args))
+            if args.command == "demo":
+                from devstack_examples.demo import run_demo  # noqa: PLC0415 - the demo is optional
 
-            return int(asyncio.run(run_demo(args)))
-        if args.command == "controller":
-            from controller.cli import run_controller  # noqa: PLC0415
+                return int(asyncio.run(run_demo(args)))
+            if args.command == "controller":
+                from controller.cli import run_controller  # noqa: PLC0415
 
-            return int(asyncio.run(run_controller(args)))
+                return int(asyncio.run(run_controller(args)))
+    except StartupError as exc:
+        print(f"devstack: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

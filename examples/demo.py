@@ -7,7 +7,8 @@ as a pod calls through its sidecar (``proxy=`` the router, absolute-form ``http:
 passes the caller's baggage and trace context on with the propagation SDK (server middleware +
 client session): no service copies a header by hand. Every service answers one line naming the
 version that served each hop, e.g. ``checkout [baseline] -> orders [baseline] -> payments
-[override: alice]``. Nothing here is used by the router itself.
+[override: alice]``. Like the router, it logs at start whether the hot path runs compiled. Nothing
+here is used by the router itself.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,10 +24,15 @@ from typing import Final
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
+import router
 from controller.aggregator import Aggregator
+from controller.build import BuildError
 from controller.sources.file import FileSource
+from controller.startup import StartupError, bind_failure, start_router
 from propagation.aiohttp import client_session, middleware
-from router.server import RouterServer, parse_hostport
+from router.server import RouterServer
+
+log = logging.getLogger(__name__)
 
 ROUTES = Path(__file__).with_name("routes.yaml")
 
@@ -82,14 +89,19 @@ def demo_app(service: str, version: str, router_url: str) -> web.Application:
     return app
 
 
-async def start_demo_services(router_url: str) -> list[web.AppRunner]:
-    runners = []
+async def start_demo_services(router_url: str, runners: list[web.AppRunner]) -> None:
+    """Start every demo service, appending each to ``runners`` (so the caller can clean up even
+    when a later one fails); a port in use raises ``StartupError`` naming the service."""
     for service, version, port in DEMO_SERVICES:
         runner = web.AppRunner(demo_app(service, version, router_url), access_log=None)
         await runner.setup()
         runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
-    return runners
+        try:
+            await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+        except OSError as exc:
+            # The ports are fixed by routes.yaml, so the user can only free them, not pick others.
+            what = f"demo service {service} [{version}] on 127.0.0.1:{port} (fixed in {ROUTES.name})"
+            raise bind_failure(what, exc) from None
 
 
 def _instructions(host: str, port: int, admin_host: str, admin_port: int) -> str:
@@ -116,19 +128,26 @@ Ctrl-C to stop.
 
 
 async def run_demo(args: argparse.Namespace) -> int:
-    listen = parse_hostport(args.listen)
-    admin = parse_hostport(args.admin)
+    """Serve the demo until SIGINT/SIGTERM; raises ``StartupError`` for a bad route file or a busy port."""
     server = RouterServer()
-    aggregator = Aggregator(["file"], server.swap)
+    aggregator = Aggregator([FileSource.name], server.swap)
     source = FileSource(ROUTES, aggregator.update, aggregator.report_error)
-    if not source.load_once():
-        print(aggregator.errors.get("file"))
-        return 2
-    await server.start(listen, admin)
+    try:
+        source.load_first()
+    except BuildError as exc:
+        raise StartupError(str(exc)) from None
+    await start_router(server, args.listen, args.admin)
+    log.info(
+        "devstack demo: router on %s:%d, admin on %s:%d, table v%d, hot path %s",
+        *server.address,
+        *server.admin_address,
+        server.table.version,
+        router.HOT_PATH_MODE,
+    )
     runners: list[web.AppRunner] = []
     watcher = asyncio.create_task(source.run(), name="demo-file-source")
     try:
-        runners = await start_demo_services(f"http://{server.address[0]}:{server.address[1]}")
+        await start_demo_services(f"http://{server.address[0]}:{server.address[1]}", runners)
         print(_instructions(*server.address, *server.admin_address), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

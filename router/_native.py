@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 HOT_PATH_MODULES: tuple[str, ...] = (
-    "errors", "flow", "http", "keys", "proxy", "relay", "request", "settings", "stats", "table", "tunnel", "upstream",
+    "accesslog", "errors", "flow", "http", "keys", "proxy", "relay", "request", "settings", "stats", "table",
+    "tunnel", "upstream",
 )
 """Typed modules compiled together with mypyc (``router/<name>.py``)."""
 NATIVE_HELPERS: tuple[str, ...] = ("_speedups",)

@@ -12,13 +12,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 import router
+from router.accesslog import AccessLog
 from router.keys import is_valid_key
-from router.stats import LATENCY_BUCKETS, RouterStats
+from router.stats import LATENCY_BUCKETS, Histogram, RouterStats
 from router.table import RouteTable
 
 __all__ = ["AdminState", "make_admin_app"]
@@ -29,10 +31,17 @@ ReadinessCheck = Callable[[], tuple[bool, dict[str, Any]]]
 class AdminState:
     """What the admin endpoints read; the CLI fills it in."""
 
-    def __init__(self, table: Callable[[], RouteTable], stats: RouterStats, readiness: ReadinessCheck) -> None:
+    def __init__(
+        self,
+        table: Callable[[], RouteTable],
+        stats: RouterStats,
+        readiness: ReadinessCheck,
+        access_log: AccessLog | None = None,
+    ) -> None:
         self.table = table
         self.stats = stats
         self.readiness = readiness
+        self.access_log = access_log
 
 
 class _RouterCollector(Collector):
@@ -59,19 +68,26 @@ class _RouterCollector(Collector):
         for answer, count in sorted(stats.rejected.items(), key=lambda item: item[0].value):
             rejected.add_metric([str(answer.status), answer.reason], count)
         yield rejected
-        buckets: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip(LATENCY_BUCKETS, stats.latency_counts, strict=False):
-            running += count
-            buckets.append((repr(bound), running))
-        running += stats.latency_counts[-1]
-        buckets.append(("+Inf", running))
-        yield HistogramMetricFamily(
+        durations = HistogramMetricFamily(
             "devstack_request_duration_seconds",
-            "Time from request head to the end of the response.",
-            buckets=buckets,
-            sum_value=stats.latency_sum,
+            "Time from request head to the end of the response, by service and target kind "
+            "(service - and target none: refused before routing).",
+            labels=["service", "target"],
         )
+        for (service, kind), histogram in sorted(stats.durations.items()):
+            durations.add_metric([service, kind], _buckets(histogram), histogram.total)
+        yield durations
+        connect = HistogramMetricFamily(
+            "devstack_upstream_connect_seconds", "Time to open a connection to an upstream."
+        )
+        connect.add_metric([], _buckets(stats.upstream_connect), stats.upstream_connect.total)
+        yield connect
+        head = HistogramMetricFamily(
+            "devstack_upstream_response_head_seconds",
+            "Time from sending a request head upstream to receiving the response head.",
+        )
+        head.add_metric([], _buckets(stats.upstream_head), stats.upstream_head.total)
+        yield head
         table = self._state.table()
         yield GaugeMetricFamily("devstack_route_table_version", "Version of the table in use.", value=table.version)
         yield GaugeMetricFamily("devstack_open_connections", "Open client connections.", value=stats.open_connections)
@@ -84,11 +100,51 @@ class _RouterCollector(Collector):
         yield CounterMetricFamily(
             "devstack_refused_connections", "Client connections refused at the cap.", value=stats.refused_connections
         )
+        failures = CounterMetricFamily(
+            "devstack_table_rebuild_failures",
+            "Route updates rejected (the last good table kept serving) or sources failing, by source.",
+            labels=["source"],
+        )
+        for source, count in sorted(stats.table_failures.items()):
+            failures.add_metric([source], count)
+        yield failures
+        staleness = GaugeMetricFamily(
+            "devstack_route_source_staleness_seconds",
+            "Seconds since each route source last confirmed its routes (a feed's heartbeats count).",
+            labels=["source"],
+        )
+        now = time.monotonic()
+        for source, confirmed in sorted(stats.source_confirmed.items()):
+            staleness.add_metric([source], max(0.0, now - confirmed))
+        yield staleness
+        access_log = self._state.access_log
+        if access_log is not None:
+            yield CounterMetricFamily(
+                "devstack_access_log_lines", "Access log lines written.", value=access_log.written
+            )
+            yield CounterMetricFamily(
+                "devstack_access_log_dropped",
+                "Access log lines dropped because the destination fell behind.",
+                value=access_log.dropped,
+            )
+
+
+def _buckets(histogram: Histogram) -> list[tuple[str, float]]:
+    """Cumulative buckets, as the exposition format counts them."""
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip(LATENCY_BUCKETS, histogram.counts, strict=False):
+        running += count
+        buckets.append((repr(bound), running))
+    buckets.append(("+Inf", running + histogram.counts[-1]))
+    return buckets
 
 
 def make_admin_app(state: AdminState) -> web.Application:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_RouterCollector(state))
+    # CPU seconds, resident memory, open and maximum file descriptors, start time (process_*).
+    ProcessCollector(registry=registry)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "hot_path": router.HOT_PATH_MODE})
@@ -98,8 +154,10 @@ def make_admin_app(state: AdminState) -> web.Application:
         detail = {"ready": ready, "version": state.table().version, **detail}
         return web.json_response(detail, status=200 if ready else 503)
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
+    async def metrics(request: web.Request) -> web.Response:
+        # OpenMetrics for scrapers that ask for it (Prometheus does), the classic text otherwise.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
 
     async def routes(_: web.Request) -> web.Response:
         return web.json_response(state.table().to_json())

@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
+from router.accesslog import AccessLog
 from router.errors import Answer, render
+from router.failures import FailureLog
 from router.flow import BUFFER, DONE, PIPELINE, UPGRADE, UPSTREAM, FlowControl
 from router.keys import KeySource
 from router.relay import ResponseRelay
 from router.request import HeadCache, Plan, Policy, TableSlot, decide
 from router.settings import RouterSettings
-from router.stats import RouterStats
+from router.stats import UNROUTED, RouterStats
 from router.tunnel import Tunnel
 from router.upstream import ExchangeOwner, Framing, PoolFull, UpstreamConnection, UpstreamPool
 
@@ -57,6 +59,7 @@ class ProxyContext:
         stats: RouterStats | None = None,
         key_sources: Sequence[KeySource] | None = None,
         tracer: RequestTracer | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.loop = loop
         self.settings = settings
@@ -68,6 +71,9 @@ class ProxyContext:
         self.draining = False
         self.tracer = tracer
         """Off (None) by default: then tracing costs one attribute check per request."""
+        self.access_log = access_log
+        """Off (None) unless configured: then it costs one attribute check per request."""
+        self.failures = FailureLog()
 
     def protocol_factory(self) -> asyncio.Protocol:
         # An asyncio protocol by its methods, which uvloop and asyncio call by name; its one base
@@ -313,7 +319,14 @@ class ClientConnection(ExchangeOwner):
             if decision is not None and decision.target is not None:
                 self.ctx.pool.withdraw(decision.target, self)
         self._queue.clear()
-        self._active = None
+        req, self._active = self._active, None
+        access_log = self.ctx.access_log
+        if req is not None and access_log is not None:
+            # An exchange the connection's end cut short, or a tunnel's whole life: logged with
+            # the status the client got (101 for a tunnel), or nginx's 499 if it got none.
+            relay = self._relay
+            status = relay.status or 499
+            access_log.record(req, req.started_at, perf_counter(), status, relay.sent, relay.answer, self._cache.peer)
 
     def pause_writing(self) -> None:
         self._flow.write_paused = True
@@ -467,7 +480,7 @@ class ClientConnection(ExchangeOwner):
         try:
             conn = self.ctx.pool.acquire(decision.target, self, fresh=fresh)
         except PoolFull:
-            self.ctx.stats.upstream_errors[Answer.POOL_FULL.reason] += 1
+            self._upstream_failure(Answer.POOL_FULL)
             self._answer(Answer.POOL_FULL)
             return
         if conn is not None:
@@ -505,19 +518,18 @@ class ClientConnection(ExchangeOwner):
         target = decision.target.url if decision is not None and decision.target is not None else None
         # After an Upgrade head the parser reads no further requests: the connection must end.
         close = not req.keep_alive or req.upgrade or (req.has_body and not req.complete) or answer.closes
-        self.transport.write(
-            render(
-                answer,
-                detail=detail,
-                service=decision.service if decision is not None else None,
-                key=req.key,
-                target=target,
-                close=close,
-                route_header=decision.route_header(req.key) if decision is not None and req.debug else None,
-                head_only=req.method == b"HEAD",
-            )
+        raw = render(
+            answer,
+            detail=detail,
+            service=decision.service if decision is not None else None,
+            key=req.key,
+            target=target,
+            close=close,
+            route_header=decision.route_header(req.key) if decision is not None and req.debug else None,
+            head_only=req.method == b"HEAD",
         )
-        self._relay.answered(answer.status, not close)
+        self.transport.write(raw)
+        self._relay.answered(answer, not close, len(raw) - raw.find(b"\r\n\r\n") - 4)
         self._finish_exchange()
 
     def _finish_exchange(self) -> None:
@@ -525,10 +537,7 @@ class ClientConnection(ExchangeOwner):
         self._active = None
         ctx = self.ctx
         if req is not None:
-            # perf_counter, not loop.time(): uvloop's clock counts whole milliseconds.
-            ctx.stats.observe_latency(perf_counter() - req.started_at)
-            if req.span is not None and ctx.tracer is not None:
-                ctx.tracer.finish(req.span, self._relay.status)
+            self._record(req, perf_counter())
         if self._state == _CLOSED or self.transport is None:
             return
         if req is not None and req.has_body and not req.complete:
@@ -549,6 +558,19 @@ class ClientConnection(ExchangeOwner):
         timeouts = ctx.settings.timeouts
         # A head already begun (pipelined behind this exchange) gets the head deadline.
         self._arm(timeouts.header_read if self._parsing is not None else timeouts.keepalive_idle)
+
+    def _record(self, req: _Request, ended: float) -> None:
+        """The exchange is over (answered, relayed, or cut): metrics, span and access log."""
+        ctx = self.ctx
+        relay = self._relay
+        # perf_counter, not loop.time(): uvloop's clock counts whole milliseconds.
+        decision = req.decision
+        ctx.stats.observe_duration(decision.stats_key if decision is not None else UNROUTED, ended - req.started_at)
+        if req.span is not None and ctx.tracer is not None:
+            ctx.tracer.finish(req.span, relay.status)
+        access_log = ctx.access_log
+        if access_log is not None:
+            access_log.record(req, req.started_at, ended, relay.status, relay.sent, relay.answer, self._cache.peer)
 
     def _start_next(self) -> None:
         if self._state == _CLOSED or self._active is not None or not self._queue:
@@ -603,10 +625,19 @@ class ClientConnection(ExchangeOwner):
             return
         if conn is None:
             assert failure is not None
-            self.ctx.stats.upstream_errors[failure.reason] += 1
+            self._upstream_failure(failure)
             self._answer(failure)
             return
         self._attach(conn)
+
+    def _upstream_failure(self, failure: Answer) -> None:
+        """Counted always; logged (rate-limited) with the upstream it was."""
+        ctx = self.ctx
+        ctx.stats.upstream_errors[failure.reason] += 1
+        req = self._active
+        decision = req.decision if req is not None else None
+        if decision is not None and decision.target is not None:
+            ctx.failures.report(decision.target.url, failure, decision.service)
 
     def upstream_interim(self, status: int, head: bytes) -> None:
         req = self._active
@@ -645,7 +676,7 @@ class ClientConnection(ExchangeOwner):
         conn, self._upstream = self._upstream, None
         req = self._active
         if failure is not Answer.SLOW_BODY:
-            self.ctx.stats.upstream_errors[failure.reason] += 1
+            self._upstream_failure(failure)
         if req is None or self._state == _CLOSED:
             return
         relay = self._relay

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
+from router.errors import Answer
 from router.http import HOP_BY_HOP, PROTECTED, connection_tokens, head_fields, reason_phrase, status_reason
 from router.request import Plan
 from router.upstream import Framing, UnexpectedUpgrade
@@ -26,7 +27,7 @@ _CHUNK_END: Final = b"0\r\n\r\n"
 
 
 class ResponseRelay:
-    __slots__ = ("transport", "pending_head", "head_sent", "chunked", "keep_alive", "status")
+    __slots__ = ("transport", "pending_head", "head_sent", "chunked", "keep_alive", "status", "sent", "answer")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -39,6 +40,10 @@ class ResponseRelay:
         self.keep_alive = True
         """Whether the client connection stays open after this response."""
         self.status = 0
+        self.sent = 0
+        """Body bytes written for this response (the access log's bytes)."""
+        self.answer: Answer | None = None
+        """The router's own answer, when it made one instead of relaying."""
 
     def begin(self, keep_alive: bool) -> None:
         """A new exchange starts; ``keep_alive`` is the request's own wish."""
@@ -46,12 +51,16 @@ class ResponseRelay:
         self.head_sent = False
         self.chunked = False
         self.status = 0
+        self.sent = 0
+        self.answer = None
         self.keep_alive = keep_alive
 
-    def answered(self, status: int, keep_alive: bool) -> None:
+    def answered(self, answer: Answer, keep_alive: bool, body_bytes: int) -> None:
         """The router wrote its own whole answer instead of a relayed one."""
         self.pending_head = None
-        self.status = status
+        self.answer = answer
+        self.status = answer.status
+        self.sent = body_bytes
         self.keep_alive = keep_alive
 
     def interim(self, req: Plan, status: int, head: bytes) -> None:
@@ -133,6 +142,7 @@ class ResponseRelay:
         transport = self.transport
         if transport is None:
             return
+        self.sent += len(data)
         head = self.pending_head
         if head is not None:
             self.pending_head = None

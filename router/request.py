@@ -140,6 +140,10 @@ class Plan:
         self.detail: str | None = None
         """The parser's own words for a malformed request (refusals found by the front end)."""
         self.method = b""
+        self.target = b""
+        """The request target as received (the access log's path)."""
+        self.authority = b""
+        """The authority routed on (Host, or an absolute-form target's), once known."""
         self.http11 = True
         self.keep_alive = False
         self.upgrade = False
@@ -215,6 +219,7 @@ def decide(
     send (a decision without a target is a refusal too, from the table).
     """
     plan.method = method  # first, so even a refusal of a HEAD request is sent without a body
+    plan.target = target
     plan.keep_alive = keep_alive
     refusal = _decide(policy, cache, slot, method, target, version, parser_upgrade, headers, plan)
     if refusal is not None:
@@ -374,6 +379,7 @@ def _decide(
         return Answer.TARGET_FORM
     if authority is None:
         return Answer.NO_AUTHORITY
+    plan.authority = authority
 
     if authority == cache.route_authority and slot.generation == cache.route_generation:
         routes = cache.routes

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from router.accesslog import AccessLog
 from router.admin import AdminState, make_admin_app
 from router.proxy import ProxyContext, TableSlot
 from router.settings import RouterSettings
@@ -24,18 +25,7 @@ from router.table import EMPTY_TABLE, RouteTable
 if TYPE_CHECKING:
     from router.tracing import RequestTracer
 
-__all__ = ["RouterServer", "parse_hostport"]
-
-
-def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``host:port``, ``:port``, ``[::1]:port`` → (host, port)."""
-    if value.startswith("["):
-        host, _, port = value[1:].partition("]:")
-    else:
-        host, _, port = value.rpartition(":")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} is not host:port")
-    return (host or default_host, int(port))
+__all__ = ["RouterServer"]
 
 
 class RouterServer:
@@ -51,6 +41,8 @@ class RouterServer:
         self.stats = RouterStats()
         self._readiness = readiness
         self.tracer = tracer
+        self.access_log: AccessLog | None = None
+        """Made at start when ``settings.access_log`` names a destination."""
         self._server: asyncio.AbstractServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self.ctx: ProxyContext | None = None
@@ -72,7 +64,15 @@ class RouterServer:
 
     async def start(self, listen: tuple[str, int], admin: tuple[str, int] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        self.ctx = ProxyContext(loop, self.settings, self.slot, self.stats, tracer=self.tracer)
+        settings = self.settings
+        if settings.access_log is not None and self.access_log is None:
+            self.access_log = AccessLog(
+                settings.access_log,
+                settings.access_log_format,
+                query=settings.access_log_query,
+                sample=settings.access_log_sample,
+            )
+        self.ctx = ProxyContext(loop, settings, self.slot, self.stats, tracer=self.tracer, access_log=self.access_log)
         self._server = await loop.create_server(
             self.ctx.protocol_factory,
             listen[0],
@@ -83,7 +83,7 @@ class RouterServer:
         sock: socket.socket = self._server.sockets[0]
         self.address = sock.getsockname()[:2]
         if admin is not None:
-            app = make_admin_app(AdminState(lambda: self.slot.table, self.stats, self.readiness))
+            app = make_admin_app(AdminState(lambda: self.slot.table, self.stats, self.readiness, self.access_log))
             self._admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._admin_runner.setup()
             site = web.TCPSite(self._admin_runner, admin[0], admin[1], reuse_address=True)
@@ -105,3 +105,6 @@ class RouterServer:
             self._admin_runner = None
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown)  # flushes pending spans
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)  # writes the last lines
+            self.access_log = None

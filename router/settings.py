@@ -115,7 +115,20 @@ class RouterSettings:
     else is stripped and the request forwarded plainly: a tunnel skips every check the router
     makes on requests, so only protocols meant to be tunnelled may open one. ``h2c`` never can
     (the h2c smuggling attack: the tunnel would carry HTTP/2 requests past routing)."""
+    access_log: str | None = None
+    """Where one line per exchange goes: ``"-"`` for stdout, a file path, or None for nowhere
+    (the ``devstack router`` command defaults to stdout; embedding code opts in)."""
+    access_log_format: str = "json"
+    """``json`` (one object per line) or ``text`` (a readable line)."""
+    access_log_sample: int = 1
+    """Log one successful exchange in this many; answers of 400 and above are always logged."""
+    access_log_query: bool = False
+    """Log the path with its query string. Off by default: queries carry tokens and personal data."""
 
     def __post_init__(self) -> None:
+        if self.access_log_sample < 1:
+            raise ValueError(f"--access-log-sample {self.access_log_sample}: must be 1 or more")
+        if self.access_log_format not in ("json", "text"):
+            raise ValueError(f"--access-log-format {self.access_log_format}: must be json or text")
         if b"h2c" in self.upgrade_protocols:
             raise ValueError("--upgrade h2c: h2c is never tunnelled, it would carry requests past the router's checks")

@@ -16,6 +16,7 @@ import collections
 import enum
 import socket
 from collections.abc import Callable, Hashable
+from time import perf_counter
 from typing import cast
 
 import httptools
@@ -156,6 +157,8 @@ class UpstreamConnection(asyncio.Protocol):
         "_rate_base",
         "_body_sent",
         "_paused_at",
+        "_sent_at",
+        "_stats",
     )
 
     def __init__(self, pool: UpstreamPool, home: _AddressPool | None = None) -> None:
@@ -205,6 +208,9 @@ class UpstreamConnection(asyncio.Protocol):
         ``_body_sent / _min_rate`` seconds are added to it. 0 when no body is pending."""
         self._body_sent = 0
         self._paused_at = 0.0
+        self._sent_at = 0.0
+        """When the request head was written (perf_counter): the response-head time starts here."""
+        self._stats = pool.stats
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -341,6 +347,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._collecting = False
         self._head_buf = b""
+        self._stats.upstream_head.observe(perf_counter() - self._sent_at)
         if self._head_request or status in (204, 304):
             framing = Framing.NONE
         elif coding != TE_NONE:
@@ -376,6 +383,7 @@ class UpstreamConnection(asyncio.Protocol):
     def start(self, owner: ExchangeOwner, head: bytes, is_head_request: bool, body_pending: bool) -> None:
         """Send a request head on this connection; responses now go to ``owner``."""
         assert self.transport is not None
+        self._sent_at = perf_counter()
         self.owner = owner
         self._head_request = is_head_request
         self._head_done = False
@@ -605,6 +613,7 @@ class UpstreamPool:
 
     async def _open(self, pool: _AddressPool, waiter: ExchangeOwner) -> None:
         address = pool.address
+        began = perf_counter()
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(lambda: UpstreamConnection(self, pool), *address),
@@ -620,6 +629,7 @@ class UpstreamPool:
             failure = Answer.UPSTREAM_TIMEOUT if isinstance(exc, asyncio.TimeoutError) else Answer.UPSTREAM_CONNECT
             waiter.upstream_ready(None, failure)
             return
+        self.stats.upstream_connect.observe(perf_counter() - began)
         waiter.upstream_ready(conn, None)
 
     def _sweep(self) -> None:

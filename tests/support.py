@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -242,7 +243,8 @@ async def start_router(routes: Path, *extra: str) -> tuple[asyncio.subprocess.Pr
     port, admin = free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "devstack", "router", "--routes", str(routes),
-        "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--log-level", "WARNING", *extra,
+        "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--log-level", "WARNING",
+        "--access-log", "off", *extra,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )  # fmt: skip
     loop = asyncio.get_running_loop()
@@ -266,3 +268,10 @@ def digest_of_repeats(chunk: bytes, count: int) -> hashlib._Hash:
     for _ in range(count):
         digest.update(chunk)
     return digest
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Close with an RST, not a FIN: SO_LINGER with a zero timeout, then close."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()

@@ -49,7 +49,21 @@ async def test_admin_endpoints(origins: dict[str, Origin]) -> None:
         assert 'devstack_requests_total{service="payments",target="baseline"} 1.0' in text
         assert 'devstack_rejected_requests_total{reason="no-route",status="404"} 1.0' in text
         assert "devstack_route_table_version 7.0" in text
-        assert "devstack_request_duration_seconds_count 4.0" in text
+        assert 'devstack_request_duration_seconds_count{service="payments",target="override"} 2.0' in text
+        assert 'devstack_request_duration_seconds_count{service="payments",target="baseline"} 1.0' in text
+        assert 'devstack_request_duration_seconds_count{service="-",target="none"} 1.0' in text
+        # One new connection per origin (alice's is reused), each with a response head timed.
+        assert "devstack_upstream_connect_seconds_count 2.0" in text
+        assert "devstack_upstream_response_head_seconds_count 3.0" in text
+        for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
+            assert f"\n{name} " in text, name
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
+        async with session.get(admin + "/metrics", headers=openmetrics) as resp:
+            assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+            body = await resp.text()
+        assert body.endswith("# EOF\n")
+        assert 'devstack_requests_total{service="payments",target="override"} 2.0' in body
 
 
 async def test_not_ready_before_the_first_table() -> None:

@@ -11,8 +11,6 @@ Every origin here is a real loopback server; waits poll a condition with a deadl
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from collections.abc import Callable
 
 import aiohttp
@@ -21,7 +19,17 @@ from aiohttp import web
 
 from router.server import RouterServer
 from router.settings import Limits, RouterSettings, Timeouts
-from tests.support import Origin, RawOrigin, exchange, make_table, read_head, running_router, split_responses, status_of
+from tests.support import (
+    Origin,
+    RawOrigin,
+    exchange,
+    make_table,
+    read_head,
+    reset,
+    running_router,
+    split_responses,
+    status_of,
+)
 
 UPGRADE = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
 SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
@@ -43,13 +51,6 @@ async def all_released(server: RouterServer) -> None:
         f"released (open={stats.open_connections}, upstream={stats.upstream_connections}, "
         f"tunnels={stats.tunnels_open})",
     )
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    """Close with an RST, not a FIN: SO_LINGER with a zero timeout, then close."""
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 async def open_tunnel(server: RouterServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

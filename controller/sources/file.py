@@ -1,8 +1,9 @@
 """The route-file source: a YAML file becomes a complete snapshot, re-read when it changes.
 
-This module owns reading and parsing the file (with line numbers, so a bad edit is reported
-as ``routes.yaml:12: ...``) and noticing changes by polling its modification time, or at once
-when ``reload()`` is called (the CLI wires SIGHUP to it). It never publishes a partial or
+This module owns reading and validating the file (with line numbers, so a bad edit is reported
+as ``routes.yaml:12: ...``; ``load_route_file`` is the one validation that ``devstack check``, the
+router and the controller all run) and noticing changes by polling its modification time, or at
+once when ``reload()`` is called (the CLI wires SIGHUP to it). It never publishes a partial or
 invalid snapshot: a bad edit is reported through ``on_error`` and the previous snapshot stays.
 """
 
@@ -19,10 +20,11 @@ from typing import Any
 
 import yaml
 
-from controller.build import BuildError, LineDict, routes_from_spec
+from controller.build import BuildError, LineDict, LineList, merge_snapshots, routes_from_spec
+from controller.startup import os_reason
 from router.table import Routes
 
-log = logging.getLogger("devstack.controller.file")
+log = logging.getLogger(__name__)
 
 __all__ = ["FileSource", "load_route_file", "parse_route_yaml"]
 
@@ -52,7 +54,15 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
     return result
 
 
+def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> LineList:
+    result = LineList(loader.construct_object(child, deep=True) for child in node.value)
+    result.line = node.start_mark.line + 1
+    result.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return result
+
+
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
 def parse_route_yaml(text: str, origin: str = "<routes>") -> dict[str, Routes]:
@@ -69,6 +79,9 @@ def parse_route_yaml(text: str, origin: str = "<routes>") -> dict[str, Routes]:
         raise BuildError(f"invalid YAML: {exc}", origin=origin) from None
     if document is None:
         document = {"services": {}}
+    elif not isinstance(document, dict | list):
+        # A lone scalar carries no line of its own; it can only be the first.
+        raise BuildError("the route file must be a mapping with a 'services' key", origin=origin, line=1)
     return routes_from_spec(document, origin=origin)
 
 
@@ -92,13 +105,27 @@ def _cyclic_gc_paused() -> Iterator[None]:
 
 
 def load_route_file(path: str | os.PathLike[str]) -> dict[str, Routes]:
+    """Read and validate a route file; raises ``BuildError`` naming the file (and line).
+
+    This is the whole validation a route file gets, wherever it is used: ``devstack check``, the
+    router's and the controller's file sources. It includes assembling the services into a
+    ``RouteTable``, so that what only the table refuses (two services claiming one host) is
+    found here too, not first when a router swaps the table in.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BuildError(f"cannot read route file: {exc}", origin=str(path)) from None
+    except OSError as exc:
+        raise BuildError(f"cannot read route file: {os_reason(exc)}", origin=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise BuildError(f"cannot read route file: not UTF-8 (byte {exc.start})", origin=str(path)) from None
     with _cyclic_gc_paused():
-        return parse_route_yaml(text, origin=str(path))
+        services = parse_route_yaml(text, origin=str(path))
+    try:
+        merge_snapshots({FileSource.name: services}, 1)
+    except BuildError as exc:
+        raise BuildError(str(exc), origin=str(path)) from None
+    return services
 
 
 class FileSource:
@@ -130,14 +157,18 @@ class FileSource:
 
     def load_once(self) -> bool:
         """Read the file now; publish on success. True if a snapshot was published."""
-        self._stamp = self._current_stamp()
         try:
-            services = load_route_file(self.path)
+            self.load_first()
         except BuildError as exc:
             self._on_error(self.name, exc)
             return False
-        self._on_snapshot(self.name, services)
         return True
+
+    def load_first(self) -> None:
+        """Read the file now and publish it; a file that fails raises ``BuildError`` instead of
+        being reported, because a command must not start serving without its first table."""
+        self._stamp = self._current_stamp()
+        self._on_snapshot(self.name, load_route_file(self.path))
 
     async def _load(self) -> None:
         # Read and parse off the loop; publish on it, so consumers never see another thread.
@@ -168,4 +199,5 @@ class FileSource:
             self._wakeup.clear()
             stamp = await asyncio.to_thread(self._current_stamp)
             if stamp != self._stamp:
+                log.debug("re-reading %s", self.path)
                 await self._load()

@@ -29,6 +29,7 @@ import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
+from controller.aggregator import SourceDown
 from controller.backoff import Backoff
 from controller.kube_build import (
     SERVICE_LABEL,
@@ -46,7 +47,7 @@ from router.table import Routes
 if TYPE_CHECKING:
     from controller.aggregator import Aggregator
 
-log = logging.getLogger("devstack.controller.kubernetes")
+log = logging.getLogger(__name__)
 
 # The client imports each API and model module lazily on first attribute access, about half a
 # second apiece of CPU that starves the event loop of the GIL if it happens while serving; touch
@@ -170,8 +171,11 @@ class WatchState:
         return dataclasses.asdict(self)
 
 
-class KubeWatchError(RuntimeError):
-    """The API server refused or broke a list or watch; the message says which collection and how."""
+class KubeWatchError(SourceDown, RuntimeError):
+    """The API server refused or broke a list or watch; the message says which collection and how.
+
+    A ``SourceDown``: each watcher logs its own failures with the delay before it relists, so the
+    aggregator only records them for ``/readyz``."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -6,6 +6,8 @@ rebuilds ``Routes`` from each JSON line with the pure ``routes_from_json``, and 
 backoff when the controller goes away. It never drops the last good table because the controller
 is unreachable or sent something invalid: the router keeps serving it, and the staleness is
 reported (``connected``, ``last_update``, and an error through ``on_error`` for ``/readyz``).
+An outage is logged once when it begins, with the retry schedule, and once when it ends, with
+how long it lasted; the retries in between are logged at DEBUG only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
+from controller.aggregator import SourceDown
 from controller.backoff import Backoff
 from controller.build import BuildError, routes_from_spec
 from router.table import Routes
@@ -28,7 +31,7 @@ from router.table import Routes
 if TYPE_CHECKING:
     from controller.aggregator import Aggregator
 
-log = logging.getLogger("devstack.controller.remote")
+log = logging.getLogger(__name__)
 
 __all__ = ["RemoteSettings", "RemoteSource", "feed_url", "remote_source", "routes_from_json"]
 
@@ -88,7 +91,7 @@ def feed_url(base: str, *, since: int | None = None, instance: str | None = None
     return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query), ""))
 
 
-class ControllerUnreachable(ConnectionError):
+class ControllerUnreachable(SourceDown, ConnectionError):
     """The controller feed is down; the message says since when and what the router still serves."""
 
 
@@ -108,11 +111,14 @@ class RemoteSource:
         on_error: ErrorCallback,
         *,
         settings: RemoteSettings | None = None,
+        on_alive: Callable[[str], object] | None = None,
     ) -> None:
         feed_url(url)  # Validate now: a typo in --routes-from must fail at start, not loop forever.
         self.url = url
         self._on_snapshot = on_snapshot
         self._on_error = on_error
+        self._on_alive = on_alive
+        """Told of every chunk the feed sends, heartbeats included: the routes still hold."""
         self.settings = settings or RemoteSettings()
         self.connected = False
         self.last_update: float | None = None
@@ -122,6 +128,10 @@ class RemoteSource:
         self.instance: str | None = None
         self._services: Mapping[str, Routes] | None = None
         self.disconnected_since: float | None = None
+        self.failures = 0
+        """Failed connections in the current outage (0 while connected)."""
+        self._outage_began: float | None = None  # monotonic: the outage's length survives clock steps
+        self._ever_connected = False
 
     async def run(self, *, _iterations: int | None = None) -> None:
         """Follow the feed forever (or for ``_iterations`` connections, for tests)."""
@@ -142,23 +152,68 @@ class RemoteSource:
                 self.connected = False
                 if time.monotonic() - started >= self.settings.healthy_after:
                     backoff.reset()
+                delay = backoff.next_delay()
                 self._report_stale(reason)
+                self._log_failure(reason, delay)
                 if _iterations is None or count < _iterations:
-                    await asyncio.sleep(backoff.next_delay())
+                    await asyncio.sleep(delay)
+
+    def _log_failure(self, reason: str, delay: float) -> None:
+        """WARNING once per outage, with the retry schedule; DEBUG for each retry after that."""
+        self.failures += 1
+        if self.failures == 1:
+            self._outage_began = time.monotonic()
+            log.warning(
+                "controller feed %s down (%s); %s; retrying %s, backing off to %gs "
+                "(further failures are logged at DEBUG until it is back)",
+                self.url,
+                reason,
+                self._serving(time.time()),
+                f"in {round(delay, 2):g}s" if delay else "at once",
+                self.settings.backoff_max,
+            )
+            return
+        log.debug(
+            "controller feed %s still down after %.1fs (attempt %d: %s); retrying in %gs",
+            self.url,
+            self._outage_seconds(),
+            self.failures,
+            reason,
+            round(delay, 2),
+        )
+
+    def _outage_seconds(self) -> float:
+        return 0.0 if self._outage_began is None else time.monotonic() - self._outage_began
+
+    def _log_connected(self) -> None:
+        if self.failures:
+            log.info(
+                "controller feed %s back after %.1fs down (%d failed attempt%s)",
+                self.url,
+                self._outage_seconds(),
+                self.failures,
+                "" if self.failures == 1 else "s",
+            )
+        elif not self._ever_connected:
+            log.info("following controller feed %s", self.url)
+        self._ever_connected = True
+        self.failures = 0
+        self._outage_began = None
+
+    def _serving(self, now: float) -> str:
+        if self.last_update is not None and self.version is not None:
+            return f"serving controller table v{self.version} received {now - self.last_update:.0f}s ago"
+        return "no table received yet"
 
     def _report_stale(self, reason: str) -> None:
         now = time.time()
         if self.disconnected_since is None:
             self.disconnected_since = now
-        serving = (
-            f"serving controller table v{self.version} received {now - self.last_update:.0f}s ago"
-            if self.last_update is not None and self.version is not None
-            else "no table received yet"
-        )
         self._on_error(
             self.name,
             ControllerUnreachable(
-                f"controller {self.url} unreachable for {now - self.disconnected_since:.0f}s ({reason}); {serving}"
+                f"controller {self.url} unreachable for {now - self.disconnected_since:.0f}s ({reason}); "
+                f"{self._serving(now)}"
             ),
         )
 
@@ -169,10 +224,12 @@ class RemoteSource:
                 raise ConnectionError(f"HTTP {response.status} from {url}")
             self.connected = True
             self.disconnected_since = None
+            self._log_connected()
             if self._services is not None:
                 # Re-affirm the table we hold: clears the staleness error even if nothing changed.
                 self._on_snapshot(self.name, self._services)
-            async for line in _lines(response.content, self.settings.max_line_bytes):
+            alive = self._on_alive
+            async for line in _lines(response.content, self.settings.max_line_bytes, alive, self.name):
                 self._receive(line)
 
     def _receive(self, line: bytes) -> None:
@@ -191,10 +248,15 @@ class RemoteSource:
         self._on_snapshot(self.name, services)
 
 
-async def _lines(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    """Non-empty lines (blank ones are heartbeats); our own splitter, for tables beyond 64 KiB."""
+async def _lines(
+    stream: aiohttp.StreamReader, limit: int, alive: Callable[[str], object] | None = None, name: str = ""
+) -> AsyncIterator[bytes]:
+    """Non-empty lines (blank ones are heartbeats); our own splitter, for tables beyond 64 KiB.
+    ``alive(name)`` hears of every chunk, so a heartbeat counts as the feed confirming its table."""
     buffer = bytearray()
     async for chunk in stream.iter_any():
+        if alive is not None:
+            alive(name)
         buffer += chunk
         start = 0
         while (end := buffer.find(b"\n", start)) != -1:
@@ -214,6 +276,8 @@ def remote_source(url: str, *, settings: RemoteSettings | None = None) -> Source
     feed_url(url)
 
     async def run(aggregator: Aggregator) -> None:
-        await RemoteSource(url, aggregator.update, aggregator.report_error, settings=settings).run()
+        await RemoteSource(
+            url, aggregator.update, aggregator.report_error, settings=settings, on_alive=aggregator.confirm
+        ).run()
 
     return run

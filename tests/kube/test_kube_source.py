@@ -287,14 +287,14 @@ SLACK = 0.01
 
 def _failures(caplog: pytest.LogCaptureFixture, detail: str) -> list[str]:
     """The source's log lines for failed cycles whose detail starts with ``detail``."""
-    messages = (r.getMessage() for r in caplog.records if r.name == "devstack.controller.kubernetes")
+    messages = (r.getMessage() for r in caplog.records if r.name == "controller.sources.kubernetes")
     return [m for m in messages if f": failed ({detail}" in m]
 
 
 async def test_429_on_a_list_is_retried_by_the_source_after_retry_after_capped_at_backoff_max(
     fake_api: FakeApiServer, harness: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="devstack.controller.kubernetes")
+    caplog.set_level(logging.WARNING, logger="controller.sources.kubernetes")
     fake_api.apply(BASELINE)
     throttled = fake_api.list_scripts["deployments"]
     throttled.extend(ListScript(429, retry_after=THROTTLED) for _ in range(20))
@@ -321,7 +321,7 @@ async def test_429_on_a_list_is_retried_by_the_source_after_retry_after_capped_a
 async def test_503_on_a_watch_is_retried_by_the_source_after_retry_after_capped_at_backoff_max(
     fake_api: FakeApiServer, harness: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="devstack.controller.kubernetes")
+    caplog.set_level(logging.WARNING, logger="controller.sources.kubernetes")
     fake_api.apply(BASELINE)
     fake_api.watch_scripts["deployments"].extend(WatchScript(status=503, retry_after=THROTTLED) for _ in range(3))
     h = await harness()
@@ -338,7 +338,7 @@ async def test_503_on_a_watch_is_retried_by_the_source_after_retry_after_capped_
 async def test_an_http_date_retry_after_leaves_the_wait_to_the_backoff(
     fake_api: FakeApiServer, harness: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="devstack.controller.kubernetes")
+    caplog.set_level(logging.WARNING, logger="controller.sources.kubernetes")
     an_hour_later = email.utils.format_datetime(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1), usegmt=True)
     fake_api.apply(BASELINE)
     fake_api.list_scripts["deployments"].extend(ListScript(503, retry_after=an_hour_later) for _ in range(3))
@@ -498,7 +498,7 @@ async def test_delete_expired_deletes_with_a_uid_precondition(fake_api: FakeApiS
 async def test_429_on_a_delete_is_retried_by_the_source_after_delete_retry(
     fake_api: FakeApiServer, harness: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="devstack.controller.kubernetes")
+    caplog.set_level(logging.WARNING, logger="controller.sources.kubernetes")
     _apply_expired_override(fake_api)
     # Longer than this test waits, shorter than its teardown bound: urllib3 sleeping on it would fail it.
     fake_api.delete_scripts.append(ListScript(429, retry_after=5))
