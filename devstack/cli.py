@@ -184,6 +184,31 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="log request paths with their query strings (queries may carry tokens and personal data)",
     )
+    edge = p.add_argument_group("keys from browsers (ingress mode; see the README's \"From a browser\")")
+    edge.add_argument(
+        "--preview-domain",
+        metavar="DOMAIN",
+        help="KEY--SERVICE.DOMAIN names a service and a key (e.g. preview.example.com, or localhost)",
+    )
+    edge.add_argument(
+        "--key-header", action="store_true", help="honour the browser extension's x-devstack-key header"
+    )
+    edge.add_argument(
+        "--key-cookie",
+        action="store_true",
+        help="honour the devstack-key cookie, set by visiting any routed URL with ?devstack=KEY",
+    )
+    edge.add_argument("--key-cookie-domain", metavar="DOMAIN", help="Domain of that cookie (default: host-only)")
+    edge.add_argument(
+        "--key-cookie-max-age", type=int, default=8 * 3600, metavar="SECONDS", help="lifetime of that cookie"
+    )
+    edge.add_argument(
+        "--edge-key-clients",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="only clients in these networks may choose a key at the edge; repeatable (default: every client)",
+    )
     t = Timeouts()
     p.add_argument(
         "--header-timeout",
@@ -297,6 +322,12 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         access_log_format=args.access_log_format,
         access_log_sample=args.access_log_sample,
         access_log_query=args.access_log_query,
+        preview_domain=args.preview_domain,
+        key_header=args.key_header,
+        key_cookie=args.key_cookie,
+        key_cookie_domain=args.key_cookie_domain,
+        key_cookie_max_age=args.key_cookie_max_age,
+        edge_key_clients=tuple(args.edge_key_clients),
         timeouts=Timeouts(
             header_read=args.header_timeout,
             keepalive_idle=args.keepalive_timeout,

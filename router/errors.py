@@ -49,6 +49,12 @@ class Answer(enum.Enum):
                          "`--max-headers`")  # fmt: skip
     TE_UNSUPPORTED = (501, "transfer-coding-unsupported", True, "a transfer coding other than `chunked`")
     VERSION = (505, "version-not-supported", True, "an HTTP version other than 1.0 and 1.1")
+    EDGE_KEY_INVALID = (400, "edge-key-invalid", False, "`?devstack=KEY` with a key that is not a DNS-1123 label "
+                        "(the cookie is left as it was)")  # fmt: skip
+    # -- the key cookie: the router answers a navigation itself
+    KEY_COOKIE = (302, "key-cookie", False, "a navigation with `?devstack=KEY` (with `--key-cookie`): the "
+                  "`devstack-key` cookie is set (cleared by `?devstack=`) and the browser sent back to the URL "
+                  "without the parameter")  # fmt: skip
     # -- routing: the request was well formed, the table says no
     NO_ROUTE = (404, "no-route", False, "the authority names no service (ingress mode)")
     NO_ROUTE_SIDECAR = (403, "no-route", False, "the authority names no service (sidecar mode: the router is "
@@ -107,6 +113,7 @@ def render(
     close: bool = False,
     route_header: bytes | None = None,
     head_only: bool = False,
+    extra_head: bytes = b"",
 ) -> bytes:
     """The whole response for ``answer``: a small JSON body naming what the router knew.
 
@@ -136,6 +143,8 @@ def render(
         head.append(b"x-devstack-route: " + route_header + b"\r\n")
     if close:
         head.append(b"connection: close\r\n")
+    if extra_head:
+        head.append(extra_head)  # fields the answer itself needs (Location, Set-Cookie), CRLF-terminated
     head.append(b"\r\n")
     if not head_only:
         head.append(body)  # the same head with no body for HEAD (RFC 9110 9.3.2)

@@ -186,6 +186,12 @@ def routing_key_from_baggage(lines: Sequence[bytes], names: Sequence[bytes] = (D
     return None
 
 
+def has_member(lines: Sequence[bytes], names: Sequence[bytes]) -> bool:
+    """Whether any of ``lines`` carries a member called one of ``names``, valid or not: such a
+    member decides the key (first wins), so nothing at the edge may add another."""
+    return any(_first_member_value(line, name) is not None for name in names for line in lines)
+
+
 class BaggageKeySource(KeySource):
     """Reads the routing key from W3C ``baggage`` members named ``names`` (in precedence)."""
 
@@ -205,6 +211,10 @@ class BaggageKeySource(KeySource):
             encoded.append(raw)
         self._names: tuple[bytes, ...] = tuple(encoded)
         self._cache: dict[bytes, str | None] = {}
+
+    @property
+    def names(self) -> tuple[bytes, ...]:
+        return self._names
 
     def key_from(self, lines: Sequence[bytes]) -> str | None:
         single = lines[0] if len(lines) == 1 else None

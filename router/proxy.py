@@ -525,8 +525,9 @@ class ClientConnection(ExchangeOwner):
             key=req.key,
             target=target,
             close=close,
-            route_header=decision.route_header(req.key) if decision is not None and req.debug else None,
+            route_header=req.route_header() if decision is not None and req.debug else None,
             head_only=req.method == b"HEAD",
+            extra_head=req.extra_head,
         )
         self.transport.write(raw)
         self._relay.answered(answer, not close, len(raw) - raw.find(b"\r\n\r\n") - 4)

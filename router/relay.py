@@ -84,7 +84,7 @@ class ResponseRelay:
             # client connection about to close takes the rebuilding path, which says so.
             self.keep_alive = True
             if req.debug and req.decision is not None:
-                route = req.decision.route_header(req.key)
+                route = req.route_header()
                 passthrough = passthrough[:-2] + b"x-devstack-route: " + route + _CRLF + _CRLF
             self.pending_head = passthrough
             return
@@ -110,7 +110,7 @@ class ResponseRelay:
                 continue
             out += (name, b": ", value, _CRLF)
         if req.debug and req.decision is not None:
-            out += (b"x-devstack-route: ", req.decision.route_header(req.key), _CRLF)
+            out += (b"x-devstack-route: ", req.route_header(), _CRLF)
         if status == 101:
             if not req.upgrade:
                 raise UnexpectedUpgrade

@@ -14,13 +14,14 @@ tests (tests/test_request_policy.py) call the same function. Compiled with the h
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from router import COMPILED
 from router.errors import Answer
 from router.http import HOP_BY_HOP, PROTECTED, connection_tokens, is_valid_authority
-from router.keys import BaggageKeySource, KeySource
+from router.keys import BaggageKeySource, KeySource, has_member, is_valid_key, percent_decode
 from router.settings import Mode, RouterSettings
 from router.table import Decision, Routes, RouteTable
 
@@ -52,6 +53,8 @@ _F_FORWARDED: Final = 9
 _F_TRACEPARENT: Final = 10
 _F_DROP: Final = 11
 _F_EXPECT: Final = 12
+_F_EDGE_HEADER: Final = 13
+_F_COOKIE: Final = 14
 _REQUEST_FIELDS: Final = {
     b"host": _F_HOST,
     b"content-length": _F_CONTENT_LENGTH,
@@ -70,6 +73,12 @@ _REQUEST_FIELDS: Final = {
     **{name: _F_DROP for name in HOP_BY_HOP - {b"content-length", b"transfer-encoding", b"connection", b"upgrade"}},
 }
 _CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade"})
+KEY_HEADER: Final = b"x-devstack-key"
+"""The browser extension's private header (a page never sends it; the router merges it into
+``baggage``, which an extension cannot append to)."""
+KEY_COOKIE: Final = b"devstack-key"
+KEY_PARAM: Final = b"devstack"
+"""``?devstack=KEY`` on a navigation sets the key cookie; ``?devstack=`` clears it."""
 _TRACE_FIELDS: Final = frozenset({b"traceparent", b"tracestate"})
 
 
@@ -107,6 +116,35 @@ class Policy:
         self.max_body = settings.limits.max_body_bytes
         self.small_body = settings.limits.small_body
         self.no_route = Answer.NO_ROUTE_SIDECAR if settings.mode is Mode.SIDECAR else Answer.NO_ROUTE
+        self.edge = settings.mode is Mode.INGRESS and bool(
+            settings.preview_domain or settings.key_header or settings.key_cookie
+        )
+        """Any edge key source on: browsers may choose a key here (ingress mode only)."""
+        self.preview_suffix = (
+            b"." + settings.preview_domain.lower().strip(".").encode("ascii")
+            if self.edge and settings.preview_domain
+            else b""
+        )
+        self.key_header = self.edge and settings.key_header
+        self.key_cookie = self.edge and settings.key_cookie
+        if self.key_header:
+            self.fields[KEY_HEADER] = _F_EDGE_HEADER
+        if self.key_cookie:
+            self.fields[b"cookie"] = _F_COOKIE
+        self.key_member = settings.key_members[0].encode("ascii")
+        """The baggage member an edge key is written into."""
+        self.baggage_names: tuple[bytes, ...] = next(
+            (source.names for source in self.key_sources if isinstance(source, BaggageKeySource)),
+            (self.key_member,),
+        )
+        cookie = b"; Path=/; HttpOnly; SameSite=Lax"
+        if settings.key_cookie_domain:
+            cookie += b"; Domain=" + settings.key_cookie_domain.encode("ascii")
+        self.cookie_attributes = cookie
+        self.cookie_max_age = settings.key_cookie_max_age
+        self.edge_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+            ipaddress.ip_network(cidr, strict=False) for cidr in settings.edge_key_clients
+        )
         self.tracer = tracer
         """Off (None) by default: then tracing costs one attribute check per request."""
 
@@ -129,6 +167,10 @@ class HeadCache:
         self.forwarded_authority: bytes | None = None
         self.forwarded = b""
         """X-Forwarded-* lines for ``forwarded_authority`` and the peer."""
+        self.preview_key: str | None = None
+        """The key a preview host named (with ``routes``: both come from one authority)."""
+        self.edge_allowed = -1
+        """Whether this peer may choose a key at the edge: -1 not yet decided, 0 no, 1 yes."""
 
 
 class Plan:
@@ -158,6 +200,23 @@ class Plan:
         self.head = b""
         """The request head to send upstream, kept for a single safe retry."""
         self.span: object = None
+        self.key_source = b""
+        """Where the key came from when edge sources are on: baggage, preview-host, header or cookie."""
+        self.overruled = b""
+        """Edge sources that named another key and lost (``cookie=bob``), for the debug header."""
+        self.extra_head = b""
+        """Fields the router's own answer carries (the key cookie's Location and Set-Cookie)."""
+
+    def route_header(self) -> bytes:
+        """The ``x-devstack-route`` value (debug requests only)."""
+        decision = self.decision
+        assert decision is not None
+        rendered = decision.route_header(self.key)
+        if self.key_source:
+            rendered += b"; source=" + self.key_source
+        if self.overruled:
+            rendered += b"; overruled=" + self.overruled
+        return rendered
 
 
 def _add_field(out: list[bytes], name: bytes, value: bytes) -> None:
@@ -267,6 +326,10 @@ def _decide(
     more_key_fields: list[tuple[bytes, bytes]] | None = None
     forwarded_for = b""
     expect = False
+    baggage_index = -1
+    """Where the last baggage value sits in ``out`` (an edge key is appended to it)."""
+    header_key: bytes | None = None
+    cookie_indices: list[int] | None = None
     # One pass classifies every field and renders the forwarded ones; the rare cases that
     # need a second look (Connection naming fields, tracing) re-render afterwards.
     out: list[bytes] = [method, b" ", b"", b" HTTP/1.1\r\n"]
@@ -286,6 +349,8 @@ def _decide(
             else:
                 more_key_fields.append((lower, value))
             _add_field(out, name, value)
+            if lower == b"baggage":
+                baggage_index = len(out) - 2
         elif code is _F_HOST:
             if host is not None:
                 return Answer.HOST_REPEATED
@@ -315,6 +380,14 @@ def _decide(
         elif code is _F_EXPECT:
             expect = True
             _add_field(out, name, value)
+        elif code is _F_EDGE_HEADER:
+            header_key = value  # the extension's header: read, never forwarded
+        elif code is _F_COOKIE:
+            _add_field(out, name, value)
+            if cookie_indices is None:
+                cookie_indices = [len(out) - 2]
+            else:
+                cookie_indices.append(len(out) - 2)
         # _F_DROP: hop-by-hop, never forwarded
 
     if host is None and plan.http11:
@@ -384,10 +457,16 @@ def _decide(
     if authority == cache.route_authority and slot.generation == cache.route_generation:
         routes = cache.routes
     else:
-        routes = slot.table.routes_for_authority(authority.decode("latin-1"))
+        preview_key: str | None = None
+        routes = None
+        if policy.preview_suffix:
+            routes, preview_key = _preview(slot.table, authority, policy.preview_suffix)
+        if routes is None:
+            routes = slot.table.routes_for_authority(authority.decode("latin-1"))
         cache.route_authority = authority
         cache.route_generation = slot.generation
         cache.routes = routes
+        cache.preview_key = preview_key
     if routes is None:
         return policy.no_route
     key: str | None = None
@@ -400,7 +479,17 @@ def _decide(
                 key = source.key_from(lines)
                 if key is not None:
                     break
-    plan.key = key
+    if policy.edge:
+        baggage_lines = [out[baggage_index]] if baggage_index >= 0 else []
+        if more_key_fields is not None or (key_name is not None and key_name != b"baggage"):
+            baggage_lines = [value for field, value in headers if field.lower() == b"baggage"]
+        refusal = _edge(policy, cache, plan, key, baggage_lines, header_key, cookie_indices, out, baggage_index,
+                        method, path)  # fmt: skip
+        if refusal is not None:
+            return refusal
+        key = plan.key
+    else:
+        plan.key = key
     decision = routes.resolve(key)
     plan.decision = decision
     if decision.target is None:
@@ -444,4 +533,143 @@ def _decide(
         out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, _CRLF)
     out.append(_CRLF)
     plan.head = _join(out)
+    return None
+
+
+def _preview(table: RouteTable, authority: bytes, suffix: bytes) -> tuple[Routes | None, str | None]:
+    """``KEY--SERVICE<suffix>[:port]``: the service's routes and the key, or (None, None).
+    ``--`` cannot start or end a DNS-1123 label, so the first ``--`` splits key from service."""
+    host = authority.lower()
+    if host[:1] == b"[":
+        return None, None
+    colon = host.rfind(b":")
+    if colon > 0:
+        host = host[:colon]
+    if not host.endswith(suffix):
+        return None, None
+    label = host[: len(host) - len(suffix)]
+    split = label.find(b"--")
+    if split <= 0 or b"." in label:
+        return None, None
+    key, service = label[:split], label[split + 2 :]
+    if not is_valid_key(key) or not is_valid_key(service):
+        return None, None
+    routes = table.services.get(service.decode("ascii"))
+    return (routes, key.decode("ascii")) if routes is not None else (None, None)
+
+
+def _edge(
+    policy: Policy,
+    cache: HeadCache,
+    plan: Plan,
+    key: str | None,
+    baggage_lines: list[bytes],
+    header_key: bytes | None,
+    cookie_indices: list[int] | None,
+    out: list[bytes],
+    baggage_index: int,
+    method: bytes,
+    path: bytes,
+) -> Answer | None:
+    """The edge key sources (ingress mode, when any is on). A ``devstack`` member already in
+    ``baggage`` wins, valid or not; then a preview host, the extension's header, the cookie. The
+    chosen key is written into the forwarded ``baggage`` so every hop downstream sees it; the
+    extension's header and the cookie pair are never forwarded. Sets ``plan.key``."""
+    allowed = cache.edge_allowed
+    if allowed < 0:
+        allowed = cache.edge_allowed = _edge_allowed(policy, cache.peer)
+    cookie_key: bytes | None = None
+    if cookie_indices is not None:
+        cookie_key = _take_cookie(out, cookie_indices)
+    plan.key = key
+    if not allowed:
+        return None  # a client outside --edge-key-clients: its edge sources count for nothing
+    if policy.key_cookie and method in (b"GET", b"HEAD") and KEY_PARAM + b"=" in path:
+        answer = _cookie_answer(policy, plan, path)
+        if answer is not None:
+            return answer
+    candidates: list[tuple[bytes, str]] = []
+    if cache.preview_key is not None:
+        candidates.append((b"preview-host", cache.preview_key))
+    if header_key is not None and is_valid_key(header_key.strip(b" \t")):
+        candidates.append((b"header", header_key.strip(b" \t").decode("ascii")))
+    if cookie_key is not None:
+        candidates.append((b"cookie", cookie_key.decode("ascii")))
+    if key is not None or (baggage_lines and has_member(baggage_lines, policy.baggage_names)):
+        plan.key_source = b"baggage"
+        chosen = key
+    elif candidates:
+        source, chosen = candidates[0]
+        plan.key_source = source
+        plan.key = chosen
+        member = policy.key_member + b"=" + chosen.encode("ascii")
+        if baggage_index >= 0:
+            out[baggage_index] = out[baggage_index] + b"," + member  # the client's members stay as sent
+        else:
+            _add_field(out, b"baggage", member)
+    else:
+        return None
+    lost = [source + b"=" + other.encode("ascii") for source, other in candidates if other != chosen]
+    if lost:
+        plan.overruled = b",".join(lost)
+    return None
+
+
+def _edge_allowed(policy: Policy, peer: bytes) -> int:
+    networks = policy.edge_networks
+    if not networks:
+        return 1
+    try:
+        address = ipaddress.ip_address(peer.decode("ascii"))
+    except ValueError:
+        return 0
+    return 1 if any(address in network for network in networks) else 0
+
+
+def _take_cookie(out: list[bytes], indices: list[int]) -> bytes | None:
+    """Remove every ``devstack-key`` pair from the forwarded Cookie lines (a line left empty is
+    dropped); the first valid value found, or None."""
+    found: bytes | None = None
+    for index in reversed(indices):
+        value = out[index]
+        if KEY_COOKIE not in value:
+            continue
+        kept = []
+        for pair in value.split(b";"):
+            name, _, raw = pair.strip(b" \t").partition(b"=")
+            if name == KEY_COOKIE:
+                if is_valid_key(raw):
+                    found = raw  # lines are walked backwards: the first line's value is kept last
+                continue
+            kept.append(pair.strip(b" \t"))
+        if kept:
+            out[index] = b"; ".join(kept)
+        else:
+            del out[index - 2 : index + 2]  # the whole field: name, ": ", value, CRLF
+    return found
+
+
+def _cookie_answer(policy: Policy, plan: Plan, path: bytes) -> Answer | None:
+    """``?devstack=KEY`` on a navigation: 302 to the same URL without it, setting (or with an
+    empty value clearing) the key cookie. None when the query has no such parameter."""
+    question = path.find(b"?")
+    if question < 0:
+        return None
+    params = path[question + 1 :].split(b"&")
+    for i, param in enumerate(params):
+        name, _, raw = param.partition(b"=")
+        if name != KEY_PARAM:
+            continue
+        value = percent_decode(raw)
+        if value is None or (value and not is_valid_key(value)):
+            return Answer.EDGE_KEY_INVALID
+        rest = params[:i] + params[i + 1 :]
+        location = path[:question] + (b"?" + b"&".join(rest) if rest else b"")
+        location = b"/" + location.lstrip(b"/")  # never "//host": the redirect stays on this site
+        max_age = policy.cookie_max_age if value else 0
+        plan.extra_head = (
+            b"location: " + location + b"\r\nset-cookie: " + KEY_COOKIE + b"=" + value
+            + b"; Max-Age=%d" % max_age + policy.cookie_attributes + b"\r\ncache-control: no-store\r\n"
+        )  # fmt: skip
+        return Answer.KEY_COOKIE
     return None

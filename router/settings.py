@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 
 from router.keys import DEFAULT_MEMBER
 
@@ -125,7 +126,31 @@ class RouterSettings:
     access_log_query: bool = False
     """Log the path with its query string. Off by default: queries carry tokens and personal data."""
 
+    preview_domain: str | None = None
+    """Edge key source (ingress mode): ``alice--checkout.<domain>`` means service ``checkout``,
+    key ``alice``. None: off."""
+    key_header: bool = False
+    """Edge key source (ingress mode): the browser extension's private ``x-devstack-key`` header."""
+    key_cookie: bool = False
+    """Edge key source (ingress mode): the ``devstack-key`` cookie, set by a navigation with
+    ``?devstack=KEY`` (answered 302 without the parameter) and cleared by ``?devstack=``."""
+    key_cookie_domain: str | None = None
+    """``Domain`` of that cookie, so one cookie covers every preview host; None: host-only."""
+    key_cookie_max_age: int = 8 * 3600
+    """Seconds the cookie lives: a working day, so a forgotten key does not route tomorrow."""
+    edge_key_clients: tuple[str, ...] = ()
+    """Networks (CIDR) whose clients may choose a key at the edge; empty: every client."""
+
     def __post_init__(self) -> None:
+        for cidr in self.edge_key_clients:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"--edge-key-clients {cidr}: not a network (e.g. 10.0.0.0/8)") from None
+        if self.preview_domain is not None and not self.preview_domain.strip("."):
+            raise ValueError("--preview-domain: empty")
+        if self.key_cookie_max_age < 0:
+            raise ValueError(f"--key-cookie-max-age {self.key_cookie_max_age}: must not be negative")
         if self.access_log_sample < 1:
             raise ValueError(f"--access-log-sample {self.access_log_sample}: must be 1 or more")
         if self.access_log_format not in ("json", "text"):
