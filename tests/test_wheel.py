@@ -271,7 +271,7 @@ def test_the_wheel_is_manylinux_and_carries_the_compiled_hot_path(wheel: Path) -
         (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
         assert zf.read(license_file) == (ROOT / "LICENSE").read_bytes()
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-        assert "devstack = devstack.cli:main" in zf.read(entry_points).decode()
+        assert "devstack = devstack:main" in zf.read(entry_points).decode()
         assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "build/"))]
     assert meta["Name"] == DIST
     assert meta["License-Expression"] == "Apache-2.0"
