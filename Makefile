@@ -38,6 +38,16 @@ router/_compiled.json: $(VENV)/.installed $(HOT_PATH_SOURCES) router/_native.py 
 run: setup
 	$(BIN)/devstack demo
 
+## The browser extension (extension/, no build step) zipped with manifest.json at the root: unzip and
+## "Load unpacked" at chrome://extensions (or load extension/ itself), or upload the zip to a web store.
+EXTENSION_ZIP ?= build/devstack-extension.zip
+.PHONY: extension
+extension:
+	@mkdir -p $(dir $(EXTENSION_ZIP))
+	@rm -f $(EXTENSION_ZIP)
+	cd extension && python3 -m zipfile -c $(abspath $(EXTENSION_ZIP)) .
+	@echo "wrote $(EXTENSION_ZIP)"
+
 ## The whole suite: lint, types, layering, then every test against the compiled hot path, then
 ## the router's own tests again with it interpreted (pure Python is what runs without a compiler).
 test: setup lint

@@ -31,6 +31,14 @@ async def test_demo_routes_the_readme_curl_cases() -> None:
             banner += line
         assert b"curl -H 'Host: payments'" in banner
         assert b"checkout [baseline] -> orders [baseline] -> payments [override: alice]" in banner
+        # What to open in a browser: preview hosts, the cookie link, the dashboard.
+        for url in (
+            f"http://alice--checkout.localhost:{port}/",
+            f"http://bob--checkout.localhost:{port}/",
+            f"http://checkout.localhost:{port}/?devstack=alice",
+            f"http://127.0.0.1:{admin}/",
+        ):
+            assert url.encode() in banner, url
 
         base = f"http://127.0.0.1:{port}/"
         cases = [
@@ -77,6 +85,18 @@ async def test_demo_routes_the_readme_curl_cases() -> None:
             async with session.get(base, headers={"Host": "payments", "baggage": "devstack=carol"}) as resp:
                 assert resp.status == 503
                 assert (await resp.json())["reason"] == "override-not-ready"
+            # The browser side (tests/test_demo_frontend.py has the rest): checkout's page, and a
+            # preview host routing the page's fetch and WebSocket.
+            page = {"Host": f"alice--checkout.localhost:{port}", "Accept": "text/html"}
+            async with session.get(base, headers=page) as resp:
+                assert resp.content_type == "text/html"
+                assert 'fetch("/chain"' in await resp.text()
+            async with session.get(base + "chain", headers=page) as resp:
+                assert (await resp.text()).strip() == cases[6][2]  # alice's three hops
+            ws_host = {"Host": f"alice--payments.localhost:{port}"}
+            async with session.ws_connect(base + "ws", headers=ws_host) as ws:
+                await ws.send_str("which version?")
+                assert await ws.receive_str(timeout=5) == "payments [override: alice]"
     finally:
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 20)
