@@ -99,7 +99,12 @@ class Controller:
             # Before binding: a controller that cannot read its file must not serve an empty table.
             self.source.load_first()
         app = make_publish_app(
-            self.publisher, readiness=self.readiness, status=self.status, settings=self._publish_settings
+            self.publisher,
+            readiness=self.readiness,
+            status=self.status,
+            settings=self._publish_settings,
+            confirmed=self.aggregator.confirmed,  # the dashboard's source ages and failures
+            failures=self.aggregator.failures,
         )
         # Streams end on shutdown (the publisher closes them), so a short grace period suffices.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)

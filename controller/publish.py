@@ -2,7 +2,8 @@
 
 This module owns the wire format routers subscribe to (one ``RouteTable.to_json()`` document per
 line, plus the controller's ``instance`` and status) and the controller's health endpoints
-(``/healthz``, ``/readyz``, ``/metrics``). It only reads the latest published table and status;
+(``/healthz``, ``/readyz``, ``/metrics``), and the dashboard page at ``/`` (rendered by the pure
+``router.dashboard``, live through ``/dashboard/events``). It only reads the latest published table and status;
 it never builds or changes a table, and never queues tables for a slow subscriber: each stream
 sends the newest table when it can, skipping any it was too slow to see (level-triggered).
 """
@@ -13,14 +14,16 @@ import asyncio
 import dataclasses
 import json
 import secrets
+import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from router import dashboard
 from router.table import EMPTY_TABLE, RouteTable
 
 __all__ = ["PublishSettings", "RoutePublisher", "make_publish_app"]
@@ -36,6 +39,8 @@ class PublishSettings:
     dead connection (their idle timeout is three heartbeats) and proxies do not reap the stream."""
     long_poll_max: float = 60.0
     """Longest a ``?since=`` request (without ``watch``) is held before answering with the current table."""
+    dashboard_tick: float = 5.0
+    """Seconds between dashboard updates while the table stays the same (times left, source ages)."""
 
 
 class RoutePublisher:
@@ -132,15 +137,64 @@ class _ControllerCollector(Collector):
         yield connected
 
 
+def _problems(status: Mapping[str, object]) -> list[str]:
+    """The Kubernetes source's conflicts, unusable Deployments, leaks, expired overrides and
+    disconnected watches, one line each, for the dashboard's warning banner."""
+    lines: list[str] = []
+    for key in ("conflicts", "invalid"):
+        entries = status.get(key)
+        if isinstance(entries, list):
+            lines += [str(entry) for entry in entries]
+    leaks = status.get("leaks")
+    for leak in leaks if isinstance(leaks, list) else []:
+        if isinstance(leak, Mapping):
+            lines.append(
+                f"leak: override {leak.get('service')}/{leak.get('key')} ({leak.get('namespace')}/"
+                f"{leak.get('deployment')}): the baseline Service selects its pods"
+            )
+    expired = status.get("expired")
+    for entry in expired if isinstance(expired, list) else []:
+        if isinstance(entry, Mapping):
+            lines.append(
+                f"expired override still deployed: {entry.get('service')}/{entry.get('key')} "
+                f"({entry.get('namespace')}/{entry.get('deployment')})"
+            )
+    watches = status.get("watches")
+    if isinstance(watches, Mapping):
+        for name, watch in sorted(watches.items()):
+            if isinstance(watch, Mapping) and not watch.get("connected"):
+                error = watch.get("last_error")
+                lines.append(f"watch {name} disconnected" + (f": {error}" if error else ""))
+    return lines
+
+
+_PAGE_HEADERS: Final = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": dashboard.CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 def make_publish_app(
     publisher: RoutePublisher,
     *,
     readiness: ReadinessCheck,
     status: StatusCallback = dict,
     settings: PublishSettings | None = None,
+    links: dashboard.Links | None = None,
+    confirmed: Mapping[str, float] | None = None,
+    failures: Mapping[str, int] | None = None,
 ) -> web.Application:
-    """``/v1/routes`` (plain, ``?since=`` long-poll, ``?watch=1&since=`` stream) and health endpoints."""
+    """``/v1/routes`` (plain, ``?since=`` long-poll, ``?watch=1&since=`` stream), health endpoints
+    and the dashboard.
+
+    The dashboard's preview links need ``links`` (the ingress's preview domain and port; without
+    it they are left out); ``confirmed`` and ``failures`` are the aggregator's per-source
+    confirmation times (``time.monotonic``) and failure counts, shown as the sources' freshness.
+    """
     settings = settings or PublishSettings()
+    page_links = links or dashboard.Links()
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_ControllerCollector(publisher, status))
 
@@ -203,10 +257,47 @@ def make_publish_app(
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
 
+    def snapshot() -> dashboard.Snapshot:
+        table = publisher.table
+        ready, detail = readiness()
+        extra = status()
+        sources = dashboard.sources_from(table.sources, confirmed, failures, detail.get("errors"), time.monotonic())
+        return dashboard.Snapshot(
+            table, time.time(), "controller", page_links, None, sources, ready, _problems(extra), "v1/routes"
+        )
+
+    async def page(request: web.Request) -> web.Response:
+        html = dashboard.render_page(
+            snapshot(), query=request.query.get("q", ""), status=request.query.get("status", "")
+        )
+        response = web.Response(text=html, content_type="text/html", charset="utf-8", headers=_PAGE_HEADERS)
+        response.enable_compression()  # a few hundred overrides: about 300 KiB of HTML, 10x smaller compressed
+        return response
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        """The dashboard's server-sent events: at once when a table is published, and every
+        ``dashboard_tick`` for times left and source ages; only what changed for this stream."""
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
+        await response.prepare(request)
+        await response.write(b"retry: 3000\n\n")
+        sent: dict[str, str] = {}
+        try:
+            while not publisher.closed:
+                snap = snapshot()
+                await response.write(dashboard.event(dashboard.fragments(snap), sent, snap.now))
+                await publisher.wait_change(snap.table.version, settings.dashboard_tick)
+        except ConnectionResetError:
+            pass  # The page went away.
+        return response
+
     async def on_shutdown(_: web.Application) -> None:
         publisher.close()
 
     app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_get("/dashboard/events", events)
     app.router.add_get("/v1/routes", routes)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -2,14 +2,16 @@
 
 This module only reads router state (the table slot, counters, readiness callbacks) and
 renders it; it never changes routing and never runs on the proxy listener, so a scrape or a
-big ``/routes`` answer cannot slow the hot path's accept queue.
+big ``/routes`` answer cannot slow the hot path's accept queue. ``/`` is the dashboard page
+(``router.dashboard`` renders it) and ``/dashboard/events`` its live updates.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -18,14 +20,20 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 import router
+from router import dashboard
 from router.accesslog import AccessLog
 from router.keys import is_valid_key
 from router.stats import LATENCY_BUCKETS, Histogram, RouterStats
 from router.table import RouteTable
 
-__all__ = ["AdminState", "make_admin_app"]
+__all__ = ["ADMIN_STATE", "AdminState", "make_admin_app"]
 
 ReadinessCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+DASHBOARD_TICK: Final = 5.0
+"""Seconds between dashboard updates while the table stays the same (counters, times left)."""
+DASHBOARD_POLL: Final = 0.25
+"""Seconds between looks at the table version: a new table reaches open dashboards this fast."""
 
 
 class AdminState:
@@ -37,11 +45,31 @@ class AdminState:
         stats: RouterStats,
         readiness: ReadinessCheck,
         access_log: AccessLog | None = None,
+        links: dashboard.Links | None = None,
     ) -> None:
         self.table = table
         self.stats = stats
         self.readiness = readiness
         self.access_log = access_log
+        self.links = links or dashboard.Links()
+        """How the dashboard links to previews and to "use this key": give
+        ``dashboard.Links.for_router(settings.preview_domain, proxy_address)``."""
+
+    def snapshot(self) -> dashboard.Snapshot:
+        """What the dashboard shows now."""
+        table = self.table()
+        ready, detail = self.readiness()
+        stats = self.stats
+        sources = dashboard.sources_from(
+            table.sources, stats.source_confirmed, stats.table_failures, detail.get("errors"), time.monotonic()
+        )
+        return dashboard.Snapshot(
+            table, time.time(), "router", self.links, stats.requests, sources, ready, json_path="routes"
+        )
+
+
+ADMIN_STATE: Final = web.AppKey("admin_state", AdminState)
+"""The admin app's ``AdminState``, for code that holds only the app."""
 
 
 class _RouterCollector(Collector):
@@ -129,6 +157,15 @@ class _RouterCollector(Collector):
             )
 
 
+_PAGE_HEADERS: Final = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": dashboard.CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+_EVENT_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
 def _buckets(histogram: Histogram) -> list[tuple[str, float]]:
     """Cumulative buckets, as the exposition format counts them."""
     buckets: list[tuple[str, float]] = []
@@ -183,7 +220,47 @@ def make_admin_app(state: AdminState) -> web.Application:
             }
         )
 
+    closing = asyncio.Event()
+
+    async def page(request: web.Request) -> web.Response:
+        html = dashboard.render_page(
+            state.snapshot(), query=request.query.get("q", ""), status=request.query.get("status", "")
+        )
+        response = web.Response(text=html, content_type="text/html", charset="utf-8", headers=_PAGE_HEADERS)
+        response.enable_compression()  # a few hundred overrides: about 300 KiB of HTML, 10x smaller compressed
+        return response
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        """Server-sent events: the page's fragments when the table version changes, and every
+        ``DASHBOARD_TICK`` for counters and times left; only what changed for this stream."""
+        response = web.StreamResponse(headers=_EVENT_HEADERS)
+        await response.prepare(request)
+        await response.write(b"retry: 3000\n\n")
+        sent: dict[str, str] = {}
+        loop = asyncio.get_running_loop()
+        version, due = -1, 0.0
+        try:
+            while not closing.is_set():
+                if state.table().version != version or loop.time() >= due:
+                    snap = state.snapshot()
+                    await response.write(dashboard.event(dashboard.fragments(snap), sent, snap.now))
+                    version, due = snap.table.version, loop.time() + DASHBOARD_TICK
+                try:
+                    await asyncio.wait_for(closing.wait(), DASHBOARD_POLL)
+                except TimeoutError:
+                    pass
+        except ConnectionResetError:
+            pass  # The page went away.
+        return response
+
+    async def on_shutdown(_: web.Application) -> None:
+        closing.set()  # End the event streams, so none holds the listener open at shutdown.
+
     app = web.Application()
+    app[ADMIN_STATE] = state
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_get("/", page)
+    app.router.add_get("/dashboard/events", events)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

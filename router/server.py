@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from router import dashboard
 from router.accesslog import AccessLog
 from router.admin import AdminState, make_admin_app
 from router.proxy import ProxyContext, TableSlot
@@ -83,7 +84,9 @@ class RouterServer:
         sock: socket.socket = self._server.sockets[0]
         self.address = sock.getsockname()[:2]
         if admin is not None:
-            app = make_admin_app(AdminState(lambda: self.slot.table, self.stats, self.readiness, self.access_log))
+            links = dashboard.Links.for_router(self.settings.preview_domain, self.address)
+            state = AdminState(lambda: self.slot.table, self.stats, self.readiness, self.access_log, links=links)
+            app = make_admin_app(state)
             self._admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._admin_runner.setup()
             site = web.TCPSite(self._admin_runner, admin[0], admin[1], reuse_address=True)
