@@ -8,7 +8,7 @@ INTERPRETED_TESTS ?= tests/test_keys.py tests/test_table.py tests/test_proxy.py 
 	tests/test_hardening.py tests/test_streaming.py tests/test_reload_under_load.py tests/test_admin.py \
 	tests/test_tracing.py tests/test_fuzz.py tests/test_demo.py tests/test_compiled.py \
 	tests/test_tunnels.py tests/test_slow_bodies.py tests/test_request_policy.py tests/test_errors.py \
-	tests/test_access_log.py tests/test_failure_log.py tests/test_edge_keys.py
+	tests/test_access_log.py tests/test_failure_log.py tests/test_edge_keys.py tests/test_route_groups.py
 
 # router/_native.py owns the list of compiled sources (setup.py and router/__init__.py read it too).
 HOT_PATH_SOURCES := $(shell python3 router/_native.py sources)

@@ -106,9 +106,10 @@ def routes_from_spec(spec: object, *, origin: str = "") -> dict[str, Routes]:
 
     if not isinstance(spec, Mapping):
         raise fail("the route file must be a mapping with a 'services' key", spec)
-    unknown = set(spec) - {"services"}
+    unknown = set(spec) - {"services", "groups"}
     if unknown:
         raise fail(f"unknown top-level key {sorted(unknown)[0]!r}", spec, sorted(unknown)[0])
+    groups = _groups(spec.get("groups"), spec, fail)
     services = spec.get("services")
     if services is None:
         services = {}
@@ -192,8 +193,40 @@ def routes_from_spec(spec: object, *, origin: str = "") -> dict[str, Routes]:
             except TableError as exc:
                 raise fail(f"{where}: {exc}", ov, "url") from None
         _claim_hosts(claimed, name, hosts_raw, services, body, origin)
-        result[name] = Routes(service=name, baseline=baseline, overrides=overrides, hosts=tuple(hosts_raw))
+        for key in overrides:
+            if key in groups:
+                message = f"service {name!r}: override key {key!r} is also a route group's name"
+                raise fail(message, overrides_at(body), key)
+        result[name] = Routes(
+            service=name, baseline=baseline, overrides=overrides, hosts=tuple(hosts_raw), groups=groups
+        )
     return result
+
+
+def overrides_at(body: Mapping[str, Any]) -> object:
+    """Where a service's overrides are written (for the line of a message about one of them)."""
+    return body.get("overrides", body)
+
+
+def _groups(raw: object, spec: object, fail: Any) -> dict[str, tuple[str, ...]]:
+    """``groups: {team-checkout: [alice, bob]}``: names and ordered keys, checked whole."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise fail("'groups' must be a mapping of group name to a list of keys", spec, "groups")
+    groups: dict[str, tuple[str, ...]] = {}
+    for group, members in raw.items():
+        if not isinstance(group, str) or not _dns_label(group):
+            raise fail(f"route group name {group!r} must be a DNS-1123 label", raw, str(group))
+        if not isinstance(members, list) or not members:
+            raise fail(f"route group {group!r}: expected a non-empty list of keys", raw, group)
+        for member in members:
+            if not isinstance(member, str) or not _dns_label(member):
+                raise fail(f"route group {group!r}: key {member!r} must be a DNS-1123 label", raw, group)
+            if member in raw:
+                raise fail(f"route group {group!r} lists the group {member!r}: groups do not nest", raw, group)
+        groups[group] = tuple(members)
+    return groups
 
 
 def _claim_hosts(

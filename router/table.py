@@ -92,6 +92,8 @@ class Decision:
     reason: str
     answer: Answer | None = None
     """What the router answers itself when ``target`` is None (from the catalogue in router.errors)."""
+    via: str | None = None
+    """For a route group's key: the member whose override this is."""
 
     stats_key: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
     """(service, target kind): the request counter's label, made once rather than per request.
@@ -105,7 +107,8 @@ class Decision:
         """The ``x-devstack-route`` value for a request with ``key``, rendered on demand because
         only debug requests ask. Shared decisions (no key, no override) carry no key of their
         own, so the request's is passed in."""
-        rendered = f"service={self.service}; key={key or '-'}; target={self.kind.value}; reason={self.reason}"
+        via = f"; via={self.via}" if self.via is not None else ""
+        rendered = f"service={self.service}; key={key or '-'}{via}; target={self.kind.value}; reason={self.reason}"
         return rendered.encode("ascii", "replace")
 
 
@@ -141,6 +144,8 @@ class Routes:
     baseline: Target
     overrides: Mapping[str, Override] = dataclasses.field(default_factory=dict)
     hosts: tuple[str, ...] = ()
+    groups: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    """Route groups: a name that resolves, here, to the first of its keys with an override."""
     baseline_decision: Decision = dataclasses.field(init=False)
     no_override_decision: Decision = dataclasses.field(init=False, repr=False)
     _by_key: dict[str, _OverrideDecisions] = dataclasses.field(init=False, repr=False)
@@ -163,12 +168,31 @@ class Routes:
                 not_ready=self._unusable(ov, Answer.OVERRIDE_NOT_READY),
                 expired=self._unusable(ov, Answer.OVERRIDE_EXPIRED),
             )
+        object.__setattr__(self, "groups", MappingProxyType({g: tuple(keys) for g, keys in self.groups.items()}))
+        for group, members in self.groups.items():
+            # Resolved now, so routing a group's key is the same one lookup as any key's.
+            if group in by_key:
+                raise TableError(f"service {self.service!r}: {group!r} is both a route group and an override's key")
+            for member in members:
+                if member in self.groups:
+                    raise TableError(f"route group {group!r} lists the group {member!r}: groups do not nest")
+            chosen = next((m for m in members if m in self.overrides), None)
+            if chosen is None:
+                continue  # no member has an override of this service: the baseline serves the group
+            ov = self.overrides[chosen]
+            by_key[group] = _OverrideDecisions(
+                override=ov,
+                serve=Decision(self.service, group, TargetKind.OVERRIDE, ov.target, "override", via=chosen),
+                not_ready=self._unusable(ov, Answer.OVERRIDE_NOT_READY, group),
+                expired=self._unusable(ov, Answer.OVERRIDE_EXPIRED, group),
+            )
         object.__setattr__(self, "_by_key", by_key)
 
-    def _unusable(self, ov: Override, answer: Answer) -> Decision:
+    def _unusable(self, ov: Override, answer: Answer, group: str | None = None) -> Decision:
+        key, via = (ov.key, None) if group is None else (group, ov.key)
         if ov.fallback is Fallback.BASELINE:
-            return Decision(self.service, ov.key, TargetKind.BASELINE, self.baseline, answer.reason + "-fallback")
-        return Decision(self.service, ov.key, TargetKind.ERROR, None, answer.reason, answer)
+            return Decision(self.service, key, TargetKind.BASELINE, self.baseline, answer.reason + "-fallback", via=via)
+        return Decision(self.service, key, TargetKind.ERROR, None, answer.reason, answer, via=via)
 
     def resolve(self, key: str | None, now: float | None = None) -> Decision:
         """Pick the upstream for ``key`` (already validated) at Unix time ``now`` (default:
@@ -250,9 +274,14 @@ class RouteTable:
         return dict(self.services) == dict(other.services)
 
     def to_json(self) -> dict[str, object]:
+        groups: dict[str, list[str]] = {}
+        for routes in self.services.values():
+            for group, members in routes.groups.items():
+                groups.setdefault(group, list(members))
         return {
             "version": self.version,
             "sources": list(self.sources),
+            "groups": groups,
             "services": {
                 name: {
                     "hosts": list(routes.hosts),

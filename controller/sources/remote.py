@@ -72,7 +72,10 @@ def routes_from_json(document: object, *, origin: str = "") -> tuple[int, dict[s
     services = document.get("services")
     if not isinstance(services, Mapping):
         raise BuildError("'services' must be an object", origin=origin)
-    return version, routes_from_spec({"services": services}, origin=origin)
+    spec: dict[str, object] = {"services": services}
+    if document.get("groups"):
+        spec["groups"] = document["groups"]
+    return version, routes_from_spec(spec, origin=origin)
 
 
 def feed_url(base: str, *, since: int | None = None, instance: str | None = None) -> str:
