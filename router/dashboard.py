@@ -276,8 +276,16 @@ def _service(snap: Snapshot, routes: Routes) -> str:
     else:
         cells.append('<div class="reqs"></div>')
     count = len(overrides)
+    # Route groups that reach an override here, with the member they resolve to.
+    via = [(group, routes.resolve(group, snap.now).via) for group in sorted(routes.groups)]
+    groups = " ".join(
+        f'<span class="grp" title="route group {escape(g)} resolves to {escape(m)} here">{escape(g)} → '
+        f"{escape(m)}</span>"
+        for g, m in via
+        if m is not None
+    )
     cells.append(
-        f'<div class="ovn">{count} override{"" if count == 1 else "s"}</div>'
+        f'<div class="ovn">{count} override{"" if count == 1 else "s"}{" " + groups if groups else ""}</div>'
         if count
         else '<div class="ovn muted">no overrides</div>'
     )
@@ -573,6 +581,8 @@ gap:2px 24px;align-items:baseline}
 .reqs .n.override{color:var(--accent)}.reqs .n.override.zero{color:var(--muted)}
 .reqs .n.error{color:var(--bad);font-weight:600}
 .ovn{text-align:right;color:var(--text);font-size:13px}
+.grp{margin-left:8px;padding:1px 6px;border:1px solid var(--line);border-radius:10px;font-size:12px;
+white-space:nowrap}
 td{padding:7px 12px;border-top:1px solid var(--line);vertical-align:middle;font-size:13.5px}
 tr.ov:hover td{background:rgba(11,99,197,.045)}
 td.key{font-weight:600;white-space:nowrap;width:1%;padding-right:28px}

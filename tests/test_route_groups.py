@@ -11,6 +11,7 @@ import pytest
 from controller.build import BuildError
 from controller.sources.file import parse_route_yaml
 from controller.sources.remote import routes_from_json
+from router import dashboard
 from router.settings import RouterSettings
 from router.table import Fallback, Override, Routes, RouteTable, TableError, Target, TargetKind
 from tests.support import Origin, exchange, running_router, split_responses
@@ -138,3 +139,9 @@ async def test_a_groups_key_is_routed_by_a_real_router_to_the_members_override(o
     assert head["x-devstack-route"] == "service=a; key=team-checkout; via=bob; target=override; reason=override"
     assert origins["bob"].seen[-1].header("baggage") == ["devstack=team-checkout"]  # forwarded as sent
     assert not origins["baseline"].seen
+
+
+def test_the_dashboard_shows_which_member_a_group_resolves_to() -> None:
+    table = RouteTable(parse_route_yaml(ROUTE_FILE, "routes.yaml"), version=2)
+    page = dashboard.render_page(dashboard.Snapshot(table, now=1000.0))
+    assert "team-checkout \u2192 bob</span>" in page
