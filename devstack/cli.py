@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 import router
 from controller.aggregator import Aggregator
 from controller.build import BuildError
+from controller.fork import DEFAULT_TTL
 from controller.sources.file import FileSource, load_route_file
 from controller.startup import StartupError, parse_listen, start_router
 from router.keys import DEFAULT_MEMBER
@@ -501,7 +502,123 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --kubernetes: delete override Deployments past their TTL (needs delete RBAC)",
     )
     _add_log_level(ctl)
+    _add_override_commands(command)
     return parser
+
+
+OVERRIDE_COMMANDS: Final = ("fork", "ls", "rm", "extend")
+"""Commands that write or read overrides on a cluster from a developer's shell (controller/override_cli.py)."""
+
+
+def _add_kube_flags(p: argparse.ArgumentParser, namespace_help: str) -> None:
+    """How every override command finds its cluster, as kubectl does."""
+    p.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config, else the pod's service account)",
+    )
+    p.add_argument("--context", metavar="NAME", help="kubeconfig context to use (default: its current-context)")
+    p.add_argument("-n", "--namespace", metavar="NS", help=namespace_help)
+
+
+def _add_override_commands(command: Any) -> None:
+    fork = command(
+        "fork",
+        "copy SERVICE's baseline into an override for --key, with your image: Deployment SERVICE-KEY and its Service",
+    )
+    fork.add_argument("service", metavar="SERVICE", help="the service (devstack.io/service label of its baseline)")
+    fork.add_argument("--key", required=True, help="the routing key (a DNS-1123 label, e.g. alice)")
+    fork.add_argument("--image", metavar="IMAGE", help="image of the main container (default: the baseline's)")
+    fork.add_argument(
+        "--container",
+        action="append",
+        default=[],
+        metavar="NAME=IMAGE",
+        help="image of the container NAME; repeatable",
+    )
+    fork.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a variable of the main container; repeatable",
+    )
+    fork.add_argument(
+        "--ttl",
+        metavar="DURATION",
+        help="the override expires this long from now, e.g. 30m, 8h, 1h30m "
+        f"(default: the baseline's devstack.io/ttl annotation, else {DEFAULT_TTL})",
+    )
+    _add_kube_flags(fork, "namespace of the override (default: the baseline's)")
+    fork.add_argument("--replicas", metavar="N", type=int, default=1, help="pods of the override")
+    fork.add_argument(
+        "--fallback",
+        choices=("error", "baseline"),
+        help="while it is not ready or expired, the key gets a 503 or the baseline (default: error)",
+    )
+    fork.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the YAML it would apply, sending nothing (it still reads the baseline)",
+    )
+    fork.add_argument(
+        "--wait", action=argparse.BooleanOptionalAction, default=True, help="wait until the override's rollout is ready"
+    )
+    fork.add_argument("--timeout", metavar="DURATION", default="5m", help="with --wait: give up after this long")
+    fork.add_argument(
+        "--replace", action="store_true", help="update the override if it exists (taking over its fields)"
+    )
+    fork.add_argument(
+        "--ingress",
+        metavar="URL",
+        help="your ingress router, for the curl line printed at the end (default: $DEVSTACK_INGRESS)",
+    )
+    fork.add_argument(
+        "--preview-domain",
+        metavar="DOMAIN",
+        help="the ingress's --preview-domain, for the preview URL (default: $DEVSTACK_PREVIEW_DOMAIN)",
+    )
+    fork.add_argument("--dashboard", metavar="URL", help="the dashboard, for its link (default: $DEVSTACK_DASHBOARD)")
+
+    ls = command("ls", "list overrides: service, key, ready replicas, expiry, age, namespace, leaks and conflicts")
+    ls.add_argument("--key", help="only overrides for this key (default: every key)")
+    ls.add_argument("--service", metavar="S", help="only overrides of this service (default: every service)")
+    ls.add_argument(
+        "-o", "--output", choices=("wide", "json", "yaml"), help="more columns, or JSON or YAML (default: a table)"
+    )
+    _add_kube_flags(ls, "only this namespace (default: all namespaces)")
+
+    rm = command(
+        "rm", "delete SERVICE's override for --key (Deployment and Service), or with no SERVICE every one of that key"
+    )
+    rm.add_argument(
+        "service", metavar="SERVICE", nargs="?", help="the service (default: every service, after a confirmation)"
+    )
+    rm.add_argument("--key", required=True, help="the routing key")
+    rm.add_argument("-y", "--yes", action="store_true", help="delete every override of the key without asking")
+    _add_kube_flags(rm, "only this namespace (default: all namespaces)")
+
+    extend = command("extend", "make the overrides of --key (of SERVICE if given) expire --ttl from now")
+    extend.add_argument("service", metavar="SERVICE", nargs="?", help="the service (default: every service)")
+    extend.add_argument("--key", required=True, help="the routing key")
+    extend.add_argument("--ttl", required=True, metavar="DURATION", help="new time left, e.g. 4h or 1h30m")
+    _add_kube_flags(extend, "only this namespace (default: all namespaces)")
+
+
+def _run_override_command(args: argparse.Namespace) -> int:
+    """``devstack fork|ls|rm|extend``: synchronous, so it runs with no event loop (and no uvloop)."""
+    try:
+        from controller.override_cli import run  # noqa: PLC0415 - needs the optional Kubernetes client
+    except ImportError as exc:
+        print(f"devstack: {args.command} needs the Kubernetes client ({exc.name}): {KUBERNETES_EXTRA}", file=sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except StartupError as exc:
+        print(f"devstack: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -550,6 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "check":
         return _check_routes(args.routes)
+    if args.command in OVERRIDE_COMMANDS:
+        return _run_override_command(args)
     _install_uvloop()
     try:
         with contextlib.suppress(KeyboardInterrupt):

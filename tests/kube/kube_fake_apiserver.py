@@ -4,11 +4,22 @@ It serves Deployments (apps/v1) and Services (v1): paged lists with resourceVers
 tokens, label selectors, chunked watch streams of JSON lines (ADDED/MODIFIED/DELETED, BOOKMARK,
 in-stream ERROR 410 for a compacted version, selector transitions turned into ADDED/DELETED as
 the real watch cache does), ``timeoutSeconds``, and DELETE with uid preconditions. Tests change
-its state (``apply``, ``delete``) and script the next requests of a collection (HTTP errors with
-Retry-After, a stream of canned events followed by a clean close, a 410, an abrupt close mid-line
-or silence) and of DELETEs (HTTP errors with Retry-After). It is not a real API server: it is
-faithful on the wire where the client looks, and has no admission, field selectors, set-based
-selectors, server-side apply or authentication.
+its state (``apply``, ``delete``, ``set_ready``) and script the next requests of a collection (HTTP
+errors with Retry-After, a stream of canned events followed by a clean close, a 410, an abrupt
+close mid-line or silence) and of DELETEs (HTTP errors with Retry-After).
+
+The writes ``devstack fork/rm/extend`` make are served too, approximately (see ``_apply`` and
+``_merge``): ``GET`` of one object by name; server-side apply (``PATCH`` with
+``application/apply-patch+yaml`` and ``fieldManager``, ``force``), with per-manager field
+ownership in ``metadata.managedFields``, 409 conflicts with other managers' differing values,
+fields a manager stops applying removed, Deployment selector checks (must match the template,
+immutable) and ``generation``; JSON merge patch (``application/merge-patch+json``) with the
+``resourceVersion`` precondition; DELETE cascading to dependents by ``ownerReferences``
+(immediately, where the real garbage collector takes a moment); and RBAC refusals (``forbid``)
+answered 403 with the API server's wording. Lists are atomic in its apply (the real one merges
+``containers``, ``ports`` and ``env`` by key), ``status`` is not a subresource the client can
+write, and it has no admission, defaulting, field selectors, set-based selectors or
+authentication: faithful on the wire where the client looks, not a real API server.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import asyncio
 import base64
 import copy
 import dataclasses
+import datetime as dt
 import itertools
 import json
 import socket
@@ -26,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, cast
 
+import yaml
 from aiohttp import web
 
 Kind = Literal["deployments", "services"]
@@ -36,6 +49,9 @@ _LIST_KINDS: dict[str, tuple[str, str, str]] = {
     "deployments": ("DeploymentList", "Deployment", "apps/v1"),
     "services": ("ServiceList", "Service", "v1"),
 }
+_GROUPS: dict[str, str] = {"deployments": "apps", "services": ""}
+APPLY_PATCH = "application/apply-patch+yaml"
+MERGE_PATCH = "application/merge-patch+json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +85,9 @@ class Recorded:
     query: Mapping[str, str]
     body: Any = None
     at: float = dataclasses.field(default_factory=time.monotonic)
+    name: str | None = None
+    """The object a GET, PATCH or DELETE named; None for a list or watch of the collection."""
+    content_type: str = ""
 
     @property
     def watch(self) -> bool:
@@ -88,8 +107,12 @@ def status_object(code: int, reason: str, message: str) -> dict[str, Any]:
 
 
 _REASONS = {
+    400: "BadRequest",
+    403: "Forbidden",
     404: "NotFound",
     409: "Conflict",
+    415: "UnsupportedMediaType",
+    422: "Invalid",
     410: "Expired",
     429: "TooManyRequests",
     500: "InternalError",
@@ -153,6 +176,10 @@ class FakeApiServer:
         self.watch_scripts: dict[str, deque[WatchScript]] = {"deployments": deque(), "services": deque()}
         self.list_scripts: dict[str, deque[ListScript]] = {"deployments": deque(), "services": deque()}
         self.delete_scripts: deque[ListScript] = deque()
+        self.forbidden: set[tuple[str, str, str | None]] = set()
+        """(verb, collection, namespace) that RBAC refuses: see ``forbid``."""
+        self.user = "alice@example.com"
+        """Who the 403 messages name, as the API server names the authenticated user."""
         self._watches: set[_Watch] = set()
         self._snapshots: dict[str, list[dict[str, Any]]] = {}
         self._tokens = itertools.count(1)
@@ -161,12 +188,18 @@ class FakeApiServer:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        app = web.Application()
+    def _add_routes(self, app: web.Application) -> None:
         for collection, prefix in (("deployments", "/apis/apps/v1"), ("services", "/api/v1")):
             app.router.add_get(f"{prefix}/{collection}", self._handler(collection))
             app.router.add_get(f"{prefix}/namespaces/{{namespace}}/{collection}", self._handler(collection))
-            app.router.add_delete(f"{prefix}/namespaces/{{namespace}}/{collection}/{{name}}", self._delete_handler)
+            one = f"{prefix}/namespaces/{{namespace}}/{collection}/{{name}}"
+            app.router.add_get(one, self._get_handler)
+            app.router.add_patch(one, self._patch_handler)
+            app.router.add_delete(one, self._delete_handler)
+
+    async def start(self) -> None:
+        app = web.Application()
+        self._add_routes(app)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -186,13 +219,20 @@ class FakeApiServer:
         self.rv += 1
         return self.rv
 
-    def apply(self, obj: Mapping[str, Any], *, notify: bool = True) -> dict[str, Any]:
+    def apply(self, obj: Mapping[str, Any], *, notify: bool = True, manager: str | None = None) -> dict[str, Any]:
         """Create or replace an object, as ``kubectl apply`` would; returns the stored copy.
 
         ``notify=False`` changes state without any watch seeing it, and compacts history past
         it, as if the event happened while the client was disconnected and is gone from etcd.
+        ``manager`` records it as that field manager's update (``kubectl edit``, ``set image``):
+        it then owns every field the object sets, for server-side apply's conflicts.
         """
         stored = copy.deepcopy(dict(obj))
+        if manager is not None:
+            owned = _leaf_paths({k: v for k, v in stored.items() if k not in ("apiVersion", "kind", "status")})
+            stored.setdefault("metadata", {})["managedFields"] = [
+                _managed_entry(manager, "Update", owned, stored.get("apiVersion", ""))
+            ]
         collection = "deployments" if stored["kind"] == "Deployment" else "services"
         meta = stored.setdefault("metadata", {})
         meta.setdefault("namespace", "default")
@@ -250,7 +290,11 @@ class FakeApiServer:
         return len(self._watches)
 
     def lists(self, collection: str = "deployments") -> list[Recorded]:
-        return [r for r in self.requests if r.collection == collection and r.method == "GET" and not r.watch]
+        return [
+            r
+            for r in self.requests
+            if r.collection == collection and r.method == "GET" and not r.watch and r.name is None
+        ]
 
     def watches(self, collection: str = "deployments") -> list[Recorded]:
         return [r for r in self.requests if r.collection == collection and r.watch]
@@ -262,6 +306,9 @@ class FakeApiServer:
             namespace = request.match_info.get("namespace")
             query = dict(request.query)
             self.requests.append(Recorded("GET", collection, namespace, query))
+            verb = "watch" if query.get("watch") in ("true", "1") else "list"
+            if (refused := self._refusal(verb, collection, namespace, None)) is not None:
+                return refused
             if query.get("watch") in ("true", "1"):
                 return await self._watch(request, collection, namespace, query)
             return self._list(collection, namespace, query)
@@ -400,21 +447,371 @@ class FakeApiServer:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         collection: Kind = "deployments" if "/apps/" in request.path else "services"
         body = await request.json() if request.can_read_body else {}
-        self.requests.append(Recorded("DELETE", collection, namespace, {"name": name}, body))
+        self.requests.append(Recorded("DELETE", collection, namespace, {"name": name}, body, name=name))
+        if (refused := self._refusal("delete", collection, namespace, name)) is not None:
+            return refused
         if self.delete_scripts:
             script = self.delete_scripts.popleft()
             return self._error(script.status, "scripted delete failure", script.retry_after)
         current = self.objects[collection].get((namespace, name))
         if current is None:
-            return self._error(404, f'{collection} "{name}" not found')
+            return self._error(404, f'{_resource(collection)} "{name}" not found')
         uid = ((body or {}).get("preconditions") or {}).get("uid")
         if uid is not None and uid != current["metadata"]["uid"]:
             return self._error(409, f"Precondition failed: UID in precondition: {uid}, UID in object meta: ...")
         self.delete(collection, namespace, name)
+        if (body or {}).get("propagationPolicy") != "Orphan":
+            self._collect_garbage(current["metadata"]["uid"])
         return web.json_response({**status_object(200, "", ""), "status": "Success", "details": {"name": name}})
+
+    def _collect_garbage(self, owner_uid: str) -> None:
+        """Delete every object an ``ownerReferences`` entry ties to ``owner_uid``, and theirs in turn.
+
+        The real garbage collector does this asynchronously after the owner is gone (background
+        propagation); here it happens before the DELETE is answered.
+        """
+        for collection, objects in self.objects.items():
+            for (namespace, name), obj in list(objects.items()):
+                owners = obj["metadata"].get("ownerReferences") or []
+                if any(ref.get("uid") == owner_uid for ref in owners) and (namespace, name) in objects:
+                    self.delete(cast(Kind, collection), namespace, name)
+                    self._collect_garbage(obj["metadata"]["uid"])
 
     def deletes(self) -> list[Recorded]:
         return [r for r in self.requests if r.method == "DELETE"]
+
+    def patches(self) -> list[Recorded]:
+        return [r for r in self.requests if r.method == "PATCH"]
+
+    # --- RBAC -------------------------------------------------------------------------------------
+
+    def forbid(self, verb: str, collection: Kind, namespace: str | None = None) -> None:
+        """RBAC refuses ``verb`` (get, list, watch, patch, delete) on ``collection``: in ``namespace``;
+        with ``"*"`` only across all namespaces (a user whose Roles are namespaced); with None everywhere."""
+        self.forbidden.add((verb, collection, namespace))
+
+    def _refusal(self, verb: str, collection: str, namespace: str | None, name: str | None) -> web.Response | None:
+        scopes = {None, namespace} if namespace is not None else {None, "*"}
+        if not any((verb, collection, scope) in self.forbidden for scope in scopes):
+            return None
+        group = _GROUPS[collection]
+        subject = f'{_resource(collection)} "{name}"' if name else _resource(collection)
+        scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+        message = (
+            f'{subject} is forbidden: User "{self.user}" cannot {verb} resource "{collection}" '
+            f'in API group "{group}" {scope}'
+        )
+        return self._error(403, message)
+
+    # --- one object: GET, server-side apply, merge patch ---------------------------------------------
+
+    async def _get_handler(self, request: web.Request) -> web.Response:
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        collection: Kind = "deployments" if "/apps/" in request.path else "services"
+        self.requests.append(Recorded("GET", collection, namespace, dict(request.query), name=name))
+        if (refused := self._refusal("get", collection, namespace, name)) is not None:
+            return refused
+        current = self.objects[collection].get((namespace, name))
+        if current is None:
+            return self._error(404, f'{_resource(collection)} "{name}" not found')
+        return web.json_response(self._with_kind(collection, current))
+
+    def _with_kind(self, collection: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+        _, kind, api_version = _LIST_KINDS[collection]
+        return {"kind": kind, "apiVersion": api_version, **copy.deepcopy(dict(obj))}
+
+    async def _patch_handler(self, request: web.Request) -> web.Response:
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        collection: Kind = "deployments" if "/apps/" in request.path else "services"
+        content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+        query = dict(request.query)
+        raw = await request.read()
+        try:
+            body = yaml.safe_load(raw.decode()) if content_type == APPLY_PATCH else json.loads(raw)
+        except (ValueError, yaml.YAMLError) as exc:
+            body = None
+            problem: str | None = f"the body of the request was in an unknown format: {exc}"
+        else:
+            problem = None if isinstance(body, dict) else "the body is not an object"
+        self.requests.append(
+            Recorded("PATCH", collection, namespace, query, body, name=name, content_type=content_type)
+        )
+        if (refused := self._refusal("patch", collection, namespace, name)) is not None:
+            return refused
+        if content_type not in (APPLY_PATCH, MERGE_PATCH):
+            supported = f"{APPLY_PATCH}, {MERGE_PATCH}"
+            return self._error(415, f"the fake supports only {supported}; got {content_type!r}")
+        if problem is not None:
+            return self._error(400, problem)
+        try:
+            if content_type == APPLY_PATCH:
+                status, stored = self._apply(collection, namespace, name, body, query)
+            else:
+                status, stored = self._merge(collection, namespace, name, body, query)
+        except _Refused as exc:
+            return self._error(exc.code, exc.message)
+        return web.json_response(self._with_kind(collection, stored), status=status)
+
+    def _apply(
+        self, collection: Kind, namespace: str, name: str, config: dict[str, Any], query: Mapping[str, str]
+    ) -> tuple[int, dict[str, Any]]:
+        """Server-side apply of ``config`` by ``fieldManager``, approximated (see the module docstring).
+
+        Ownership is per leaf field, lists counting as one field. A manager's applied fields are
+        merged into the object; a field another manager owns with a different value is a conflict
+        (409) unless ``force``, which moves it to this manager; a field this manager applied
+        before and no longer applies, and nobody else owns, is removed.
+        """
+        manager = query.get("fieldManager")
+        if not manager:
+            raise _Refused(400, "PATCH requests must specify fieldManager for apply requests (application/apply-patch)")
+        force = query.get("force") == "true"
+        _, kind, api_version = _LIST_KINDS[collection]
+        if config.get("apiVersion") != api_version or config.get("kind") != kind:
+            raise _Refused(400, f"apply of {kind} {api_version} needs apiVersion {api_version} and kind {kind}")
+        meta = config.get("metadata") or {}
+        if meta.get("name") != name:
+            raise _Refused(
+                400, f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})"
+            )
+        if meta.get("namespace", namespace) != namespace:
+            raise _Refused(400, "the namespace of the provided object does not match the namespace sent on the request")
+        applied = {k: copy.deepcopy(v) for k, v in config.items() if k not in ("apiVersion", "kind", "status")}
+        applied["metadata"] = {k: v for k, v in applied.get("metadata", {}).items() if k not in _SERVER_OWNED_META}
+        current = self.objects[collection].get((namespace, name))
+        live = copy.deepcopy(current) if current is not None else {"metadata": {"name": name, "namespace": namespace}}
+        entries: list[dict[str, Any]] = live["metadata"].pop("managedFields", None) or []
+        mine = _leaf_paths(applied)
+        others = [e for e in entries if not (e["manager"] == manager and e["operation"] == "Apply")]
+        before = next((e for e in entries if e["manager"] == manager and e["operation"] == "Apply"), None)
+        conflicts: list[tuple[str, tuple[str, ...]]] = []
+        for entry in others:
+            for path in _paths_of(entry) & mine:
+                if _get_path(live, path) != _get_path(applied, path):
+                    conflicts.append((entry["manager"], path))
+        if conflicts and not force:
+            listed = "; ".join(f'conflict with "{who}": .{".".join(path)}' for who, path in conflicts)
+            raise _Refused(409, f"Apply failed with {len(conflicts)} conflict(s): {listed}")
+        taken = {path for _, path in conflicts}
+        for entry in others:
+            entry["fieldsV1"] = _fields_v1(_paths_of(entry) - taken)
+        others = [e for e in others if _paths_of(e)]
+        still_owned = set().union(*(_paths_of(e) for e in others)) if others else set()
+        for path in (_paths_of(before) if before else set()) - mine - still_owned:
+            _delete_path(live, path)
+        _merge_into(live, applied)
+        self._check_deployment(collection, current, live)
+        managed = [*others, _managed_entry(manager, "Apply", mine, api_version)]
+        return self._store(collection, namespace, name, current, live, managed)
+
+    def _merge(
+        self, collection: Kind, namespace: str, name: str, patch: dict[str, Any], query: Mapping[str, str]
+    ) -> tuple[int, dict[str, Any]]:
+        """RFC 7386 JSON merge patch; ``metadata.resourceVersion`` in it is a precondition."""
+        current = self.objects[collection].get((namespace, name))
+        if current is None:
+            raise _Refused(404, f'{_resource(collection)} "{name}" not found')
+        wanted = (patch.get("metadata") or {}).get("resourceVersion")
+        if wanted is not None and wanted != current["metadata"]["resourceVersion"]:
+            raise _Refused(
+                409,
+                f'Operation cannot be fulfilled on {_resource(collection)} "{name}": the object has been modified; '
+                "please apply your changes to the latest version and try again",
+            )
+        live = copy.deepcopy(current)
+        entries: list[dict[str, Any]] = live["metadata"].pop("managedFields", None) or []
+        changes = copy.deepcopy(patch)
+        changes.get("metadata", {}).pop("resourceVersion", None)
+        _merge_patch(live, changes)
+        self._check_deployment(collection, current, live)
+        manager = query.get("fieldManager") or "unknown"
+        touched = _leaf_paths(changes)
+        for entry in entries:
+            entry["fieldsV1"] = _fields_v1(_paths_of(entry) - touched)
+        entries = [e for e in entries if _paths_of(e) and not (e["manager"] == manager and e["operation"] == "Update")]
+        previous = next((e for e in current["metadata"].get("managedFields") or [] if e["manager"] == manager), None)
+        owned = (_paths_of(previous) if previous and previous["operation"] == "Update" else set()) | touched
+        api_version = _LIST_KINDS[collection][2]
+        entries.append(_managed_entry(manager, "Update", {p for p in owned if _has_path(live, p)}, api_version))
+        return self._store(collection, namespace, name, current, live, entries)
+
+    def _check_deployment(self, collection: str, current: Mapping[str, Any] | None, live: Mapping[str, Any]) -> None:
+        """The two validations of a Deployment that a fork can get wrong: selector vs template, immutability."""
+        if collection != "deployments":
+            return
+        selector = ((live.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        labels = (((live.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {}
+        if not selector or any(labels.get(k) != v for k, v in selector.items()):
+            raise _Refused(
+                422, "spec.template.metadata.labels: Invalid value: `selector` does not match template `labels`"
+            )
+        if current is not None and (current.get("spec") or {}).get("selector") != (live.get("spec") or {}).get(
+            "selector"
+        ):
+            raise _Refused(422, "spec.selector: Invalid value: field is immutable")
+
+    def _store(
+        self,
+        collection: Kind,
+        namespace: str,
+        name: str,
+        current: dict[str, Any] | None,
+        live: dict[str, Any],
+        managed: list[dict[str, Any]],
+    ) -> tuple[int, dict[str, Any]]:
+        meta = live["metadata"]
+        if current is None:
+            meta["uid"] = str(uuid.uuid4())
+            meta["creationTimestamp"] = _now()
+            if collection == "deployments":
+                meta["generation"] = 1
+        elif collection == "deployments" and (current.get("spec") != live.get("spec")):
+            meta["generation"] = int(current["metadata"].get("generation") or 1) + 1
+        unchanged = current is not None and {**current, "metadata": _without_managed(current["metadata"])} == {
+            **live,
+            "metadata": _without_managed(meta),
+        }
+        meta["managedFields"] = managed
+        if unchanged:
+            assert current is not None
+            current["metadata"]["managedFields"] = managed  # A no-op apply moves no resourceVersion.
+            return 200, current
+        meta["resourceVersion"] = str(self._next_rv())
+        self.objects[collection][(namespace, name)] = live
+        self._record(collection, _Event(self.rv, "MODIFIED" if current else "ADDED", live, current), True)
+        return (200 if current is not None else 201), live
+
+    # --- what a cluster's controllers would do ------------------------------------------------------
+
+    def set_ready(self, namespace: str, name: str, *, ready: bool = True) -> dict[str, Any]:
+        """Write a Deployment's status as the deployment controller does once its pods are available
+        (``ready=True``) or while none is (``False``): observedGeneration, replicas, updated, ready,
+        available. Returns the stored object; watchers see a MODIFIED event."""
+        current = self.objects["deployments"][(namespace, name)]
+        live = copy.deepcopy(current)
+        replicas = int((live.get("spec") or {}).get("replicas", 1))
+        count = replicas if ready else 0
+        live["status"] = {
+            "observedGeneration": live["metadata"].get("generation", 1),
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "readyReplicas": count,
+            "availableReplicas": count,
+        }
+        if not ready:
+            live["status"]["unavailableReplicas"] = replicas
+        live["metadata"]["resourceVersion"] = str(self._next_rv())
+        self.objects["deployments"][(namespace, name)] = live
+        self._record("deployments", _Event(self.rv, "MODIFIED", live, current), True)
+        return live
+
+
+# --- helpers of the apply approximation -----------------------------------------------------------
+
+_SERVER_OWNED_META = frozenset(
+    {"uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp", "managedFields", "selfLink"}
+)
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _resource(collection: str) -> str:
+    """``deployments.apps``, ``services``: how the API server names a resource in its messages."""
+    group = _GROUPS[collection]
+    return f"{collection}.{group}" if group else collection
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _leaf_paths(obj: Any, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Every field a configuration sets: dict keys recursively; a list or scalar is one field."""
+    if isinstance(obj, dict) and obj:
+        return set().union(*(_leaf_paths(value, (*prefix, str(key))) for key, value in obj.items()))
+    return {prefix} if prefix else set()
+
+
+def _fields_v1(paths: Iterable[tuple[str, ...]]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path in paths:
+        node = tree
+        for part in path:
+            node = node.setdefault(f"f:{part}", {})
+    return tree
+
+
+def _paths_of(entry: Mapping[str, Any]) -> set[tuple[str, ...]]:
+    def walk(node: Mapping[str, Any], prefix: tuple[str, ...]) -> set[tuple[str, ...]]:
+        if not node:
+            return {prefix} if prefix else set()
+        return set().union(*(walk(child, (*prefix, key[2:])) for key, child in node.items() if key.startswith("f:")))
+
+    return walk(entry.get("fieldsV1") or {}, ())
+
+
+def _managed_entry(manager: str, operation: str, paths: Iterable[tuple[str, ...]], api_version: str) -> dict[str, Any]:
+    """One ``metadata.managedFields`` entry: who set which fields, and how (Apply or Update)."""
+    owned = {p for p in paths if p[:2] not in (("metadata", "name"), ("metadata", "namespace"))}
+    return {
+        "manager": manager,
+        "operation": operation,
+        "apiVersion": api_version,
+        "time": _now(),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": _fields_v1(owned),
+    }
+
+
+_MISSING = object()
+
+
+def _get_path(obj: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        if not isinstance(obj, dict) or part not in obj:
+            return _MISSING
+        obj = obj[part]
+    return obj
+
+
+def _has_path(obj: Any, path: tuple[str, ...]) -> bool:
+    return _get_path(obj, path) is not _MISSING
+
+
+def _delete_path(obj: dict[str, Any], path: tuple[str, ...]) -> None:
+    parent = _get_path(obj, path[:-1])
+    if isinstance(parent, dict):
+        parent.pop(path[-1], None)
+
+
+def _merge_into(live: dict[str, Any], applied: Mapping[str, Any]) -> None:
+    for key, value in applied.items():
+        if isinstance(value, dict) and value and isinstance(live.get(key), dict):
+            _merge_into(live[key], value)
+        else:
+            live[key] = copy.deepcopy(value)
+
+
+def _merge_patch(live: dict[str, Any], patch: Mapping[str, Any]) -> None:
+    for key, value in patch.items():
+        if value is None:
+            live.pop(key, None)
+        elif isinstance(value, dict):
+            target = live.get(key)
+            if not isinstance(target, dict):
+                target = live[key] = {}
+            _merge_patch(target, value)
+        else:
+            live[key] = copy.deepcopy(value)
+
+
+def _without_managed(meta: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k not in ("managedFields", "resourceVersion")}
 
 
 # --- object builders used by the tests ------------------------------------------------------------
@@ -513,10 +910,7 @@ class FaultyApiServer(FakeApiServer):
 
     async def start(self) -> None:
         app = web.Application()
-        for collection, prefix in (("deployments", "/apis/apps/v1"), ("services", "/api/v1")):
-            app.router.add_get(f"{prefix}/{collection}", self._handler(collection))
-            app.router.add_get(f"{prefix}/namespaces/{{namespace}}/{collection}", self._handler(collection))
-            app.router.add_delete(f"{prefix}/namespaces/{{namespace}}/{collection}/{{name}}", self._delete_handler)
+        self._add_routes(app)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site: web.BaseSite
