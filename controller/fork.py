@@ -32,6 +32,7 @@ from controller.kube_build import (
     PORT_ANNOTATION,
     SERVICE_LABEL,
     TTL_ANNOTATION,
+    ConfigMap,
     Deployment,
     ObjectMeta,
     Service,
@@ -394,7 +395,7 @@ class OverrideRow:
     expires_at: float | None
     status: tuple[str, ...]
     """``Routed``, or what stops or spoils it: Conflict, BaselineConflict, NoBaseline, Invalid,
-    Leak, Expired, NotReady."""
+    GroupClash, Leak, Expired, NotReady."""
     problems: tuple[str, ...]
     """The sentences behind the flags."""
     target: str | None
@@ -426,13 +427,19 @@ def override_rows(
     baselines: Iterable[Mapping[str, Any]],
     services: Iterable[Mapping[str, Any]],
     now: float,
+    config_maps: Iterable[Mapping[str, Any]] = (),
 ) -> list[OverrideRow]:
     """Rows for ``overrides`` (labelled Deployments with a routing key), judged with every baseline
-    of their services and those baselines' Services (for leaks), sorted by service, key, namespace."""
+    of their services, those baselines' Services (for leaks) and the route-group ConfigMaps (a
+    group named like a key), sorted by service, key, namespace."""
     overrides = [dict(o) for o in overrides]
     baselines = [dict(b) for b in baselines]
     deployments = cast(list[Deployment], [*baselines, *overrides])
-    built = routes_from_deployments(deployments)
+    built = routes_from_deployments(deployments, cast(list[ConfigMap], list(config_maps)))
+    clashes: dict[str, list[str]] = {}
+    for verdict in built.groups:
+        if "KeyClash" in verdict.status and verdict.claim.name is not None:
+            clashes.setdefault(verdict.claim.name, []).append(verdict.claim.ref)
     leaks = {(leak.namespace, leak.deployment): leak for leak in find_leaks(deployments, cast(list[Service], services))}
     per_baseline: dict[str, list[str]] = {}
     for baseline in baselines:
@@ -468,6 +475,12 @@ def override_rows(
         if invalid:
             flags.append("Invalid")
             problems.extend(invalid)
+        if key in clashes:
+            flags.append("GroupClash")
+            problems.append(
+                f"route group {key!r} (ConfigMap {', '.join(clashes[key])}) has the name of this key: a group "
+                "and a key share one namespace; neither is routed"
+            )
         leak = leaks.get((meta.get("namespace", ""), meta.get("name", "")))
         if leak is not None:
             flags.append("Leak")

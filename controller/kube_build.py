@@ -1,11 +1,13 @@
-"""Pure translation of labelled Kubernetes Deployments (raw API JSON) into ``Routes``.
+"""Pure translation of labelled Kubernetes Deployments and route-group ConfigMaps (raw API JSON) into ``Routes``.
 
 This module owns the Kubernetes contract (README, "Kubernetes"): which labels make a Deployment
 a baseline or an override, where its address comes from, when it is ready, when it expires, and
-which Deployments conflict. It also finds overrides whose pods a baseline Service would select
-(traffic leaks). It takes plain JSON dicts and the time, and returns values; it never talks to the
-API server, never imports the ``kubernetes`` client and never resolves a conflict by order: both
-claimants are dropped and the conflict is reported.
+which Deployments conflict; and which ConfigMaps declare route groups (label
+``devstack.io/route-group``, data ``group`` and ``keys``), which of those are unusable, and which
+clash with a routing key, declare one group twice, or nest. It also finds overrides whose pods a
+baseline Service would select (traffic leaks). It takes plain JSON dicts and the time, and returns
+values; it never talks to the API server, never imports the ``kubernetes`` client and never
+resolves a conflict by order: both claimants are dropped and the conflict is reported.
 """
 
 from __future__ import annotations
@@ -21,16 +23,22 @@ from router.table import Fallback, Override, Routes, TableError, Target
 
 __all__ = [
     "FALLBACK_ANNOTATION",
+    "GROUP_DATA",
+    "GROUP_LABEL",
     "HOSTS_ANNOTATION",
     "JANITOR_EXPIRES_ANNOTATION",
     "JANITOR_TTL_ANNOTATION",
+    "KEYS_DATA",
     "KEY_LABEL",
     "PORT_ANNOTATION",
     "SERVICE_LABEL",
     "TTL_ANNOTATION",
     "UPSTREAM_ANNOTATION",
+    "ConfigMap",
     "Deployment",
     "Expiry",
+    "GroupClaim",
+    "GroupVerdict",
     "KubeRoutes",
     "Leak",
     "ObjectMeta",
@@ -38,7 +46,10 @@ __all__ = [
     "WorkloadRef",
     "find_leaks",
     "parse_duration",
+    "read_group",
     "routes_from_deployments",
+    "settle_groups",
+    "split_keys",
 ]
 
 SERVICE_LABEL: Final = "devstack.io/service"
@@ -50,6 +61,14 @@ FALLBACK_ANNOTATION: Final = "devstack.io/fallback"
 HOSTS_ANNOTATION: Final = "devstack.io/hosts"
 JANITOR_TTL_ANNOTATION: Final = "janitor/ttl"
 JANITOR_EXPIRES_ANNOTATION: Final = "janitor/expires"
+GROUP_LABEL: Final = "devstack.io/route-group"
+"""On a ConfigMap: it declares a route group. Selected by existence; ``devstack group create`` sets
+its value to the group's name (for ``kubectl get cm -l devstack.io/route-group=NAME``), but the
+name routers use is the data's ``group``."""
+GROUP_DATA: Final = "group"
+"""The route group's name (a DNS-1123 label), in the ConfigMap's data."""
+KEYS_DATA: Final = "keys"
+"""Its keys in order, in the ConfigMap's data: separated by commas, spaces or newlines."""
 
 CLUSTER_DOMAIN: Final = "svc.cluster.local"
 
@@ -120,6 +139,14 @@ class Service(TypedDict, total=False):
     spec: ServiceSpec
 
 
+class ConfigMap(TypedDict, total=False):
+    apiVersion: str
+    kind: str
+    metadata: ObjectMeta
+    data: dict[str, str]
+    binaryData: dict[str, str]
+
+
 WorkloadRef = NewType("WorkloadRef", str)
 """``namespace/name`` of a Deployment: how every message names one."""
 
@@ -185,6 +212,8 @@ class KubeRoutes:
     """A labelled Deployment whose labels or annotations cannot be used; it is not routed."""
     expiries: tuple[Expiry, ...] = ()
     """Every routed override with an expiry, soonest first."""
+    groups: tuple[GroupVerdict, ...] = ()
+    """Every labelled ConfigMap, read and judged: routed or why not (``devstack group ls``)."""
 
     def next_expiry(self, now: float) -> float | None:
         """The first expiry strictly after ``now``: when the next rebuild is due."""
@@ -336,11 +365,142 @@ def _sorted(deployments: Iterable[Deployment]) -> list[Deployment]:
     return sorted(deployments, key=lambda d: _ref(d.get("metadata", {})))
 
 
+# --- Route groups -----------------------------------------------------------------------------
+
+_KEY_SEPARATORS = re.compile(r"[\s,]+")
+
+
+def split_keys(text: str) -> list[str]:
+    """``"alice,bob"``, ``"alice, bob"`` or one key per line → ``["alice", "bob"]``."""
+    return [key for key in _KEY_SEPARATORS.split(text) if key]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupClaim:
+    """One ConfigMap labelled ``devstack.io/route-group``, read; ``problem`` says why it is unusable."""
+
+    ref: WorkloadRef
+    """``namespace/name`` of the ConfigMap."""
+    name: str | None
+    """The group's name, when its data names a valid one."""
+    keys: tuple[str, ...] = ()
+    problem: str | None = None
+    created: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None and self.name is not None
+
+
+def read_group(config_map: ConfigMap) -> GroupClaim:
+    """The route group a labelled ConfigMap declares: ``data.group`` and ``data.keys``, checked whole."""
+    meta = config_map.get("metadata", {})
+    ref = _ref(meta)
+    created = meta.get("creationTimestamp")
+    data = config_map.get("data") or {}
+    raw_name = data.get(GROUP_DATA)
+    name = raw_name.strip() if isinstance(raw_name, str) and _dns_label(raw_name.strip()) else None
+
+    def unusable(problem: str) -> GroupClaim:
+        return GroupClaim(ref, name, problem=problem, created=created)
+
+    extra = sorted(set(data) - {GROUP_DATA, KEYS_DATA}) + sorted(config_map.get("binaryData") or {})
+    if extra:
+        return unusable(f"unknown data key {extra[0]!r} (a route group has only {GROUP_DATA!r} and {KEYS_DATA!r})")
+    if raw_name is None:
+        return unusable(f"labelled {GROUP_LABEL} but its data has no {GROUP_DATA!r} naming the group")
+    if name is None:
+        return unusable(f"data {GROUP_DATA!r}: {raw_name!r} must be a DNS-1123 label: lower-case, digits and '-'")
+    keys = split_keys(data.get(KEYS_DATA) or "")
+    if not keys:
+        return unusable(f"route group {name!r}: data {KEYS_DATA!r} lists no keys (e.g. 'alice,bob')")
+    for key in keys:
+        if not _dns_label(key):
+            return unusable(f"route group {name!r}: key {key!r} must be a DNS-1123 label: lower-case, digits and '-'")
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        return unusable(f"route group {name!r}: key {repeated[0]!r} is listed twice")
+    if name in keys:
+        return unusable(f"route group {name!r} lists its own name: groups do not nest")
+    return GroupClaim(ref, name, tuple(keys), created=created)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupVerdict:
+    """One group ConfigMap and what became of it: routed, or flagged with the sentences why not."""
+
+    claim: GroupClaim
+    status: tuple[str, ...]
+    """``Routed``, or what stops it: Invalid, Conflict (the group is declared twice), KeyClash (a
+    routing key has its name), Nested (it lists another group)."""
+    problems: tuple[str, ...] = ()
+
+    @property
+    def routed(self) -> bool:
+        return not self.problems
+
+
+def settle_groups(
+    config_maps: Iterable[ConfigMap], keys: Mapping[str, Iterable[str]]
+) -> tuple[tuple[GroupVerdict, ...], frozenset[str]]:
+    """Judge every group ConfigMap against the others and against the routing keys in use.
+
+    ``keys`` maps each routing key of an override Deployment to the Deployments that carry it.
+    A group's name and the keys are one namespace, so a group named like a key is a conflict:
+    neither the group nor that key's overrides are routed (the second value: the keys to drop).
+    A name declared by two ConfigMaps routes neither; a group listing another group's name does
+    not nest and is not routed (the group it lists still is, if nothing else is wrong with it). A
+    group listing a name in a clash stays routed: that member has no override left to reach.
+    """
+    claims = sorted((read_group(cm) for cm in config_maps), key=lambda c: c.ref)
+    declared: dict[str, list[GroupClaim]] = {}
+    for claim in claims:
+        if claim.usable:
+            assert claim.name is not None
+            declared.setdefault(claim.name, []).append(claim)
+    clashing = frozenset(name for name in declared if name in keys)
+    verdicts: list[GroupVerdict] = []
+    for claim in claims:
+        if not claim.usable:
+            verdicts.append(GroupVerdict(claim, ("Invalid",), (f"configmap {claim.ref}: {claim.problem}; not routed",)))
+            continue
+        assert claim.name is not None
+        flags: list[str] = []
+        problems: list[str] = []
+        rivals = declared[claim.name]
+        if len(rivals) > 1:
+            flags.append("Conflict")
+            refs = ", ".join(c.ref for c in rivals)
+            problems.append(
+                f"route group {claim.name!r} is declared by {len(rivals)} ConfigMaps ({refs}); none is routed"
+            )
+        if claim.name in clashing:
+            flags.append("KeyClash")
+            owners = ", ".join(sorted(keys[claim.name]))
+            problems.append(
+                f"route group {claim.name!r} (configmap {claim.ref}) has the name of the routing key of {owners}: "
+                "a group and a key share one namespace; neither is routed"
+            )
+        # A member named like a group is nesting, unless that name is also a key: then the name is
+        # in conflict (reported above, its overrides dropped) and the member simply reaches nothing.
+        nested = [key for key in claim.keys if key in declared and key not in clashing]
+        if nested:
+            flags.append("Nested")
+            inner = ", ".join(c.ref for c in declared[nested[0]])
+            problems.append(
+                f"route group {claim.name!r} (configmap {claim.ref}) lists {nested[0]!r}, a route group "
+                f"(configmap {inner}): groups do not nest; {claim.name!r} is not routed"
+            )
+        verdicts.append(GroupVerdict(claim, tuple(flags) or ("Routed",), tuple(problems)))
+    return tuple(verdicts), clashing
+
+
 # --- The build --------------------------------------------------------------------------------
 
 
-def routes_from_deployments(deployments: Iterable[Deployment]) -> KubeRoutes:
-    """Every labelled Deployment → ``Routes`` per service, with conflicts and problems listed."""
+def routes_from_deployments(deployments: Iterable[Deployment], config_maps: Iterable[ConfigMap] = ()) -> KubeRoutes:
+    """Every labelled Deployment → ``Routes`` per service, with the route groups of the labelled
+    ConfigMaps resolved in each, and conflicts and problems listed."""
     invalid: list[str] = []
     conflicts: list[str] = []
     baselines: dict[str, list[_Claim]] = {}
@@ -371,9 +531,20 @@ def routes_from_deployments(deployments: Iterable[Deployment]) -> KubeRoutes:
         except _Invalid as exc:
             invalid.append(f"deployment {claim.ref}: {exc}")
 
+    key_owners: dict[str, list[str]] = {}
+    for (_, key), claims in overrides.items():
+        key_owners.setdefault(key, []).extend(f"deployment {c.ref}" for c in claims)
+    verdicts, clashing = settle_groups(config_maps, key_owners)
+    for verdict in verdicts:
+        found = invalid if "Invalid" in verdict.status else conflicts
+        found.extend(problem for problem in verdict.problems if problem not in found)
+    groups = {v.claim.name: v.claim.keys for v in verdicts if v.routed and v.claim.name is not None}
+
     by_service: dict[str, dict[str, Override]] = {}
     expiries: list[Expiry] = []
     for (service, key), claims in sorted(overrides.items()):
+        if key in clashing:
+            continue  # A route group has this name: reported with the group, neither is routed.
         if len(claims) > 1:
             names = ", ".join(c.ref for c in claims)
             conflicts.append(
@@ -410,12 +581,16 @@ def routes_from_deployments(deployments: Iterable[Deployment]) -> KubeRoutes:
             )
 
     hosts = _settle_hosts(routed_baselines, conflicts)
-    services = {
-        service: Routes(service=service, baseline=target, overrides=by_service.get(service, {}), hosts=hosts[service])
-        for service, (_, target) in routed_baselines.items()
-    }
+    services: dict[str, Routes] = {}
+    for service, (_, target) in routed_baselines.items():
+        mine = by_service.get(service, {})
+        try:
+            services[service] = Routes(service, target, mine, hosts[service], groups=groups)
+        except TableError as exc:  # settle_groups leaves nothing for Routes to refuse; never lose a service
+            conflicts.append(f"service {service!r}: {exc}; its route groups are not routed")
+            services[service] = Routes(service, target, mine, hosts[service])
     expiries.sort(key=lambda e: (e.expires_at, e.service, e.key))
-    return KubeRoutes(services, tuple(conflicts), tuple(invalid), tuple(expiries))
+    return KubeRoutes(services, tuple(conflicts), tuple(invalid), tuple(expiries), verdicts)
 
 
 def _settle_hosts(baselines: Mapping[str, tuple[_Claim, Target]], conflicts: list[str]) -> dict[str, tuple[str, ...]]:

@@ -1,10 +1,11 @@
-"""The ``devstack`` command's conversation with the API server, for ``fork``, ``ls``, ``rm`` and ``extend``.
+"""The ``devstack`` command's conversation with the API server, for ``fork``, ``ls``, ``rm``, ``extend`` and ``group``.
 
 It reads the configuration as kubectl does (``--kubeconfig``, else ``KUBECONFIG``, else
 ``~/.kube/config``, with ``--context`` choosing among its contexts; with none of those files,
-the pod's service account), lists labelled Deployments, reads one Deployment or Service by name,
-writes with server-side apply (field manager ``devstack``) or, for a TTL alone, a JSON merge patch
-guarded by the object's resourceVersion, and deletes with a uid precondition. It is the one
+the pod's service account), lists labelled Deployments and ConfigMaps, reads one Deployment,
+Service or ConfigMap by name, writes with server-side apply (field manager ``devstack``) or, for a
+TTL alone, a JSON merge patch guarded by the object's resourceVersion, and deletes with a uid
+precondition. It is the one
 module besides the controller's source that imports the ``kubernetes`` client (an import contract
 says so), and it turns every failure into one sentence: RBAC refusals name the verb and the
 resource, an unreachable API server its address and the reason. It decides nothing about overrides.
@@ -28,13 +29,18 @@ from controller.startup import os_reason
 
 __all__ = ["APPLY_PATCH", "MERGE_PATCH", "Forbidden", "Kind", "KubeApi", "connect"]
 
-Kind = Literal["deployments", "services"]
+Kind = Literal["deployments", "services", "configmaps"]
 APPLY_PATCH: Final = "application/apply-patch+yaml"
 MERGE_PATCH: Final = "application/merge-patch+json"
 _TIMEOUT: Final = (10.0, 30.0)
 """(connect, read) seconds for every request: a command must not hang on a dead API server."""
 _PAGE: Final = 500
-_RESOURCES: Final[dict[str, str]] = {"deployments": "deployments.apps", "services": "services"}
+_RESOURCES: Final[dict[str, str]] = {
+    "deployments": "deployments.apps",
+    "services": "services",
+    "configmaps": "configmaps",
+}
+_KINDS: Final[dict[str, Kind]] = {"Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps"}
 """How kubectl and the API server's messages name each resource (``resource.group``)."""
 _SERVICE_ACCOUNT_NAMESPACE: Final = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -83,6 +89,22 @@ class KubeApi:
         self._client = api_client
         self._apps = k8s.AppsV1Api(api_client)
         self._core = k8s.CoreV1Api(api_client)
+        apps, core = self._apps, self._core
+        self._read: dict[Kind, Callable[..., Any]] = {
+            "deployments": apps.read_namespaced_deployment,
+            "services": core.read_namespaced_service,
+            "configmaps": core.read_namespaced_config_map,
+        }
+        self._patch: dict[Kind, Callable[..., Any]] = {
+            "deployments": apps.patch_namespaced_deployment,
+            "services": core.patch_namespaced_service,
+            "configmaps": core.patch_namespaced_config_map,
+        }
+        self._delete: dict[Kind, Callable[..., Any]] = {
+            "deployments": apps.delete_namespaced_deployment,
+            "services": core.delete_namespaced_service,
+            "configmaps": core.delete_namespaced_config_map,
+        }
         self.server: str = api_client.configuration.host
         self.default_namespace = default_namespace
         """The kubeconfig context's namespace (or the pod's): where to look when a cluster-wide list is refused."""
@@ -94,17 +116,29 @@ class KubeApi:
 
     def list_deployments(self, selector: str, namespace: str | None = None) -> list[dict[str, Any]]:
         """Every Deployment matching ``selector``, in ``namespace`` or (None) in every namespace."""
+        return self._list("deployments", selector, namespace)
+
+    def list_config_maps(self, selector: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Every ConfigMap matching ``selector``, in ``namespace`` or (None) in every namespace."""
+        return self._list("configmaps", selector, namespace)
+
+    def _list(
+        self, kind: Literal["deployments", "configmaps"], selector: str, namespace: str | None
+    ) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         token: str | None = None
-        if namespace is None:
-            call = self._apps.list_deployment_for_all_namespaces
+        everywhere: Callable[..., Any]
+        one: Callable[..., Any]
+        if kind == "deployments":
+            everywhere, one = self._apps.list_deployment_for_all_namespaces, self._apps.list_namespaced_deployment
         else:
-            call = functools.partial(self._apps.list_namespaced_deployment, namespace)
+            everywhere, one = self._core.list_config_map_for_all_namespaces, self._core.list_namespaced_config_map
+        call: Callable[..., Any] = everywhere if namespace is None else functools.partial(one, namespace)
         while True:
             kwargs: dict[str, Any] = {"label_selector": selector, "limit": _PAGE, **_RAW}
             if token:
                 kwargs["_continue"] = token
-            body = self._json("list", "deployments", namespace, None, functools.partial(call, **kwargs))
+            body = self._json("list", kind, namespace, None, functools.partial(call, **kwargs))
             items.extend(item for item in body.get("items") or [] if isinstance(item, dict))
             token = (body.get("metadata") or {}).get("continue") or None
             if not token:
@@ -112,7 +146,7 @@ class KubeApi:
 
     def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
         """One object by name, or None if there is none."""
-        read = self._apps.read_namespaced_deployment if kind == "deployments" else self._core.read_namespaced_service
+        read = self._read[kind]
         try:
             return self._json("get", kind, namespace, name, lambda: read(name, namespace, **_RAW))
         except _NotFound:
@@ -123,9 +157,9 @@ class KubeApi:
     def apply(self, obj: dict[str, Any], *, force: bool = False) -> dict[str, Any]:
         """Server-side apply of ``obj`` by field manager ``devstack``; ``force`` takes over fields
         that other managers (``kubectl set image``, an editor) own with other values."""
-        kind: Kind = "deployments" if obj["kind"] == "Deployment" else "services"
+        kind = _KINDS[obj["kind"]]
         meta = obj["metadata"]
-        patch = self._apps.patch_namespaced_deployment if kind == "deployments" else self._core.patch_namespaced_service
+        patch = self._patch[kind]
         try:
             return self._json(
                 "patch",
@@ -150,7 +184,7 @@ class KubeApi:
 
     def merge_patch(self, kind: Kind, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         """A JSON merge patch; put ``metadata.resourceVersion`` in it to make it conditional (409 if moved)."""
-        call = self._apps.patch_namespaced_deployment if kind == "deployments" else self._core.patch_namespaced_service
+        call = self._patch[kind]
         try:
             return self._json(
                 "patch",
@@ -173,9 +207,7 @@ class KubeApi:
         options = k8s.V1DeleteOptions(
             propagation_policy="Background", preconditions=k8s.V1Preconditions(uid=uid) if uid else None
         )
-        call = (
-            self._apps.delete_namespaced_deployment if kind == "deployments" else self._core.delete_namespaced_service
-        )
+        call = self._delete[kind]
         try:
             self._json("delete", kind, namespace, name, lambda: call(name, namespace, body=options, **_RAW))
         except (_NotFound, _Conflict):

@@ -44,18 +44,21 @@ from controller.fork import (
     ttl_from_now,
 )
 from controller.kube_build import (
+    GROUP_LABEL,
     JANITOR_EXPIRES_ANNOTATION,
     JANITOR_TTL_ANNOTATION,
     KEY_LABEL,
     SERVICE_LABEL,
     TTL_ANNOTATION,
+    ConfigMap,
     Deployment,
     ObjectMeta,
+    read_group,
     routes_from_deployments,
 )
 from controller.override_api import Forbidden, KubeApi, connect
 
-__all__ = ["Terminal", "run"]
+__all__ = ["Terminal", "find_objects", "run"]
 
 SPINNER: Final = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 ENV_INGRESS: Final = "DEVSTACK_INGRESS"
@@ -111,21 +114,23 @@ def _check_flags(args: argparse.Namespace) -> None:
 # --- finding things ----------------------------------------------------------------------------------
 
 
-def _list(
-    api: KubeApi, selector: str, namespace: str | None, *, fallback: str | None = None
+def find_objects(
+    api: KubeApi, selector: str, namespace: str | None, *, fallback: str | None = None, config_maps: bool = False
 ) -> tuple[list[dict[str, Any]], str]:
-    """Deployments matching ``selector`` in ``namespace`` or, with None, in every namespace, and
-    where that was. A cluster-wide list that RBAC refuses is made again in ``fallback`` or the
-    kubeconfig context's namespace, as a developer with a namespaced Role would expect."""
+    """Deployments (or, with ``config_maps``, ConfigMaps) matching ``selector`` in ``namespace`` or,
+    with None, in every namespace, and where that was. A cluster-wide list that RBAC refuses is made
+    again in ``fallback`` or the kubeconfig context's namespace, as a developer with a namespaced
+    Role would expect."""
+    list_objects = api.list_config_maps if config_maps else api.list_deployments
     if namespace is not None:
-        return api.list_deployments(selector, namespace), f"namespace {namespace}"
+        return list_objects(selector, namespace), f"namespace {namespace}"
     try:
-        return api.list_deployments(selector), "all namespaces"
+        return list_objects(selector, None), "all namespaces"
     except Forbidden as exc:
         ns = fallback or api.default_namespace
         if ns is None:
             raise OverrideError(f"{exc}; --namespace NS looks in one namespace") from None
-        return api.list_deployments(selector, ns), f"namespace {ns}"
+        return list_objects(selector, ns), f"namespace {ns}"
 
 
 def _selector(service: str | None, key: str | None) -> str:
@@ -154,7 +159,7 @@ def _fork(args: argparse.Namespace, api: KubeApi, term: Terminal) -> int:
         replicas=args.replicas,
         fallback=args.fallback,
     )
-    baselines, scope = _list(api, f"{SERVICE_LABEL},!{KEY_LABEL}", None, fallback=args.namespace)
+    baselines, scope = find_objects(api, f"{SERVICE_LABEL},!{KEY_LABEL}", None, fallback=args.namespace)
     baseline = pick_baseline(service, baselines, scope)
     base_ns = _meta(baseline).get("namespace", "default")
     namespace = args.namespace or base_ns
@@ -168,7 +173,7 @@ def _fork(args: argparse.Namespace, api: KubeApi, term: Terminal) -> int:
     what = "--ttl" if args.ttl else f"annotation {TTL_ANNOTATION} of {object_ref(baseline)}"
     ttl = parse_ttl(ttl_text, what)
 
-    others, _ = _list(api, _selector(service, key), None, fallback=namespace)
+    others, _ = find_objects(api, _selector(service, key), None, fallback=namespace)
     rivals = [o for o in others if object_ref(o) != f"{namespace}/{name}"]
     if rivals:
         names = ", ".join(sorted(object_ref(o) for o in rivals))
@@ -176,6 +181,7 @@ def _fork(args: argparse.Namespace, api: KubeApi, term: Terminal) -> int:
             f"{service!r} already has an override for key {key!r}: {names}; with a second one routers would route "
             f"neither (devstack rm {service} --key {key} removes it)"
         )
+    _check_no_group_named(api, key, namespace, term)
     current = api.get("deployments", namespace, name)
     if current is not None and not is_override_of(current, service, key):
         raise OverrideError(
@@ -209,6 +215,22 @@ def _fork(args: argparse.Namespace, api: KubeApi, term: Terminal) -> int:
         _wait(api, namespace, name, parse_ttl(args.timeout, "--timeout"), term, hint=f"{service} --key {key}")
     _print_usage(term.out, args, baseline, namespace, ttl)
     return 0
+
+
+def _check_no_group_named(api: KubeApi, key: str, namespace: str, term: Terminal) -> None:
+    """A route group named like ``key`` would take both out of routing: refuse it, where RBAC lets us look."""
+    try:
+        found, _ = find_objects(api, GROUP_LABEL, None, fallback=namespace, config_maps=True)
+    except OverrideError as exc:
+        print(f"devstack fork: route groups not checked: {exc}", file=term.err)
+        return
+    claims = [read_group(cast(ConfigMap, cm)) for cm in found]
+    groups = sorted(c.ref for c in claims if c.usable and c.name == key)
+    if groups:
+        raise OverrideError(
+            f"key {key!r} is the name of a route group (ConfigMap {', '.join(groups)}): a group and a key share "
+            "one namespace, so routers would route neither; choose another key"
+        )
 
 
 def _print_dry_run(out: TextIO, deployment: dict[str, Any], service: dict[str, Any], args: argparse.Namespace) -> None:
@@ -332,14 +354,14 @@ def _print_usage(
 
 
 def _ls(args: argparse.Namespace, api: KubeApi, term: Terminal) -> int:
-    overrides, scope = _list(api, _selector(args.service, args.key), args.namespace)
+    overrides, scope = find_objects(api, _selector(args.service, args.key), args.namespace)
     now = term.clock()
     if not overrides and args.output not in ("json", "yaml"):
         print(f"No overrides found in {scope}.", file=term.err)
         return 0
     wanted = {(_meta(o).get("labels") or {}).get(SERVICE_LABEL) for o in overrides}
     # Baselines anywhere: an override in another namespace than its baseline's is still routed.
-    every_baseline, _ = _list(api, f"{SERVICE_LABEL},!{KEY_LABEL}", None, fallback=args.namespace)
+    every_baseline, _ = find_objects(api, f"{SERVICE_LABEL},!{KEY_LABEL}", None, fallback=args.namespace)
     baselines = [b for b in every_baseline if (_meta(b).get("labels") or {}).get(SERVICE_LABEL) in wanted]
     services = []
     for baseline in baselines:
@@ -352,7 +374,12 @@ def _ls(args: argparse.Namespace, api: KubeApi, term: Terminal) -> int:
             continue
         if found is not None:
             services.append(found)
-    rows = override_rows(overrides, baselines, services, now)
+    try:
+        groups, _ = find_objects(api, GROUP_LABEL, None, fallback=args.namespace, config_maps=True)
+    except OverrideError as exc:
+        print(f"devstack ls: route groups not checked: {exc}", file=term.err)
+        groups = []
+    rows = override_rows(overrides, baselines, services, now, groups)
     if args.output in ("json", "yaml"):
         document = {"overrides": [row.to_json(now) for row in rows]}
         if args.output == "json":
@@ -408,7 +435,7 @@ def _describe(overrides: Iterable[Mapping[str, Any]]) -> str:
 
 def _rm(args: argparse.Namespace, api: KubeApi, term: Terminal) -> int:
     service, key = args.service, args.key
-    found, _ = _list(api, _selector(service, key), args.namespace)
+    found, _ = find_objects(api, _selector(service, key), args.namespace)
     if not found:
         which = f"of {service!r} for key {key!r}" if service else f"for key {key!r}"
         raise OverrideError(f"no override {which}" + (f" in namespace {args.namespace}" if args.namespace else ""))
@@ -439,7 +466,7 @@ def _rm(args: argparse.Namespace, api: KubeApi, term: Terminal) -> int:
 
 def _extend(args: argparse.Namespace, api: KubeApi, term: Terminal) -> int:
     ttl = parse_ttl(args.ttl, "--ttl")
-    found, _ = _list(api, _selector(args.service, args.key), args.namespace)
+    found, _ = find_objects(api, _selector(args.service, args.key), args.namespace)
     if not found:
         which = f"of {args.service!r} for key {args.key!r}" if args.service else f"for key {args.key!r}"
         raise OverrideError(f"no override {which}")

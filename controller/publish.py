@@ -102,8 +102,8 @@ class _ControllerCollector(Collector):
             "devstack_controller_subscribers", "Open /v1/routes streams.", self._publisher.subscribers
         )
         for key, help_text in (
-            ("conflicts", "Conflicting Deployments (none of the claimants is routed)."),
-            ("invalid", "Labelled Deployments that cannot be routed."),
+            ("conflicts", "Conflicting Deployments or route groups (none of the claimants is routed)."),
+            ("invalid", "Labelled Deployments and route-group ConfigMaps that cannot be routed."),
             ("expired", "Overrides past their expiry still present in the cluster."),
         ):
             entries = status.get(key)
@@ -138,7 +138,7 @@ class _ControllerCollector(Collector):
 
 
 def _problems(status: Mapping[str, object]) -> list[str]:
-    """The Kubernetes source's conflicts, unusable Deployments, leaks, expired overrides and
+    """The Kubernetes source's conflicts, unusable Deployments and ConfigMaps, leaks, expired overrides and
     disconnected watches, one line each, for the dashboard's warning banner."""
     lines: list[str] = []
     for key in ("conflicts", "invalid"):

@@ -506,8 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-OVERRIDE_COMMANDS: Final = ("fork", "ls", "rm", "extend")
-"""Commands that write or read overrides on a cluster from a developer's shell (controller/override_cli.py)."""
+OVERRIDE_COMMANDS: Final = ("fork", "ls", "rm", "extend", "group")
+"""Commands that write or read overrides and route groups on a cluster from a developer's shell
+(controller/override_cli.py, controller/group_cli.py)."""
 
 
 def _add_kube_flags(p: argparse.ArgumentParser, namespace_help: str) -> None:
@@ -604,11 +605,45 @@ def _add_override_commands(command: Any) -> None:
     extend.add_argument("--ttl", required=True, metavar="DURATION", help="new time left, e.g. 4h or 1h30m")
     _add_kube_flags(extend, "only this namespace (default: all namespaces)")
 
+    group: argparse.ArgumentParser = command(
+        "group", "route groups: one key that reaches, per service, the override of the first of its keys that has one"
+    )
+    actions = group.add_subparsers(dest="group_command", required=True, metavar="ACTION")
+
+    def action(name: str, text: str) -> argparse.ArgumentParser:
+        return actions.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+
+    create = action(
+        "create", "declare route group NAME with its keys, first choice first (ConfigMap devstack-group-NAME)"
+    )
+    create.add_argument("name", metavar="NAME", help="the group's name, sent as the key: devstack=NAME")
+    create.add_argument("keys", metavar="KEY", nargs="+", help="its keys (DNS-1123 labels), first choice first")
+    create.add_argument(
+        "--replace", action="store_true", help="change the keys of an existing group (taking over their fields)"
+    )
+    _add_kube_flags(create, "namespace of the ConfigMap (default: the kubeconfig context's, else default)")
+    group_ls = action("ls", "list route groups: keys, ConfigMap, age, and conflicts, clashes with keys and nesting")
+    group_ls.add_argument(
+        "-o",
+        "--output",
+        choices=("wide", "json", "yaml"),
+        help="also the member each service routes the group to, or JSON or YAML (default: a table)",
+    )
+    _add_kube_flags(group_ls, "only this namespace (default: all namespaces)")
+    group_rm = action("rm", "delete route group NAME (the ConfigMaps that declare it), after a confirmation")
+    group_rm.add_argument("name", metavar="NAME", help="the group's name")
+    group_rm.add_argument("-y", "--yes", action="store_true", help="delete without asking")
+    _add_kube_flags(group_rm, "only this namespace (default: all namespaces)")
+
 
 def _run_override_command(args: argparse.Namespace) -> int:
-    """``devstack fork|ls|rm|extend``: synchronous, so it runs with no event loop (and no uvloop)."""
+    """``devstack fork|ls|rm|extend|group``: synchronous, so it runs with no event loop (and no uvloop)."""
     try:
-        from controller.override_cli import run  # noqa: PLC0415 - needs the optional Kubernetes client
+        # Both need the optional Kubernetes client.
+        if args.command == "group":
+            from controller.group_cli import run  # noqa: PLC0415
+        else:
+            from controller.override_cli import run  # noqa: PLC0415
     except ImportError as exc:
         print(f"devstack: {args.command} needs the Kubernetes client ({exc.name}): {KUBERNETES_EXTRA}", file=sys.stderr)
         return 2

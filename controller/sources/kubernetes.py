@@ -1,12 +1,14 @@
-"""The Kubernetes source: list+watch labelled Deployments (and Services) into complete snapshots.
+"""The Kubernetes source: list+watch labelled Deployments, group ConfigMaps (and Services) into snapshots.
 
 This module owns every conversation with the API server and is the only one that imports the
-official ``kubernetes`` client. Each watched collection (Deployments, optionally Services; all
+official ``kubernetes`` client. Each watched collection (Deployments labelled
+``devstack.io/service``, ConfigMaps labelled ``devstack.io/route-group``, optionally Services; all
 namespaces or one per namespace) runs list → watch → relist in its own daemon thread, because the
 client blocks; the thread hands raw JSON to the event loop with ``call_soon_threadsafe`` and keeps
 nothing itself. On the loop, events only update a cache and mark it dirty (level-triggered); the
 table is rebuilt from the whole cache with the pure ``kube_build``, coalescing bursts, and at the
-next override expiry. It never publishes before every Deployment collection has been listed once,
+next override expiry. It never publishes before every Deployment and ConfigMap collection has been
+listed once (a table without its route groups would send a group's requests to the baselines),
 never merges a relist into stale state (a relist replaces its collection), and never deletes a
 Deployment unless ``delete_expired`` was asked for.
 """
@@ -32,7 +34,9 @@ from kubernetes import config as k8s_config
 from controller.aggregator import SourceDown
 from controller.backoff import Backoff
 from controller.kube_build import (
+    GROUP_LABEL,
     SERVICE_LABEL,
+    ConfigMap,
     Deployment,
     Expiry,
     KubeRoutes,
@@ -113,7 +117,7 @@ class KubeSettings:
     """How long shutdown waits for a watcher thread; they are daemons, so a stuck one cannot block exit."""
 
 
-CollectionKind = Literal["deployments", "services"]
+CollectionKind = Literal["deployments", "configmaps", "services"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,8 +133,8 @@ class Collection:
 
     @property
     def label_selector(self) -> str | None:
-        # Only labelled Deployments matter; Services are matched by name, so all are needed.
-        return SERVICE_LABEL if self.kind == "deployments" else None
+        # Only labelled Deployments and ConfigMaps matter; Services are matched by name, so all are needed.
+        return {"deployments": SERVICE_LABEL, "configmaps": GROUP_LABEL}.get(self.kind)
 
 
 class _WatchEvent(TypedDict, total=False):
@@ -230,6 +234,10 @@ class _Sink(Protocol):
     def finished(self, collection: Collection) -> None: ...
 
 
+_ROUTING_KINDS: Final = frozenset({"deployments", "configmaps"})
+"""What a table is made of: never published before each collection of these kinds is listed."""
+
+
 class CollectionWatcher:
     """list → watch(resourceVersion, bookmarks) → relist for one collection, in a daemon thread."""
 
@@ -264,6 +272,10 @@ class CollectionWatcher:
                 return cast(Callable[..., Any], apps.list_deployment_for_all_namespaces)
             return _bind_namespace(apps.list_namespaced_deployment, namespace)
         core = k8s.CoreV1Api(self._api)
+        if self.collection.kind == "configmaps":
+            if namespace is None:
+                return cast(Callable[..., Any], core.list_config_map_for_all_namespaces)
+            return _bind_namespace(core.list_namespaced_config_map, namespace)
         if namespace is None:
             return cast(Callable[..., Any], core.list_service_for_all_namespaces)
         return _bind_namespace(core.list_namespaced_service, namespace)
@@ -471,7 +483,7 @@ ErrorCallback = Callable[[str, Exception], None]
 
 
 class KubernetesSource:
-    """Keeps a cache of labelled Deployments (and Services) and publishes a snapshot on change."""
+    """Keeps a cache of labelled Deployments, group ConfigMaps (and Services) and publishes a snapshot on change."""
 
     name = "kubernetes"
 
@@ -495,7 +507,9 @@ class KubernetesSource:
         self.delete_expired = delete_expired
         self.detect_leaks = detect_leaks
         self._clock = clock
-        kinds: tuple[CollectionKind, ...] = ("deployments", "services") if detect_leaks else ("deployments",)
+        kinds: tuple[CollectionKind, ...] = ("deployments", "configmaps")
+        if detect_leaks:
+            kinds += ("services",)
         self.collections = tuple(Collection(kind, ns) for kind in kinds for ns in (self.namespaces or (None,)))
         self._cache: dict[Collection, dict[tuple[str, str], dict[str, Any]]] = {}
         self._finished: set[Collection] = set()
@@ -538,8 +552,8 @@ class KubernetesSource:
 
     @property
     def synced(self) -> bool:
-        """Every Deployment collection has been listed at least once."""
-        return all(c in self._cache for c in self.collections if c.kind == "deployments")
+        """Every Deployment and ConfigMap collection has been listed at least once."""
+        return all(c in self._cache for c in self.collections if c.kind in _ROUTING_KINDS)
 
     def _objects(self, kind: CollectionKind) -> list[dict[str, Any]]:
         return [obj for c in self.collections if c.kind == kind for obj in self._cache.get(c, {}).values()]
@@ -550,9 +564,9 @@ class KubernetesSource:
         if not self.synced:
             return
         deployments = cast(list[Deployment], self._objects("deployments"))
-        result = routes_from_deployments(deployments)
+        result = routes_from_deployments(deployments, cast(list[ConfigMap], self._objects("configmaps")))
         _log_new("conflict", self.result.conflicts, result.conflicts)
-        _log_new("unusable Deployment", self.result.invalid, result.invalid)
+        _log_new("unusable", self.result.invalid, result.invalid)  # a Deployment or a group ConfigMap
         self.result = result
         if self.detect_leaks and all(c in self._cache for c in self.collections):
             leaks = find_leaks(deployments, cast(list[Service], self._objects("services")))
@@ -666,7 +680,7 @@ class KubernetesSource:
         )
 
     def status(self) -> dict[str, object]:
-        """Conflicts, unusable Deployments, leaks, expired overrides and watch health, as JSON."""
+        """Conflicts, unusable Deployments and ConfigMaps, leaks, expired overrides and watch health, as JSON."""
         now = self._clock()
         return {
             "conflicts": list(self.result.conflicts),

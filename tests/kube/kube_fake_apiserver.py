@@ -1,14 +1,15 @@
 """A fake Kubernetes API server over real HTTP, speaking the wire protocol the official client uses.
 
-It serves Deployments (apps/v1) and Services (v1): paged lists with resourceVersion and continue
-tokens, label selectors, chunked watch streams of JSON lines (ADDED/MODIFIED/DELETED, BOOKMARK,
-in-stream ERROR 410 for a compacted version, selector transitions turned into ADDED/DELETED as
-the real watch cache does), ``timeoutSeconds``, and DELETE with uid preconditions. Tests change
-its state (``apply``, ``delete``, ``set_ready``) and script the next requests of a collection (HTTP
-errors with Retry-After, a stream of canned events followed by a clean close, a 410, an abrupt
-close mid-line or silence) and of DELETEs (HTTP errors with Retry-After).
+It serves Deployments (apps/v1), Services (v1) and ConfigMaps (v1): paged lists with
+resourceVersion and continue tokens, label selectors, chunked watch streams of JSON lines
+(ADDED/MODIFIED/DELETED, BOOKMARK, in-stream ERROR 410 for a compacted version, selector
+transitions turned into ADDED/DELETED as the real watch cache does), ``timeoutSeconds``, and
+DELETE with uid preconditions. Tests change its state (``apply``, ``delete``, ``set_ready``) and
+script the next requests of a collection (HTTP errors with Retry-After, a stream of canned events
+followed by a clean close, a 410, an abrupt close mid-line or silence) and of DELETEs (HTTP errors
+with Retry-After).
 
-The writes ``devstack fork/rm/extend`` make are served too, approximately (see ``_apply`` and
+The writes ``devstack fork/rm/extend/group`` make are served too, approximately (see ``_apply`` and
 ``_merge``): ``GET`` of one object by name; server-side apply (``PATCH`` with
 ``application/apply-patch+yaml`` and ``fieldManager``, ``force``), with per-manager field
 ownership in ``metadata.managedFields``, 409 conflicts with other managers' differing values,
@@ -41,15 +42,18 @@ from typing import Any, Literal, cast
 import yaml
 from aiohttp import web
 
-Kind = Literal["deployments", "services"]
+Kind = Literal["deployments", "services", "configmaps"]
 Then = Literal["live", "close", "gone", "abrupt", "silence"]
 
 _LIST_KINDS: dict[str, tuple[str, str, str]] = {
     # collection → (List kind, object kind, apiVersion)
     "deployments": ("DeploymentList", "Deployment", "apps/v1"),
     "services": ("ServiceList", "Service", "v1"),
+    "configmaps": ("ConfigMapList", "ConfigMap", "v1"),
 }
-_GROUPS: dict[str, str] = {"deployments": "apps", "services": ""}
+_GROUPS: dict[str, str] = {"deployments": "apps", "services": "", "configmaps": ""}
+_COLLECTION_OF_KIND: dict[str, Kind] = {"Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps"}
+_PREFIXES: dict[str, str] = {"deployments": "/apis/apps/v1", "services": "/api/v1", "configmaps": "/api/v1"}
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -169,12 +173,12 @@ class FakeApiServer:
 
     def __init__(self) -> None:
         self.rv = 1000
-        self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {"deployments": {}, "services": {}}
-        self.history: dict[str, list[_Event]] = {"deployments": [], "services": []}
-        self.compacted: dict[str, int] = {"deployments": 0, "services": 0}
+        self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {c: {} for c in _LIST_KINDS}
+        self.history: dict[str, list[_Event]] = {c: [] for c in _LIST_KINDS}
+        self.compacted: dict[str, int] = dict.fromkeys(_LIST_KINDS, 0)
         self.requests: list[Recorded] = []
-        self.watch_scripts: dict[str, deque[WatchScript]] = {"deployments": deque(), "services": deque()}
-        self.list_scripts: dict[str, deque[ListScript]] = {"deployments": deque(), "services": deque()}
+        self.watch_scripts: dict[str, deque[WatchScript]] = {c: deque() for c in _LIST_KINDS}
+        self.list_scripts: dict[str, deque[ListScript]] = {c: deque() for c in _LIST_KINDS}
         self.delete_scripts: deque[ListScript] = deque()
         self.forbidden: set[tuple[str, str, str | None]] = set()
         """(verb, collection, namespace) that RBAC refuses: see ``forbid``."""
@@ -189,7 +193,7 @@ class FakeApiServer:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def _add_routes(self, app: web.Application) -> None:
-        for collection, prefix in (("deployments", "/apis/apps/v1"), ("services", "/api/v1")):
+        for collection, prefix in _PREFIXES.items():
             app.router.add_get(f"{prefix}/{collection}", self._handler(collection))
             app.router.add_get(f"{prefix}/namespaces/{{namespace}}/{collection}", self._handler(collection))
             one = f"{prefix}/namespaces/{{namespace}}/{collection}/{{name}}"
@@ -233,7 +237,7 @@ class FakeApiServer:
             stored.setdefault("metadata", {})["managedFields"] = [
                 _managed_entry(manager, "Update", owned, stored.get("apiVersion", ""))
             ]
-        collection = "deployments" if stored["kind"] == "Deployment" else "services"
+        collection = _COLLECTION_OF_KIND[stored["kind"]]
         meta = stored.setdefault("metadata", {})
         meta.setdefault("namespace", "default")
         key = (meta["namespace"], meta["name"])
@@ -445,7 +449,7 @@ class FakeApiServer:
 
     async def _delete_handler(self, request: web.Request) -> web.Response:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
-        collection: Kind = "deployments" if "/apps/" in request.path else "services"
+        collection = _collection_of(request)
         body = await request.json() if request.can_read_body else {}
         self.requests.append(Recorded("DELETE", collection, namespace, {"name": name}, body, name=name))
         if (refused := self._refusal("delete", collection, namespace, name)) is not None:
@@ -507,7 +511,7 @@ class FakeApiServer:
 
     async def _get_handler(self, request: web.Request) -> web.Response:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
-        collection: Kind = "deployments" if "/apps/" in request.path else "services"
+        collection = _collection_of(request)
         self.requests.append(Recorded("GET", collection, namespace, dict(request.query), name=name))
         if (refused := self._refusal("get", collection, namespace, name)) is not None:
             return refused
@@ -522,7 +526,7 @@ class FakeApiServer:
 
     async def _patch_handler(self, request: web.Request) -> web.Response:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
-        collection: Kind = "deployments" if "/apps/" in request.path else "services"
+        collection = _collection_of(request)
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
         query = dict(request.query)
         raw = await request.read()
@@ -720,6 +724,11 @@ class _Refused(Exception):
         self.message = message
 
 
+def _collection_of(request: web.Request) -> Kind:
+    """The collection a request for one object names: the path segment before the object's name."""
+    return cast(Kind, request.path.rstrip("/").split("/")[-2])
+
+
 def _resource(collection: str) -> str:
     """``deployments.apps``, ``services``: how the API server names a resource in its messages."""
     group = _GROUPS[collection]
@@ -868,6 +877,30 @@ def service_object(name: str, *, namespace: str = "shop", selector: Mapping[str,
     }
 
 
+def group_config_map(
+    group: str,
+    keys: str | Sequence[str],
+    *,
+    namespace: str = "shop",
+    name: str | None = None,
+    data: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A v1 ConfigMap declaring route group ``group`` (label ``devstack.io/route-group``, data
+    ``group`` and ``keys``); ``keys`` as a list is written comma-separated, a string as it is."""
+    if data is None:
+        data = {"group": group, "keys": keys if isinstance(keys, str) else ",".join(keys)}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name or f"devstack-group-{group}",
+            "namespace": namespace,
+            "labels": {"devstack.io/route-group": group},
+        },
+        "data": dict(data),
+    }
+
+
 def watch_event(event_type: str, obj: Mapping[str, Any], rv: int) -> dict[str, Any]:
     """A raw watch event line for scripted streams, with an explicit resourceVersion."""
     stamped = copy.deepcopy(dict(obj))
@@ -893,9 +926,10 @@ class FaultyApiServer(FakeApiServer):
     A socket bound in advance (``reserve_port``) is a port where connections are refused and that
     no other process can take, until ``start`` listens on it: the API server appears where a
     client has been pointing all along (a controller started before its API server). While
-    ``fault`` is set, it is asked once per list or watch request and its answer replaces the
-    normal one: ``"500"`` or ``"429"`` (with ``Retry-After: retry_after``) or ``"close"`` (the
-    connection is cut before any response byte). ``faults`` records what each request got, and when.
+    ``fault`` is set, it is asked once per list or watch request, with the request's collection,
+    and its answer replaces the normal one: ``"500"`` or ``"429"`` (with ``Retry-After:
+    retry_after``) or ``"close"`` (the connection is cut before any response byte). ``faults``
+    records what each request got, when, and of which collection.
     """
 
     def __init__(self, sock: socket.socket | None = None, *, retry_after: int = 1) -> None:
@@ -905,8 +939,8 @@ class FaultyApiServer(FakeApiServer):
         self.port = sock.getsockname()[1] if sock is not None else 0
         self.url = f"http://127.0.0.1:{self.port}" if sock is not None else ""
         self.retry_after = retry_after
-        self.fault: Callable[[], Fault | None] | None = None
-        self.faults: list[tuple[float, Fault]] = []
+        self.fault: Callable[[str], Fault | None] | None = None
+        self.faults: list[tuple[float, Fault, str]] = []
 
     async def start(self) -> None:
         app = web.Application()
@@ -931,11 +965,11 @@ class FaultyApiServer(FakeApiServer):
         healthy = super()._handler(collection)
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            fault = self.fault() if self.fault is not None else None
+            fault = self.fault(collection) if self.fault is not None else None
             if fault is None:
                 return cast(web.StreamResponse, await healthy(request))
             self.requests.append(Recorded("GET", collection, request.match_info.get("namespace"), dict(request.query)))
-            self.faults.append((time.monotonic(), fault))
+            self.faults.append((time.monotonic(), fault, collection))
             if fault == "close":
                 assert request.transport is not None
                 request.transport.abort()

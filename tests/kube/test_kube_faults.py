@@ -236,7 +236,9 @@ async def test_router_survives_an_unreachable_api_server_and_routes_once_it_appe
     before = await _unreachable_reported(session, router, admin)
     error = before["errors"]["kubernetes"]
     assert before["ready"] is False and before["version"] == 0
-    assert "deployments/*: list" in error and _names(missing_api) in error and "Connection refused" in error
+    # The last collection to fail is the one the error names: Deployments or route-group ConfigMaps.
+    assert re.match(r"(deployments|configmaps)/\*: list", error), error
+    assert _names(missing_api) in error and "Connection refused" in error
     assert await _ask(session, proxy, None) == "404", "no table yet: nothing is routed"
 
     await missing_api.start()
@@ -286,11 +288,12 @@ async def test_flapping_api_server_is_retried_with_backoff_and_recovers() -> Non
     api = FaultyApiServer(retry_after=1)
     upstream = "http://10.0.0.1:8080"
     api.apply(deployment("payments", service="payments", upstream=upstream))
-    faults: Iterator[Fault] = itertools.cycle(FLAPPING)
-    api.fault = lambda: next(faults)
+    # Each collection (Deployments, route-group ConfigMaps) flaps the same way and backs off on its own.
+    faults: dict[str, Iterator[Fault]] = {c: itertools.cycle(FLAPPING) for c in ("deployments", "configmaps")}
+    api.fault = lambda collection: next(faults[collection])
     await api.start()
     aggregator = Aggregator(["kubernetes"], lambda table: None)
-    # The production settings: 0.8 s → 30 s jittered backoff, the router's one Deployment collection.
+    # The production settings: 0.8 s → 30 s jittered backoff; the Deployment collection's requests are counted.
     source = KubernetesSource(
         aggregator.update,
         aggregator.report_error,
@@ -301,9 +304,9 @@ async def test_flapping_api_server_is_retried_with_backoff_and_recovers() -> Non
     try:
         # A fixed observation window, not a stand-in for a condition: we count what arrives in it.
         await asyncio.sleep(WINDOW)
-        requests = list(api.faults)
+        requests = [(at, fault) for at, fault, collection in api.faults if collection == "deployments"]
         assert aggregator.table.version == 0, "nothing is published from a server that never answered a list"
-        assert "deployments/*: list" in aggregator.errors["kubernetes"]
+        assert re.match(r"(deployments|configmaps)/\*: list", aggregator.errors["kubernetes"])
 
         # No hot loop. The backoff allows attempts at 0, 0 (the one immediate retry), then after at
         # least 0.4, 0.8 and 1.6 s, and Retry-After stretches some of those to 1 s: at most 5
@@ -324,7 +327,7 @@ async def test_flapping_api_server_is_retried_with_backoff_and_recovers() -> Non
         # The next attempt was already scheduled by the backoff; nothing after it waits longer.
         assert time.monotonic() - healthy_from < 6.4 + 0.5
         assert aggregator.table.services["payments"].baseline.url == upstream
-        await eventually(lambda: api.open_watches == 1, what="watching again")
+        await eventually(lambda: api.open_watches == 2, what="watching again (Deployments and ConfigMaps)")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -133,6 +133,7 @@ def test_controller_rbac_is_read_only_and_delete_is_a_component() -> None:
     assert {(tuple(r["apiGroups"]), tuple(r["resources"])) for r in watch} == {
         (("apps",), ("deployments",)),
         (("",), ("services",)),
+        (("",), ("configmaps",)),
     }
     assert all(sorted(r["verbs"]) == ["list", "watch"] for r in watch)
     [add_rule] = _patch_ops(_component("delete-expired"), "ClusterRole")

@@ -113,8 +113,11 @@ def test_the_derivation_sees_the_calls_we_know_of() -> None:
         ("apps", "deployments", "watch"),
         ("", "services", "list"),
         ("", "services", "watch"),
+        ("", "configmaps", "list"),
+        ("", "configmaps", "watch"),
         ("apps", "deployments", "delete"),
     } <= USED
+    assert ("", "configmaps", "get") not in USED, "route groups are listed and watched, never read one by one"
 
 
 def test_the_derivation_catches_a_new_call() -> None:

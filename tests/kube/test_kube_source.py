@@ -325,7 +325,8 @@ async def test_503_on_a_watch_is_retried_by_the_source_after_retry_after_capped_
     fake_api.apply(BASELINE)
     fake_api.watch_scripts["deployments"].extend(WatchScript(status=503, retry_after=THROTTLED) for _ in range(3))
     h = await harness()
-    await eventually(lambda: fake_api.open_watches == 1, timeout=3.0, what="watching after three 503s")
+    # Open: the Deployments' watch and the route-group ConfigMaps' (not scripted).
+    await eventually(lambda: fake_api.open_watches == 2, timeout=3.0, what="watching after three 503s")
     watches, lists = fake_api.watches(), fake_api.lists()
     assert (len(watches), len(lists)) == (4, 4), "one watch request per cycle; each 503 leads to a relist"
     for refused, relist in zip(watches[:3], lists[1:], strict=True):
@@ -399,7 +400,8 @@ async def test_each_namespace_is_listed_and_watched_separately(fake_api: FakeApi
     h = await harness(namespaces=["shop", "team"])
     await eventually(lambda: set(h.table.services) == {"payments", "orders"}, what="two namespaces")
     assert {r.namespace for r in fake_api.lists()} == {"shop", "team"}
-    await eventually(lambda: fake_api.open_watches == 2)
+    assert {r.namespace for r in fake_api.lists("configmaps")} == {"shop", "team"}
+    await eventually(lambda: fake_api.open_watches == 4, what="Deployments and ConfigMaps of each namespace")
 
 
 async def test_large_lists_are_paged(fake_api: FakeApiServer, kube_config: Any) -> None:
