@@ -37,7 +37,7 @@ from controller.kube_build import (
     routes_from_deployments,
 )
 from controller.override_api import KubeApi
-from controller.override_cli import Terminal, find_objects
+from controller.override_cli import Terminal, confirm, find_objects
 from router.keys import is_valid_key
 
 __all__ = ["CONFIG_MAP_PREFIX", "check_group_name", "config_map_name", "group_config_map", "run"]
@@ -277,12 +277,7 @@ def _rm(args: argparse.Namespace, api: KubeApi, term: Terminal) -> int:
             f"ConfigMap {object_ref(cm)}, keys {(cm.get('data') or {}).get(KEYS_DATA, '')}" for cm in mine
         )
         question = f"Delete route group {name!r} ({described})?"
-        if not term.stdin.isatty():
-            raise OverrideError(f"{question[:-1]} needs a confirmation: run it on a terminal, or pass --yes")
-        term.err.write(f"{question} [y/N] ")
-        term.err.flush()
-        if term.stdin.readline().strip().lower() not in ("y", "yes"):
-            raise OverrideError("nothing deleted")
+        confirm(term, question)
     for cm in mine:
         meta = cm.get("metadata") or {}
         gone = api.delete("configmaps", meta.get("namespace", "default"), meta.get("name", ""), meta.get("uid"))

@@ -80,6 +80,17 @@ class Terminal:
     connect: Callable[[str | None, str | None], KubeApi] = connect
 
 
+def confirm(term: Terminal, question: str) -> None:
+    """Ask ``question`` on the terminal before deleting; raises unless the answer is yes (and
+    when there is no terminal to ask on: scripts pass --yes)."""
+    if not term.stdin.isatty():
+        raise OverrideError(f"{question[:-1]} needs a confirmation: run it on a terminal, or pass --yes")
+    term.err.write(f"{question} [y/N] ")
+    term.err.flush()
+    if term.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise OverrideError("nothing deleted")
+
+
 def run(args: argparse.Namespace, terminal: Terminal | None = None) -> int:
     """Run ``devstack fork|ls|rm|extend``; raises ``OverrideError`` with the sentence to print."""
     term = terminal or Terminal()
@@ -441,12 +452,7 @@ def _rm(args: argparse.Namespace, api: KubeApi, term: Terminal) -> int:
         raise OverrideError(f"no override {which}" + (f" in namespace {args.namespace}" if args.namespace else ""))
     if service is None and not args.yes:
         question = f"Delete {len(found)} override(s) of key {key!r}: {_describe(found)}?"
-        if not term.stdin.isatty():
-            raise OverrideError(f"{question[:-1]} needs a confirmation: run it on a terminal, or pass --yes")
-        term.err.write(f"{question} [y/N] ")
-        term.err.flush()
-        if term.stdin.readline().strip().lower() not in ("y", "yes"):
-            raise OverrideError("nothing deleted")
+        confirm(term, question)
     for override in found:
         meta = _meta(override)
         namespace, name, uid = meta.get("namespace", "default"), meta.get("name", ""), meta.get("uid")

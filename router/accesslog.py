@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 import sys
 import threading
@@ -203,15 +202,3 @@ class _Formatter:
             req.key.encode() if req.key is not None else b"-", fields,
             answer.reason.encode() if answer is not None else b"-",
         )  # fmt: skip
-
-
-def open_destination_check(destination: str) -> str | None:
-    """Why ``destination`` cannot be written, or None: for a one-line error at start."""
-    if destination == "-":
-        return None
-    directory = os.path.dirname(os.path.abspath(destination))
-    if not os.path.isdir(directory):
-        return f"{directory}: no such directory"
-    if os.path.exists(destination) and not os.access(destination, os.W_OK):
-        return f"{destination}: not writable"
-    return None

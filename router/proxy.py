@@ -676,7 +676,7 @@ class ClientConnection(ExchangeOwner):
     def upstream_failed(self, failure: Answer, response_started: bool) -> None:
         conn, self._upstream = self._upstream, None
         req = self._active
-        if failure is not Answer.SLOW_BODY:
+        if failure.upstream:  # a body too slow is the client's failure, not the upstream's
             self._upstream_failure(failure)
         if req is None or self._state == _CLOSED:
             return

@@ -47,13 +47,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from devstack_examples.demo import DEMO_SERVICES, ROUTES, demo_app, demo_settings
+from devstack_examples.demo import demo_settings
 
-from controller.build import merge_snapshots
-from controller.sources.file import parse_route_yaml
-from router.table import EMPTY_TABLE
+from tests import test_demo_frontend as demo_frontend
 from tests.browser import Browser, Session, chromium_binary
-from tests.support import running_router
 
 
 def _chromium() -> str | None:
@@ -168,25 +165,13 @@ def _recorder(stack: Stack, served_by: str) -> Any:
 async def demo_stack(access_log: Path) -> AsyncIterator[Stack]:
     """The demo's router settings (plus a JSON access log) and services, on free ports."""
     settings = dataclasses.replace(demo_settings(), access_log=str(access_log))
-    async with running_router(EMPTY_TABLE, settings) as server:
-        stack = Stack(port=server.address[1], access_log=access_log)
-        router_url = f"http://127.0.0.1:{stack.port}"
-        runners: list[web.AppRunner] = []
-        text = ROUTES.read_text()
-        try:
-            for service, version, port in DEMO_SERVICES:
-                app = demo_app(service, version, router_url)
-                app.middlewares.insert(0, _recorder(stack, f"{service} [{version}]"))  # outermost
-                runner = web.AppRunner(app, access_log=None)
-                await runner.setup()
-                runners.append(runner)
-                await web.TCPSite(runner, "127.0.0.1", 0).start()
-                text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{runner.addresses[0][1]}")
-            server.swap(merge_snapshots({"file": parse_route_yaml(text, ROUTES.name)}, version=1))
-            yield stack
-        finally:
-            for runner in runners:
-                await runner.cleanup()
+    stack = Stack(port=0, access_log=access_log)
+    def record(service: str, version: str) -> Any:
+        return _recorder(stack, f"{service} [{version}]")
+
+    async with demo_frontend.demo_stack(settings, record) as server:
+        stack.port = server.address[1]
+        yield stack
 
 
 def router_methods(access_log: Path) -> list[str]:

@@ -15,12 +15,13 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from devstack_examples.demo import (
     CHECKOUT_PAGE,
     DEMO_SERVICES,
@@ -34,6 +35,7 @@ from devstack_examples.demo import (
 from controller.build import merge_snapshots
 from controller.sources.file import parse_route_yaml
 from router.server import RouterServer
+from router.settings import RouterSettings
 from router.table import EMPTY_TABLE
 from tests.support import running_router
 
@@ -45,15 +47,21 @@ HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0
 
 
 @contextlib.asynccontextmanager
-async def demo_stack() -> AsyncIterator[RouterServer]:
-    """The demo's router settings and services, on free ports, routed by the demo's route file."""
-    async with running_router(EMPTY_TABLE, demo_settings()) as server:
+async def demo_stack(
+    settings: RouterSettings | None = None, middleware: Callable[[str, str], Middleware] | None = None
+) -> AsyncIterator[RouterServer]:
+    """The demo's router (``settings``, default the demo's) and services, on free ports, routed by
+    the demo's route file; ``middleware(service, version)`` wraps each service outermost."""
+    async with running_router(EMPTY_TABLE, settings or demo_settings()) as server:
         router_url = f"http://127.0.0.1:{server.address[1]}"
         runners: list[web.AppRunner] = []
         text = ROUTES.read_text()
         try:
             for service, version, port in DEMO_SERVICES:
-                runner = web.AppRunner(demo_app(service, version, router_url), access_log=None)
+                app = demo_app(service, version, router_url)
+                if middleware is not None:
+                    app.middlewares.insert(0, middleware(service, version))
+                runner = web.AppRunner(app, access_log=None)
                 await runner.setup()
                 runners.append(runner)
                 await web.TCPSite(runner, "127.0.0.1", 0).start()

@@ -770,12 +770,17 @@ ERRORS: list[tuple[str, tuple[str, ...], Any, str]] = [
 async def test_every_error_is_one_sentence_and_a_non_zero_exit(
     shop: FakeApiServer, kubeconfig: Path, args: tuple[str, ...], setup: Any, sentence: str
 ) -> None:
+    await assert_refused(shop, args, setup, sentence.format(kubeconfig=kubeconfig))
+
+
+async def assert_refused(shop: FakeApiServer, args: tuple[str, ...], setup: Any, sentence: str) -> None:
+    """``devstack ARGS`` after ``setup(shop)`` says ``sentence``, exits 1 and changes nothing."""
     if setup is not None:
         setup(shop)
     version = shop.rv
     result = await devstack(*args)
     assert result.returncode == 1, (result.stdout, result.stderr)
-    assert user_error(result) == sentence.format(kubeconfig=kubeconfig)
+    assert user_error(result) == sentence
     assert result.stdout == ""
     assert shop.rv == version, "nothing was changed"
 

@@ -45,7 +45,7 @@ from tests.kube.kube_fake_apiserver import (
     service_object,
 )
 from tests.kube.kube_support import eventually, start_upstream
-from tests.kube.test_kube_fork import _kubeconfig, _Tty, devstack
+from tests.kube.test_kube_fork import _kubeconfig, _Tty, assert_refused, devstack
 from tests.kube.test_kube_source import FAST, Harness
 
 ALICE_URL, BOB_URL = "http://10.0.0.2:8080", "http://10.0.0.3:8080"
@@ -662,11 +662,4 @@ ERRORS: list[tuple[str, tuple[str, ...], Any, str]] = [
 async def test_every_group_error_is_one_sentence_and_a_non_zero_exit(
     shop: FakeApiServer, kubeconfig: Path, args: tuple[str, ...], setup: Any, sentence: str
 ) -> None:
-    if setup is not None:
-        setup(shop)
-    version = shop.rv
-    result = await devstack(*args)
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    assert user_error(result) == sentence
-    assert result.stdout == ""
-    assert shop.rv == version, "nothing was changed"
+    await assert_refused(shop, args, setup, sentence)

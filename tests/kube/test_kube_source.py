@@ -430,37 +430,30 @@ def _created_for_expiry_in(seconds: float, ttl_seconds: int) -> tuple[str, float
     return stamp, float(expires)
 
 
-def _apply_expired_override(fake_api: FakeApiServer) -> None:
-    """The baseline and alice's override of payments, whose 1m TTL ran out 10 s ago."""
-    created, _ = _created_for_expiry_in(-10, 60)
+def _apply_expiring_override(
+    fake_api: FakeApiServer, in_seconds: float = -10, ttl_annotation: str = "devstack.io/ttl"
+) -> tuple[dict[str, Any], float]:
+    """The baseline and alice's override of payments, whose 1m TTL runs out ``in_seconds`` from
+    now (already ran out, by default); the stored override and its expiry."""
+    created, expires = _created_for_expiry_in(in_seconds, 60)
     fake_api.apply(BASELINE)
-    fake_api.apply(
+    stored = fake_api.apply(
         deployment(
             "payments-alice",
             service="payments",
             key="alice",
             upstream="http://10.0.0.2:8080",
-            annotations={"devstack.io/ttl": "1m"},
+            annotations={ttl_annotation: "1m"},
             created=created,
         )
     )
+    return stored, expires
 
 
 async def test_expired_override_stops_receiving_traffic_without_any_event(
     fake_api: FakeApiServer, harness: Any
 ) -> None:
-    created, expires = _created_for_expiry_in(0.3, 60)
-    fake_api.apply(BASELINE)
-    fake_api.apply(
-        deployment(
-            "payments-alice",
-            service="payments",
-            key="alice",
-            upstream="http://10.0.0.2:8080",
-            annotations={"devstack.io/ttl": "1m"},
-            created=created,
-        )
-    )
+    _, expires = _apply_expiring_override(fake_api, 0.3)
     h = await harness()
     await eventually(lambda: h.routed_to("alice") == "http://10.0.0.2:8080", what="alice before expiry")
     rebuilds, events = h.source.rebuilds, len(fake_api.history["deployments"])
@@ -475,18 +468,7 @@ async def test_expired_override_stops_receiving_traffic_without_any_event(
 
 
 async def test_delete_expired_deletes_with_a_uid_precondition(fake_api: FakeApiServer, harness: Any) -> None:
-    created, _ = _created_for_expiry_in(-10, 60)
-    fake_api.apply(BASELINE)
-    stored = fake_api.apply(
-        deployment(
-            "payments-alice",
-            service="payments",
-            key="alice",
-            upstream="http://10.0.0.2:8080",
-            annotations={"janitor/ttl": "1m"},
-            created=created,
-        )
-    )
+    stored, _ = _apply_expiring_override(fake_api, ttl_annotation="janitor/ttl")
     h = await harness(delete_expired=True)
     await eventually(lambda: fake_api.deletes(), what="a DELETE")
     delete = fake_api.deletes()[0]
@@ -501,7 +483,7 @@ async def test_429_on_a_delete_is_retried_by_the_source_after_delete_retry(
     fake_api: FakeApiServer, harness: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="controller.sources.kubernetes")
-    _apply_expired_override(fake_api)
+    _apply_expiring_override(fake_api)
     # Longer than this test waits, shorter than its teardown bound: urllib3 sleeping on it would fail it.
     fake_api.delete_scripts.append(ListScript(429, retry_after=5))
     await harness(delete_expired=True)
@@ -514,7 +496,7 @@ async def test_429_on_a_delete_is_retried_by_the_source_after_delete_retry(
 
 
 async def test_without_delete_expired_nothing_is_deleted(fake_api: FakeApiServer, harness: Any) -> None:
-    _apply_expired_override(fake_api)
+    _apply_expiring_override(fake_api)
     h = await harness()
     await eventually(lambda: h.decide("alice") is not None and h.decide("alice").reason == "override-expired")
     assert fake_api.deletes() == []
