@@ -8,7 +8,8 @@ INTERPRETED_TESTS ?= tests/test_keys.py tests/test_table.py tests/test_proxy.py 
 	tests/test_hardening.py tests/test_streaming.py tests/test_reload_under_load.py tests/test_admin.py \
 	tests/test_tracing.py tests/test_fuzz.py tests/test_demo.py tests/test_compiled.py \
 	tests/test_tunnels.py tests/test_slow_bodies.py tests/test_request_policy.py tests/test_errors.py \
-	tests/test_access_log.py tests/test_failure_log.py tests/test_edge_keys.py tests/test_route_groups.py
+	tests/test_access_log.py tests/test_failure_log.py tests/test_edge_keys.py tests/test_route_groups.py \
+	tests/test_http2.py
 
 # router/_native.py owns the list of compiled sources (setup.py and router/__init__.py read it too).
 HOT_PATH_SOURCES := $(shell python3 router/_native.py sources)
@@ -62,10 +63,12 @@ lint: setup
 unit: setup
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-## Benchmarks (need the Debian packages wrk, nginx-light, haproxy; see benchmarks/README.md).
+## Benchmarks (need the Debian packages wrk, nginx-light, haproxy, nghttp2-client; see benchmarks/README.md).
+## `bench`: the HTTP/1.1 rows, then the gRPC rows (h2load over h2c).
 bench: setup
 	$(PY) -m benchmarks.run
 
+## `bench-quick` ends with a short gRPC smoke when h2load is installed (a router without HTTP/2 is skipped).
 bench-quick: setup
 	$(PY) -m benchmarks.run --quick --reps 3  # median of 3 interleaved runs: one noisy run must not fail CI
 

@@ -16,13 +16,20 @@ __all__ = [
     "BAGGAGE_REALISTIC",
     "BODY_FILE_BYTES",
     "ECHO_MODULE",
+    "GRPC_CONTENT_TYPE",
+    "GRPC_METHOD",
+    "GRPC_REQUEST",
     "HOSTS",
     "KEYS",
     "SERVICE",
     "UPLOAD_BYTES",
     "Upstreams",
     "body_check_lua",
+    "grpc_frame",
+    "grpc_reply",
     "haproxy_proxy_cfg",
+    "nginx_grpc_proxy_conf",
+    "nginx_grpc_upstream_conf",
     "nginx_proxy_conf",
     "nginx_upstream_conf",
     "route_yaml",
@@ -45,6 +52,33 @@ UPLOAD_BYTES: Final = 64 * 1024 * 1024
 ECHO_MODULE: Final = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
 """From libnginx-mod-http-echo (pulled in by nginx-light): ``echo_read_request_body`` makes the
 upstream read an upload to the end before answering, so upload figures measure real transfer."""
+
+GRPC_METHOD: Final = "/bench.Bench/Call"
+"""The unary method every gRPC call invokes (the path of its HTTP/2 request)."""
+GRPC_CONTENT_TYPE: Final = "application/grpc"
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One gRPC length-prefixed message: uncompressed flag, 4-byte big-endian length, message."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _protobuf_string(field: int, value: str) -> bytes:
+    """A protobuf message holding one short string field (wire type 2, length < 128)."""
+    data = value.encode()
+    if len(data) >= 128 or field >= 16:
+        raise ValueError("only short strings in the first fifteen fields")
+    return bytes([field << 3 | 2, len(data)]) + data
+
+
+GRPC_REQUEST: Final = grpc_frame(_protobuf_string(1, "ping"))
+"""The body of every benchmark call: one small message, as a generated client would send it."""
+
+
+def grpc_reply(name: str) -> bytes:
+    """The body the upstream ``name`` answers: one message whose field 1 is its name."""
+    return grpc_frame(_protobuf_string(1, name))
+
 
 _KEEPALIVE_REQUESTS: Final = 10_000_000
 """nginx closes a keep-alive connection after 1000 requests by default; reconnecting would be
@@ -135,17 +169,60 @@ def nginx_upstream_conf(workdir: str, upstreams: Upstreams, docroot: str, *, ech
     )
 
 
+def _nginx_quoted(payload: bytes) -> str:
+    """``payload`` as the inside of a single-quoted nginx string, byte for byte.
+
+    nginx keeps any byte of a quoted string, NUL included (a string has a length, not a
+    terminator), so a binary gRPC frame can be written straight into the configuration; only
+    the quote, the backslash and ``$`` would mean something else, and those are refused.
+    """
+    if not payload.isascii() or any(byte in payload for byte in b"'\\$"):
+        raise ValueError(f"cannot write {payload!r} literally in an nginx string")
+    return payload.decode("ascii")
+
+
+def nginx_grpc_upstream_conf(workdir: str, upstreams: Upstreams, *, echo_module: str) -> str:
+    """One nginx worker answering every gRPC call on three h2c (prior knowledge) ports.
+
+    Each port answers like a gRPC server would: ``:status 200``, ``content-type:
+    application/grpc``, one DATA frame with a length-prefixed message naming the target, then the
+    trailer ``grpc-status: 0``; plus ``x-served-by: <target>`` so a check can see who answered.
+    ``echo_read_request_body`` makes it read the whole request message first, as a server must
+    before it can answer; a bare ``return 200`` would answer before the request's DATA frame and
+    reset the stream (RST_STREAM NO_ERROR), a path real unary calls never take.
+    """
+    servers = "".join(
+        f"""    server {{
+        listen 127.0.0.1:{port} http2 backlog=4096;
+        location / {{
+            default_type {GRPC_CONTENT_TYPE};
+            add_header x-served-by {name} always;
+            add_trailer grpc-status 0 always;
+            echo_read_request_body;
+            echo -n '{_nginx_quoted(grpc_reply(name))}';
+        }}
+    }}
+"""
+        for name, port in upstreams.by_name().items()
+    )
+    return (
+        f"load_module {echo_module};\n"
+        + _nginx_common(workdir, "grpc-upstream")
+        + "http {\n"
+        + _nginx_http_common(workdir, "grpc-upstream")
+        + servers
+        + "}\n"
+    )
+
+
 def _member_regex(key: str) -> str:
     """PCRE matching a whole baggage list whose ``devstack`` member (OWS allowed) is ``key``."""
     return rf"(^|,)\s*devstack\s*=\s*{key}\s*(;|,|$)"
 
 
-def nginx_proxy_conf(workdir: str, port: int, upstreams: Upstreams) -> str:
-    """nginx doing the router's job: ``map $http_baggage`` picks the pool, keepalive 64 per pool.
-
-    Request bodies stream (``proxy_request_buffering off``) as the router's do; responses are
-    buffered in memory only (``proxy_max_temp_file_size 0``), never spilled to disk.
-    """
+def _nginx_routing(upstreams: Upstreams) -> str:
+    """``map $http_baggage`` → ``$devstack_pool``, and one pool per target with keepalive 64."""
+    mapping = "".join(f'        "~{_member_regex(key)}" {SERVICE}_{key};\n' for key in KEYS)
     pools = "".join(
         f"""    upstream {SERVICE}_{name} {{
         server 127.0.0.1:{p};
@@ -155,15 +232,24 @@ def nginx_proxy_conf(workdir: str, port: int, upstreams: Upstreams) -> str:
 """
         for name, p in upstreams.by_name().items()
     )
-    mapping = "".join(f'        "~{_member_regex(key)}" {SERVICE}_{key};\n' for key in KEYS)
+    return f"""    map $http_baggage $devstack_pool {{
+        default {SERVICE}_baseline;
+{mapping}    }}
+{pools}"""
+
+
+def nginx_proxy_conf(workdir: str, port: int, upstreams: Upstreams) -> str:
+    """nginx doing the router's job: ``map $http_baggage`` picks the pool, keepalive 64 per pool.
+
+    Request bodies stream (``proxy_request_buffering off``) as the router's do; responses are
+    buffered in memory only (``proxy_max_temp_file_size 0``), never spilled to disk.
+    """
     return (
         _nginx_common(workdir, "nginx-proxy")
         + "http {\n"
         + _nginx_http_common(workdir, "nginx-proxy")
-        + f"""    map $http_baggage $devstack_pool {{
-        default {SERVICE}_baseline;
-{mapping}    }}
-{pools}    server {{
+        + _nginx_routing(upstreams)
+        + f"""    server {{
         listen 127.0.0.1:{port} default_server backlog=4096;
         return 404;
     }}
@@ -190,13 +276,47 @@ def nginx_proxy_conf(workdir: str, port: int, upstreams: Upstreams) -> str:
     )
 
 
-def haproxy_proxy_cfg(port: int, upstreams: Upstreams) -> str:
+def nginx_grpc_proxy_conf(workdir: str, port: int, upstreams: Upstreams) -> str:
+    """nginx doing the router's job for gRPC: an h2c listener, the same ``map $http_baggage``
+    and pools (keepalive 64 each), ``grpc_pass`` to the chosen one.
+
+    nginx's gRPC proxy carries one stream per upstream connection (never multiplexes), so the
+    pools' keep-alive connections are what spares it a connect per call.
+    """
+    return (
+        _nginx_common(workdir, "nginx-grpc")
+        + "http {\n"
+        + _nginx_http_common(workdir, "nginx-grpc")
+        + _nginx_routing(upstreams)
+        + f"""    server {{
+        listen 127.0.0.1:{port} http2 default_server backlog=4096;
+        return 404;
+    }}
+    server {{
+        listen 127.0.0.1:{port} http2;
+        server_name {" ".join(HOSTS)};
+        location / {{
+            grpc_pass grpc://$devstack_pool;
+            grpc_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            grpc_set_header X-Forwarded-Proto http;
+            grpc_set_header X-Forwarded-Host $http_host;
+        }}
+    }}
+}}
+"""
+    )
+
+
+def haproxy_proxy_cfg(port: int, upstreams: Upstreams, *, h2: bool = False) -> str:
     """haproxy doing the router's job: one thread, an ACL per key on the baggage values.
 
     ``req.hdr(baggage)`` yields each comma-separated member (of every baggage line), so an
     anchored regex per key matches the ``devstack`` member only. ``http-reuse always`` shares
-    idle server connections between clients, like the router's and nginx's pools.
+    idle server connections between clients, like the router's and nginx's pools. ``h2``: HTTP/2
+    with prior knowledge on both sides (``proto h2``), for gRPC; server connections then carry
+    many streams at once.
     """
+    proto = " proto h2" if h2 else ""
     hosts = " ".join(HOSTS)
     acls = "".join(
         f"    acl key_{key} req.hdr(baggage) -m reg '^\\s*devstack\\s*=\\s*{key}\\s*(;|$)'\n" for key in KEYS
@@ -204,7 +324,7 @@ def haproxy_proxy_cfg(port: int, upstreams: Upstreams) -> str:
     uses = "".join(f"    use_backend {SERVICE}_{key} if key_{key}\n" for key in KEYS)
     backends = "".join(
         f"""backend {SERVICE}_{name}
-    server s1 127.0.0.1:{p}
+    server s1 127.0.0.1:{p}{proto}
 """
         for name, p in upstreams.by_name().items()
     )
@@ -224,7 +344,7 @@ defaults
     http-reuse always
 
 frontend proxy
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{proto}
     acl known_host req.hdr(host),field(1,:) -i {hosts}
     http-request deny deny_status 404 if !known_host
 {acls}{uses}    default_backend {SERVICE}_baseline
@@ -232,12 +352,14 @@ frontend proxy
 {backends}"""
 
 
-def route_yaml(upstreams: Upstreams, *, extra_service: str | None = None) -> str:
-    """The one-service route file; ``extra_service`` adds a dummy service (table swaps)."""
+def route_yaml(upstreams: Upstreams, *, extra_service: str | None = None, protocol: str | None = None) -> str:
+    """The one-service route file; ``extra_service`` adds a dummy service (table swaps);
+    ``protocol`` (``h2c`` for gRPC) says how the router speaks to the service's upstreams."""
+    speaks = f"    protocol: {protocol}\n" if protocol else ""
     text = f"""services:
   {SERVICE}:
     hosts: [{", ".join(HOSTS)}]
-    baseline: http://127.0.0.1:{upstreams.baseline}
+{speaks}    baseline: http://127.0.0.1:{upstreams.baseline}
     overrides:
       alice: {{url: http://127.0.0.1:{upstreams.alice}}}
       bob: {{url: http://127.0.0.1:{upstreams.bob}}}

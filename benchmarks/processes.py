@@ -37,7 +37,7 @@ __all__ = [
     "wait_port",
 ]
 
-INSTALL_HINT: Final = "apt-get install wrk nginx-light libnginx-mod-http-echo haproxy util-linux"
+INSTALL_HINT: Final = "apt-get install wrk nginx-light libnginx-mod-http-echo haproxy nghttp2-client util-linux"
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
 

@@ -27,6 +27,8 @@ class Metric:
 REQS: Final = Metric("req/s", "req/s", True)
 P50: Final = Metric("p50 latency", "µs", False)
 MIBS: Final = Metric("throughput", "MiB/s", True)
+STREAMS: Final = Metric("streams/s", "streams/s", True)
+"""gRPC unary calls completed per second: one HTTP/2 stream each."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,6 +70,8 @@ class Summary:
     background_cores: float | None
     vs: dict[str, float]
     """Reference candidate → ratio of medians (this / reference)."""
+    p50_us: float | None = None
+    """Median over repetitions of each run's p50 latency, when the load tool reported it."""
 
 
 def _median(values: Iterable[float | None]) -> float | None:
@@ -115,6 +119,7 @@ def summarize(
                 rss_kib=int(rss) if rss is not None else None,
                 background_cores=_max(c.background_cores for c in group),
                 vs=vs,
+                p50_us=_median(c.detail.get("latency_us", {}).get("50") for c in group),
             )
         )
     return out
@@ -128,15 +133,25 @@ def _num(value: float) -> str:
     return f"{value:.2f}"
 
 
-def markdown_table(summaries: Sequence[Summary], *, references: Sequence[str] = ("nginx", "direct")) -> str:
+def markdown_table(
+    summaries: Sequence[Summary],
+    *,
+    references: Sequence[str] = ("nginx", "direct"),
+    latency: bool = False,
+    per: str = "req",
+) -> str:
+    """One row per (scenario, candidate); ``latency`` adds each row's p50 (from the same runs),
+    ``per`` names what the proxy's CPU time is divided by (a request, a gRPC stream)."""
     ref_cols = "".join(f" ×{ref} |" for ref in references)
     lines = [
-        f"| scenario | candidate | median | min–max | unit |{ref_cols}"
-        " proxy CPU µs/req | proxy CPU % | RSS MiB | errors | other load % |",
-        "|---|---|---:|---:|---|" + "---:|" * len(references) + "---:|---:|---:|---:|---:|",
+        f"| scenario | candidate | median | min–max | unit |{ref_cols}{' p50 µs |' if latency else ''}"
+        f" proxy CPU µs/{per} | proxy CPU % | RSS MiB | errors | other load % |",
+        "|---|---|---:|---:|---|" + "---:|" * (len(references) + (1 if latency else 0)) + "---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
         ratios = "".join(f" {s.vs[ref]:.2f} |" if ref in s.vs else " – |" for ref in references)
+        if latency:
+            ratios += f" {_num(s.p50_us) if s.p50_us is not None else '–'} |"
         cpu = _num(s.cpu_us_per_request) if s.cpu_us_per_request is not None else "–"
         util = f"{100 * s.cpu_utilisation:.0f}" if s.cpu_utilisation is not None else "–"
         rss = f"{s.rss_kib / 1024:.1f}" if s.rss_kib is not None else "–"

@@ -1,8 +1,10 @@
 """``python -m benchmarks.run``: the one command that benchmarks the router against its peers.
 
 Modes (one per invocation):
-  (default)   direct, nginx, haproxy, router × six scenarios, interleaved repetitions
-  --quick     CI smoke: correctness + c50 alice for direct, nginx, router; fails on regressions
+  (default)   direct, nginx, haproxy, router × six HTTP/1.1 scenarios, interleaved repetitions,
+              then the gRPC rows (unary calls over h2c, h2load; ``grpc_rows``)
+  --quick     CI smoke: correctness + c50 alice for direct, nginx, router; fails on regressions;
+              then, if h2load is installed, a one-repetition gRPC smoke for nginx and the router
   --scale     router only: 10k-service table, table swaps every 100 ms, 10k idle connections
   --profile   py-spy profile of the router under c50 alice load
 
@@ -11,6 +13,8 @@ it never measures anything itself (``stack.measure`` does) and always stops what
 
 Exit status: 0 ok; 1 the router routed wrongly, crashed, had errors, or (``--quick``) fell
 below 0.3× nginx; 2 the harness or its environment failed (missing tools, a peer misbehaved).
+In the gRPC rows a failing candidate is left out and the run goes on; the status says so at the
+end (1 for the router, 2 for a peer). A router without an HTTP/2 front end is skipped, not failed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,8 +38,9 @@ from types import FrameType
 from typing import Any, Final, TypeVar
 
 import router
-from benchmarks import configs, profiling, scale, scenarios
+from benchmarks import configs, grpc_rows, profiling, scale, scenarios
 from benchmarks.correctness import RoutingError, check_direct, check_proxy
+from benchmarks.grpc_rows import GrpcRows, run_grpc_rows
 from benchmarks.processes import INSTALL_HINT, Processes, ProcSample, StartError, missing_tools, raise_fd_limit
 from benchmarks.report import Cell, Summary, markdown_table, summarize, write_results
 from benchmarks.scenarios import Scenario
@@ -51,6 +57,10 @@ _T = TypeVar("_T")
 
 class RouterFailure(Exception):
     """The router itself misbehaved: exit 1."""
+
+
+class PeerFailure(Exception):
+    """A peer or the harness's own upstream misbehaved in the gRPC rows (after results were written): exit 2."""
 
 
 def _log(message: str) -> None:
@@ -72,7 +82,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--candidates",
         default=",".join(ALL_CANDIDATES),
-        help=f"default mode: comma-separated subset of {ALL_CANDIDATES}",
+        help=f"default mode: comma-separated subset of {ALL_CANDIDATES} (the gRPC rows take the same names)",
     )
     p.add_argument(
         "--quiet-threshold", type=float, default=0.2, help="cores of other load tolerated before a cell (default 0.2)"
@@ -144,6 +154,7 @@ def _host_info() -> dict[str, Any]:
         "nginx": first_line(["nginx", "-v"]),
         "haproxy": first_line(["haproxy", "-v"]),
         "wrk": first_line(["wrk", "-v"]),
+        "h2load": first_line(["h2load", "--version"]) if shutil.which("h2load") else None,
         "git_commit": first_line(["git", "-C", str(repo), "rev-parse", "HEAD"]),
         "router_hot_path": router.HOT_PATH_MODE,
         "git_dirty_router": bool(first_line(["git", "-C", str(repo), "status", "--porcelain", "router"])),
@@ -239,13 +250,91 @@ def _header(title: str, args: argparse.Namespace, host: dict[str, Any]) -> str:
     )
 
 
+def _plans(args: argparse.Namespace, stack: Stack, *, quick: bool) -> tuple[tuple[Scenario, ...], tuple[Scenario, ...]]:
+    """The HTTP/1.1 scenarios and the gRPC ones this run times (quick: the gRPC smoke if it can)."""
+    if quick:
+        skipped = _grpc_unavailable(stack)
+        if skipped:
+            _log(f"gRPC smoke skipped: {skipped}")
+        return scenarios.QUICK, () if skipped else scenarios.GRPC_QUICK
+    planned = tuple(scenarios.BY_NAME[name] for name in args.scenarios)
+    http1 = tuple(s for s in planned if s.protocol == scenarios.HTTP1 and (stack.can_upload or not s.needs_upload))
+    return http1, tuple(s for s in planned if s.protocol == scenarios.GRPC)
+
+
+def _grpc_unavailable(stack: Stack) -> str | None:
+    if missing := missing_tools(["h2load"]):
+        return f"{', '.join(missing)} not installed ({INSTALL_HINT})"
+    if not stack.can_upload:
+        return f"{configs.ECHO_MODULE} missing: the gRPC upstream needs it ({INSTALL_HINT})"
+    return None
+
+
 def run_default(stack: Stack, args: argparse.Namespace, host: dict[str, Any], *, quick: bool) -> int:
     names = ["direct", "nginx", "router"] if quick else args.candidates
-    plan: tuple[Scenario, ...] = scenarios.QUICK if quick else tuple(scenarios.BY_NAME[name] for name in args.scenarios)
-    if not stack.can_upload:
-        plan = tuple(s for s in plan if not s.needs_upload)
+    plan, grpc_plan = _plans(args, stack, quick=quick)
+    title = "devstack router benchmark (quick)" if quick else "devstack router benchmark"
+    markdown = _header(title, args, host)
+    cells: list[Cell] = []
+    summaries: list[Summary] = []
+    memory: dict[str, Any] = {}
+    if plan:
+        cells, summaries, memory = _run_http1(stack, args, names, plan, against=None if quick else args.against)
+        markdown += (
+            markdown_table(summaries)
+            + "\nRatios ×nginx/×direct: this candidate's median over the reference's (for p50 latency lower is "
+            "better). Proxy CPU µs/req: utime+stime of the proxy process over the timed run / requests "
+            "(per 1 MiB response or 64 MiB upload in those rows); proxy CPU %: of one core. Other load %: the most "
+            "CPU (in % of one core) that processes outside this harness used during any repetition of the row: the "
+            "host is shared, so rows with high values are suspect.\n\n"
+            + _memory_table(memory["idle_after_start"], memory["end"])
+        )
+    grpc: GrpcRows | None = None
+    if grpc_plan:
+        grpc = run_grpc_rows(
+            stack,
+            ["nginx", "router"] if quick else [name for name in args.candidates if name in grpc_rows.CANDIDATES],
+            grpc_plan,
+            reps=1 if quick else args.reps,
+            duration=args.duration,
+            warmup=args.warmup,
+            log=_log,
+            h2load_version=host["h2load"] or "h2load",
+        )
+        markdown += grpc.markdown
+    elif quick:
+        markdown += f"\n(gRPC smoke skipped: {_grpc_unavailable(stack)})\n"
+    verdict = _quick_verdict(summaries, grpc) if quick else None
+    if verdict:
+        markdown += f"\n**QUICK CHECK FAILED**: {verdict}\n"
+    document = {
+        "mode": "quick" if quick else "default",
+        "host": host,
+        "settings": {"reps": args.reps, "duration_s": args.duration, "warmup_s": args.warmup, "candidates": names},
+        "scenarios": [dataclasses.asdict(s) for s in (*plan, *grpc_plan)],
+        "cells": cells + (grpc.cells if grpc else []),
+        "summary": summaries + (grpc.summaries if grpc else []),
+        "memory": memory,
+        "grpc": {"untimed": grpc.untimed, "target": grpc.target} if grpc else None,
+        "quick_failure": verdict,
+    }
+    _finish(args, "quick" if quick else "", document, markdown)
+    if verdict:
+        raise RouterFailure(verdict)
+    if grpc and (failures := grpc.failures(router=True)):
+        raise RouterFailure("gRPC rows: " + "; ".join(failures))
+    if grpc and (failures := grpc.failures(router=False)):
+        raise PeerFailure("gRPC rows: " + "; ".join(failures))
+    return 0
+
+
+def _run_http1(
+    stack: Stack, args: argparse.Namespace, names: Sequence[str], plan: Sequence[Scenario], *, against: Path | None
+) -> tuple[list[Cell], list[Summary], dict[str, Any]]:
+    """The HTTP/1.1 rows: candidates started and checked (a wrong answer stops the run), timed
+    interleaved, then stopped so the gRPC rows have the proxy core to themselves."""
     _log("starting candidates on core 1 and checking routing")
-    candidates = _start_candidates(stack, names, None if quick else args.against)
+    candidates = _start_candidates(stack, names, against)
     for candidate in candidates:
         try:
             _check_candidate(stack, candidate)
@@ -266,38 +355,28 @@ def run_default(stack: Stack, args: argparse.Namespace, host: dict[str, Any], *,
                 where = f"[{done}/{total}] rep {rep + 1} {scenario.name} / {candidate.name}"
                 _log(f"{where}: {_format_cell(cell, scenario.metric.unit)}")
     end_memory = _memory(candidates)
-    metrics = {s.name: s.metric for s in plan}
-    summaries = summarize(cells, metrics)
-    title = "devstack router benchmark (quick)" if quick else "devstack router benchmark"
-    markdown = (
-        _header(title, args, host)
-        + markdown_table(summaries)
-        + "\nRatios ×nginx/×direct: this candidate's median over the reference's (for p50 latency lower is better). "
-        "Proxy CPU µs/req: utime+stime of the proxy process over the timed run / requests "
-        "(per 1 MiB response or 64 MiB upload in those rows); proxy CPU %: of one core. Other load %: the most "
-        "CPU (in % of one core) that processes outside this harness used during any repetition of the row: the host "
-        "is shared, so rows with high values are suspect.\n\n" + _memory_table(idle_memory, end_memory)
-    )
-    verdict = _quick_verdict(summaries) if quick else None
-    if verdict:
-        markdown += f"\n**QUICK CHECK FAILED**: {verdict}\n"
-    document = {
-        "mode": "quick" if quick else "default",
-        "host": host,
-        "settings": {"reps": args.reps, "duration_s": args.duration, "warmup_s": args.warmup, "candidates": names},
-        "scenarios": [dataclasses.asdict(s) for s in plan],
-        "cells": cells,
-        "summary": summaries,
-        "memory": {"idle_after_start": idle_memory, "end": end_memory},
-        "quick_failure": verdict,
-    }
-    _finish(args, "quick" if quick else "", document, markdown)
-    if verdict:
-        raise RouterFailure(verdict)
-    return 0
+    for candidate in candidates:
+        if candidate.proc is not None:
+            stack.procs.stop(candidate.proc)
+    summaries = summarize(cells, {s.name: s.metric for s in plan})
+    return cells, summaries, {"idle_after_start": idle_memory, "end": end_memory}
 
 
-def _quick_verdict(summaries: Sequence[Summary]) -> str | None:
+def _quick_verdict(summaries: Sequence[Summary], grpc: GrpcRows | None) -> str | None:
+    """--quick fails on the router's HTTP/1.1 errors or ratio, and on its gRPC failures or errors
+    (a router without an HTTP/2 front end is skipped, not failed; no gRPC floor yet: see grpc_rows.TARGET)."""
+    problems = [verdict] if (verdict := _http1_quick_verdict(summaries)) else []
+    if grpc is not None:
+        problems += [f"gRPC {reason.splitlines()[0]}" for reason in grpc.failures(router=True)]
+        problems += [
+            f"{s.scenario}: router had {s.errors} failed gRPC streams"
+            for s in grpc.summaries
+            if s.candidate == "router" and s.errors
+        ]
+    return "; ".join(problems) or None
+
+
+def _http1_quick_verdict(summaries: Sequence[Summary]) -> str | None:
     problems = []
     by = {(s.scenario, s.candidate): s for s in summaries}
     for (scenario, candidate), s in by.items():
@@ -500,15 +579,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (os.cpu_count() or 1) < 2:
         _log("the benchmark needs two CPUs (core 0: load + upstream, core 1: proxy)")
         return 2
-    needed = ["wrk", "nginx", "taskset"] + (
-        ["haproxy"] if not (args.quick or args.scale or args.profile) and "haproxy" in args.candidates else []
-    )
+    default = not (args.quick or args.scale or args.profile)
+    planned = {scenarios.BY_NAME[name].protocol for name in args.scenarios} if default else {scenarios.HTTP1}
+    needed = ["nginx", "taskset"] + (["wrk"] if scenarios.HTTP1 in planned else [])
+    needed += ["haproxy"] if default and "haproxy" in args.candidates else []
+    needed += ["h2load"] if scenarios.GRPC in planned else []
     if missing := missing_tools(needed):
         _log(f"missing tools: {', '.join(missing)}; install with: {INSTALL_HINT}")
         return 2
     echo = _echo_module()
-    if echo is None and not (args.quick or args.scale or args.profile) and "upload" in args.scenarios:
-        _log(f"{configs.ECHO_MODULE} missing (the upload scenario needs it); install with: {INSTALL_HINT}")
+    if echo is None and default and ("upload" in args.scenarios or scenarios.GRPC in planned):
+        _log(f"{configs.ECHO_MODULE} missing (the upload and gRPC scenarios need it); install with: {INSTALL_HINT}")
         return 2
     os.sched_setaffinity(0, {LOAD_CPU})
     limit = raise_fd_limit(65536)
@@ -522,9 +603,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack = Stack(procs, Path(tmp), echo_module=echo)
             if args.quiet_wait > 0:
                 stack.quiet = Quiet(args.quiet_threshold, args.quiet_wait)
-            _log(f"upstream nginx on core {LOAD_CPU}: {stack.upstreams.by_name()}")
-            stack.start_upstream()
-            check_direct(stack.upstreams, upload=stack.can_upload)
+            if scenarios.HTTP1 in planned:
+                _log(f"upstream nginx on core {LOAD_CPU}: {stack.upstreams.by_name()}")
+                stack.start_upstream()
+                check_direct(stack.upstreams, upload=stack.can_upload)
             if args.scale:
                 return run_scale(stack, args, host)
             if args.profile:
@@ -533,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RouterFailure as exc:
             _log(f"\nROUTER FAILURE: {exc}")
             return 1
-        except (RoutingError, StartError, WrkError) as exc:
+        except (PeerFailure, RoutingError, StartError, WrkError) as exc:
             _log(f"\nHARNESS FAILURE ({type(exc).__name__}): {exc}")
             return 2
         except KeyboardInterrupt:

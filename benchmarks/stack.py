@@ -2,13 +2,16 @@
 
 ``Stack`` writes each process's configuration into the run's temporary directory, starts it
 through ``Processes`` (so it is always stopped) and waits until it answers. ``measure`` times one
-(candidate, scenario) cell: a warm-up, then wrk with the proxy's /proc counters read on both
-sides. Candidates are started once per run and stay up, idle, while others are timed.
+(candidate, scenario) cell: a warm-up, then wrk (HTTP/1.1) or h2load (gRPC over h2c) with the
+proxy's /proc counters read on both sides. Candidates are started once per run and stay up,
+idle, while others are timed. The gRPC rows have their own upstream nginx (h2c, core 0) and
+their own candidates, started when a gRPC scenario is planned.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -21,10 +24,11 @@ from typing import Any, Final
 
 from benchmarks import configs
 from benchmarks.configs import SERVICE, Upstreams
+from benchmarks.h2load import H2loadResult, run_h2load
 from benchmarks.processes import Background, Processes, ProcSample, busy_cores, free_ports, wait_http, wait_port
-from benchmarks.report import MIBS, P50, REQS, Cell
-from benchmarks.scenarios import Scenario
-from benchmarks.wrk import run_wrk
+from benchmarks.report import MIBS, P50, REQS, STREAMS, Cell
+from benchmarks.scenarios import GRPC, Scenario
+from benchmarks.wrk import WrkResult, run_wrk
 
 __all__ = ["LOAD_CPU", "PROXY_CPU", "Candidate", "Quiet", "Stack", "measure", "router_command"]
 
@@ -73,8 +77,10 @@ class Stack:
         self.procs = procs
         self.workdir = workdir
         self.echo_module = echo_module
-        baseline, alice, bob = free_ports(3)
+        baseline, alice, bob, grpc_baseline, grpc_alice, grpc_bob = free_ports(6)
         self.upstreams = Upstreams(baseline, alice, bob)
+        self.grpc_upstreams = Upstreams(grpc_baseline, grpc_alice, grpc_bob)
+        """The h2c upstream's ports (gRPC rows), served by a second nginx once started."""
         self._scripts: dict[str, str] = {}
         self.quiet: Quiet | None = None
         """Applied before every measured cell unless a cell passes its own."""
@@ -86,6 +92,16 @@ class Stack:
     def _write(self, name: str, text: str) -> Path:
         path = self.workdir / name
         path.write_text(text)
+        return path
+
+    def upstreams_for(self, scenario: Scenario) -> Upstreams:
+        return self.grpc_upstreams if scenario.protocol == GRPC else self.upstreams
+
+    @functools.cached_property
+    def grpc_request(self) -> Path:
+        """The body h2load posts with every call (one length-prefixed message), written on first use."""
+        path = self.workdir / "grpc-request.bin"
+        path.write_bytes(configs.GRPC_REQUEST)
         return path
 
     def script(self, name: str) -> str:
@@ -112,6 +128,18 @@ class Stack:
         for port in self.upstreams.by_name().values():
             wait_port(port, 10, proc, self.procs.log_path("upstream"))
 
+    def start_grpc_upstream(self) -> None:
+        """The h2c upstream of the gRPC rows: one nginx worker on core 0 (needs the echo module)."""
+        if self.echo_module is None:
+            raise ValueError("the gRPC upstream needs nginx's echo module")
+        conf = self._write(
+            "grpc-upstream.conf",
+            configs.nginx_grpc_upstream_conf(str(self.workdir), self.grpc_upstreams, echo_module=self.echo_module),
+        )
+        proc = self._nginx("grpc-upstream", conf, cpu=LOAD_CPU)
+        for port in self.grpc_upstreams.by_name().values():
+            wait_port(port, 10, proc, self.procs.log_path("grpc-upstream"))
+
     def _nginx(self, name: str, conf: Path, *, cpu: int) -> subprocess.Popen[bytes]:
         argv = ["nginx", "-p", str(self.workdir), "-e", str(self.workdir / f"{name}-error.log"), "-c", str(conf)]
         return self.procs.start(name, argv, cpu=cpu)
@@ -126,12 +154,32 @@ class Stack:
         wait_port(port, 10, proc, self.procs.log_path("nginx-proxy"))
         return Candidate("nginx", port, proc)
 
-    def start_haproxy(self) -> Candidate:
+    def start_nginx_grpc(self) -> Candidate:
+        """nginx with an h2c listener and ``grpc_pass`` (files and logs named ``nginx-grpc``)."""
         (port,) = free_ports(1)
-        cfg = self._write("haproxy.cfg", configs.haproxy_proxy_cfg(port, self.upstreams))
-        proc = self.procs.start("haproxy", ["haproxy", "-db", "-f", str(cfg)], cpu=PROXY_CPU)
-        wait_port(port, 10, proc, self.procs.log_path("haproxy"))
+        conf = self._write(
+            "nginx-grpc.conf", configs.nginx_grpc_proxy_conf(str(self.workdir), port, self.grpc_upstreams)
+        )
+        proc = self._nginx("nginx-grpc", conf, cpu=PROXY_CPU)
+        wait_port(port, 10, proc, self.procs.log_path("nginx-grpc"))
+        return Candidate("nginx", port, proc)
+
+    def start_haproxy(self, *, grpc: bool = False) -> Candidate:
+        """haproxy; ``grpc``: h2 on both sides to the gRPC upstream (files and logs ``haproxy-grpc``)."""
+        (port,) = free_ports(1)
+        name = "haproxy-grpc" if grpc else "haproxy"
+        upstreams = self.grpc_upstreams if grpc else self.upstreams
+        cfg = self._write(f"{name}.cfg", configs.haproxy_proxy_cfg(port, upstreams, h2=grpc))
+        proc = self.procs.start(name, ["haproxy", "-db", "-f", str(cfg)], cpu=PROXY_CPU)
+        wait_port(port, 10, proc, self.procs.log_path(name))
         return Candidate("haproxy", port, proc)
+
+    def start_router_grpc(self, *, ready_within: float = 60) -> tuple[Candidate, float]:
+        """The router with the gRPC upstream's route file (``protocol: h2c``), named ``router``
+        in results; its files and logs are ``router-grpc``."""
+        routes = configs.route_yaml(self.grpc_upstreams, protocol="h2c")
+        router, took = self.start_router("router-grpc", routes, ready_within=ready_within)
+        return dataclasses.replace(router, name="router"), took
 
     def start_router(
         self,
@@ -180,8 +228,36 @@ class Quiet:
         return time.monotonic() - started
 
 
+def _load(
+    stack: Stack, candidate: Candidate, scenario: Scenario, *, host: str, script: str | None
+) -> Callable[..., WrkResult | H2loadResult]:
+    """The scenario's load generator aimed at ``candidate``, waiting only for ``duration=``."""
+    url = candidate.url(scenario, stack.upstreams_for(scenario))
+    if scenario.protocol == GRPC:
+        return functools.partial(
+            run_h2load,
+            url,
+            connections=scenario.connections,
+            streams_per_connection=scenario.streams_per_connection,
+            headers=scenario.headers(host),
+            data=stack.grpc_request,
+            timeout=scenario.timeout,
+            cpu=LOAD_CPU,
+        )
+    script_name = script or scenario.script
+    return functools.partial(
+        run_wrk,
+        url,
+        connections=scenario.connections,
+        headers=scenario.headers(host),
+        script=stack.script(script_name) if script_name else None,
+        timeout=scenario.timeout,
+        cpu=LOAD_CPU,
+    )
+
+
 def _value(scenario: Scenario, requests: int, seconds: float, rps: float, latency: dict[str, float]) -> float:
-    if scenario.metric is REQS:
+    if scenario.metric is REQS or scenario.metric is STREAMS:
         return rps
     if scenario.metric is P50:
         return latency.get("50", float("nan"))
@@ -204,21 +280,13 @@ def measure(
     quiet: Quiet | None = None,
     on_timed_start: Callable[[], None] | None = None,
 ) -> Cell:
-    """Wait for a quiet host, warm up, then one timed wrk run, the proxy's /proc read around it."""
-    url = candidate.url(scenario, stack.upstreams)
-    script_name = script or scenario.script
-    script_path = stack.script(script_name) if script_name else None
-    kwargs = {
-        "connections": scenario.connections,
-        "headers": scenario.headers(host),
-        "script": script_path,
-        "timeout": scenario.timeout,
-        "cpu": LOAD_CPU,
-    }
+    """Wait for a quiet host, warm up, then one timed load run (wrk, or h2load for gRPC), the
+    proxy's /proc read around it."""
+    load = _load(stack, candidate, scenario, host=host, script=script)
     quiet = quiet or stack.quiet
     waited = quiet.wait() if quiet is not None else 0.0
     if warmup > 0:
-        run_wrk(url, duration=warmup, **kwargs)  # type: ignore[arg-type]
+        load(duration=warmup)
     pid = candidate.pid
     before = ProcSample.read(pid) if pid else None
     background = Background()
@@ -226,7 +294,7 @@ def measure(
     started = time.monotonic()
     if on_timed_start is not None:
         on_timed_start()
-    result = run_wrk(url, duration=duration, **kwargs)  # type: ignore[arg-type]
+    result = load(duration=duration)
     wall = time.monotonic() - started
     other = background.stop()
     after = ProcSample.read(pid) if pid else None
@@ -253,9 +321,7 @@ def measure(
         detail={
             "waited_for_quiet_s": waited,
             "latency_us": result.latency_us,
-            "non_2xx": result.non_2xx,
-            "socket_errors": result.socket_errors,
-            "body_mismatches": result.body_mismatches,
+            **result.error_detail(),
             "rss_hwm_kib": after.hwm_kib if after else None,
         },
     )

@@ -45,6 +45,9 @@ class WrkResult:
     def errors(self) -> int:
         return self.non_2xx + sum(self.socket_errors.values()) + (self.body_mismatches or 0)
 
+    def error_detail(self) -> dict[str, object]:
+        return {"non_2xx": self.non_2xx, "socket_errors": self.socket_errors, "body_mismatches": self.body_mismatches}
+
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from router.keys import is_valid_key
-from router.table import Fallback, Override, Routes, RouteTable, TableError, Target
+from router.table import HTTP1, Fallback, Override, Routes, RouteTable, TableError, Target, check_protocol
 
 __all__ = ["BuildError", "LineDict", "LineList", "merge_snapshots", "routes_from_spec"]
 
@@ -57,7 +57,7 @@ class LineList(list[Any]):
         return self.item_lines[index] if index < len(self.item_lines) else self.line
 
 
-_SERVICE_KEYS = frozenset({"hosts", "baseline", "overrides"})
+_SERVICE_KEYS = frozenset({"hosts", "baseline", "overrides", "protocol"})
 _OVERRIDE_KEYS = frozenset({"url", "ready", "expires", "fallback", "namespace", "workload"})
 
 
@@ -130,6 +130,10 @@ def routes_from_spec(spec: object, *, origin: str = "") -> dict[str, Routes]:
         hosts_raw = body.get("hosts", [])
         if not isinstance(hosts_raw, list) or not all(isinstance(h, str) and h for h in hosts_raw):
             raise fail(f"service {name!r}: 'hosts' must be a list of host names", body, "hosts")
+        try:
+            protocol = check_protocol(body.get("protocol", HTTP1))
+        except TableError as exc:
+            raise fail(f"service {name!r}: protocol {exc}", body, "protocol") from None
         baseline_raw = body.get("baseline")
         if isinstance(baseline_raw, Mapping):
             baseline_raw = baseline_raw.get("url")
@@ -140,7 +144,7 @@ def routes_from_spec(spec: object, *, origin: str = "") -> dict[str, Routes]:
                 "baseline" if "baseline" in body else None,
             )
         try:
-            baseline = Target(baseline_raw)
+            baseline = Target(baseline_raw, protocol)
         except TableError as exc:
             raise fail(f"service {name!r}: baseline {exc}", body, "baseline") from None
 
@@ -183,7 +187,7 @@ def routes_from_spec(spec: object, *, origin: str = "") -> dict[str, Routes]:
             try:
                 overrides[key] = Override(
                     key=key,
-                    target=Target(url),
+                    target=Target(url, protocol),  # the service's protocol, as every override's
                     ready=ready,
                     expires_at=_expiry(ov.get("expires"), expiry_error),
                     fallback=fallback,

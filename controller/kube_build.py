@@ -1,7 +1,8 @@
 """Pure translation of labelled Kubernetes Deployments and route-group ConfigMaps (raw API JSON) into ``Routes``.
 
 This module owns the Kubernetes contract (README, "Kubernetes"): which labels make a Deployment
-a baseline or an override, where its address comes from, when it is ready, when it expires, and
+a baseline or an override, where its address comes from, which protocol its service speaks (from
+annotations and the Service port's ``appProtocol``), when it is ready, when it expires, and
 which Deployments conflict; and which ConfigMaps declare route groups (label
 ``devstack.io/route-group``, data ``group`` and ``keys``), which of those are unusable, and which
 clash with a routing key, declare one group twice, or nest. It also finds overrides whose pods a
@@ -19,18 +20,20 @@ from collections.abc import Iterable, Mapping
 from typing import Final, NewType, TypedDict
 
 from router.keys import is_valid_key
-from router.table import Fallback, Override, Routes, TableError, Target
+from router.table import H2C, HTTP1, Fallback, Override, Routes, TableError, Target, check_protocol
 
 __all__ = [
     "FALLBACK_ANNOTATION",
     "GROUP_DATA",
     "GROUP_LABEL",
+    "H2C_APP_PROTOCOLS",
     "HOSTS_ANNOTATION",
     "JANITOR_EXPIRES_ANNOTATION",
     "JANITOR_TTL_ANNOTATION",
     "KEYS_DATA",
     "KEY_LABEL",
     "PORT_ANNOTATION",
+    "PROTOCOL_ANNOTATION",
     "SERVICE_LABEL",
     "TTL_ANNOTATION",
     "UPSTREAM_ANNOTATION",
@@ -59,6 +62,12 @@ UPSTREAM_ANNOTATION: Final = "devstack.io/upstream"
 TTL_ANNOTATION: Final = "devstack.io/ttl"
 FALLBACK_ANNOTATION: Final = "devstack.io/fallback"
 HOSTS_ANNOTATION: Final = "devstack.io/hosts"
+PROTOCOL_ANNOTATION: Final = "devstack.io/protocol"
+"""On the baseline Deployment or its Service: ``http1`` or ``h2c``, the service's upstream protocol;
+it wins over the Service port's ``appProtocol``."""
+H2C_APP_PROTOCOLS: Final = frozenset({"kubernetes.io/h2c", "grpc"})
+"""Service port ``appProtocol`` values that make a service h2c: the standard name of HTTP/2 with
+prior knowledge, and the unprefixed name gRPC services (and Istio) use."""
 JANITOR_TTL_ANNOTATION: Final = "janitor/ttl"
 JANITOR_EXPIRES_ANNOTATION: Final = "janitor/expires"
 GROUP_LABEL: Final = "devstack.io/route-group"
@@ -127,9 +136,18 @@ class Deployment(TypedDict, total=False):
     status: DeploymentStatus
 
 
+class ServicePort(TypedDict, total=False):
+    name: str
+    port: int
+    targetPort: int | str
+    protocol: str
+    appProtocol: str
+
+
 class ServiceSpec(TypedDict, total=False):
     selector: dict[str, str]
     type: str
+    ports: list[ServicePort]
 
 
 class Service(TypedDict, total=False):
@@ -207,9 +225,11 @@ class KubeRoutes:
 
     services: Mapping[str, Routes]
     conflicts: tuple[str, ...] = ()
-    """Two Deployments claim the same baseline, override or host; neither is routed."""
+    """Two Deployments claim the same baseline, override or host; neither is routed. (The baseline
+    Deployment and its Service annotated with different protocols: the service is routed as http1.)"""
     invalid: tuple[str, ...] = ()
-    """A labelled Deployment whose labels or annotations cannot be used; it is not routed."""
+    """A labelled Deployment whose labels or annotations cannot be used; it is not routed. (A bad
+    ``devstack.io/protocol`` only makes its service http1, and an override's own is ignored.)"""
     expiries: tuple[Expiry, ...] = ()
     """Every routed override with an expiry, soonest first."""
     groups: tuple[GroupVerdict, ...] = ()
@@ -311,14 +331,15 @@ def _port(deployment: Deployment) -> int:
     raise _Invalid(f"no port: set annotation {PORT_ANNOTATION} or give a container a containerPort")
 
 
-def _target(deployment: Deployment, host_name: str) -> Target:
+def _target(deployment: Deployment, host_name: str, protocol: str = HTTP1) -> Target:
     meta = deployment.get("metadata", {})
     annotations = meta.get("annotations") or {}
     explicit = annotations.get(UPSTREAM_ANNOTATION)
     try:
         if explicit is not None:
-            return Target(explicit.strip())
-        return Target(f"http://{host_name}.{meta.get('namespace', 'default')}.{CLUSTER_DOMAIN}:{_port(deployment)}")
+            return Target(explicit.strip(), protocol)
+        address = f"http://{host_name}.{meta.get('namespace', 'default')}.{CLUSTER_DOMAIN}:{_port(deployment)}"
+        return Target(address, protocol)
     except TableError as exc:
         raise _Invalid(f"annotation {UPSTREAM_ANNOTATION}: {exc}") from None
 
@@ -329,6 +350,48 @@ def _fallback(meta: ObjectMeta) -> Fallback:
         return Fallback(raw.strip())
     except ValueError:
         raise _Invalid(f"annotation {FALLBACK_ANNOTATION}: {raw!r} must be 'error' or 'baseline'") from None
+
+
+def _app_protocol(service: Service, port: int) -> str | None:
+    """The ``appProtocol`` of the Service port an address with ``port`` reaches: the port with that
+    number, else the one targeting it (the contract's address uses the container's port), else the
+    Service's only port."""
+    ports = service.get("spec", {}).get("ports") or []
+    chosen = next((p for p in ports if p.get("port") == port), None)
+    chosen = chosen or next((p for p in ports if p.get("targetPort") == port), None)
+    if chosen is None and len(ports) == 1:
+        chosen = ports[0]
+    return None if chosen is None else chosen.get("appProtocol")
+
+
+def _protocol(
+    name: str, claim: _Claim, target: Target, service: Service | None, invalid: list[str], conflicts: list[str]
+) -> str:
+    """Service ``name``'s upstream protocol: ``devstack.io/protocol`` on its baseline Deployment or
+    its Service, else h2c when the Service port's ``appProtocol`` says so, else http1. A bad value,
+    or two annotations that disagree, is reported and the service is routed as http1."""
+    declared: list[tuple[str, str]] = []  # (which object, the protocol its annotation names)
+    sources = [(f"deployment {claim.ref}", claim.deployment.get("metadata", {}))]
+    if service is not None:
+        sources.append((f"Service {_ref(service.get('metadata', {}))}", service.get("metadata", {})))
+    for where, meta in sources:
+        raw = (meta.get("annotations") or {}).get(PROTOCOL_ANNOTATION)
+        if raw is None:
+            continue
+        try:
+            declared.append((where, check_protocol(raw.strip())))
+        except TableError as exc:
+            invalid.append(f"{where}: annotation {PROTOCOL_ANNOTATION}: {exc}; service {name!r} routed as {HTTP1}")
+            return HTTP1
+    if len({protocol for _, protocol in declared}) > 1:
+        said = " but ".join(f"{protocol!r} on {where}" for where, protocol in declared)
+        conflicts.append(f"service {name!r}: annotation {PROTOCOL_ANNOTATION} is {said}; routed as {HTTP1}")
+        return HTTP1
+    if declared:
+        return declared[0][1]
+    if service is not None and _app_protocol(service, target.port) in H2C_APP_PROTOCOLS:
+        return H2C
+    return HTTP1
 
 
 def _default_hosts(service: str, namespace: str) -> tuple[str, ...]:
@@ -498,9 +561,12 @@ def settle_groups(
 # --- The build --------------------------------------------------------------------------------
 
 
-def routes_from_deployments(deployments: Iterable[Deployment], config_maps: Iterable[ConfigMap] = ()) -> KubeRoutes:
+def routes_from_deployments(
+    deployments: Iterable[Deployment], config_maps: Iterable[ConfigMap] = (), services: Iterable[Service] = ()
+) -> KubeRoutes:
     """Every labelled Deployment → ``Routes`` per service, with the route groups of the labelled
-    ConfigMaps resolved in each, and conflicts and problems listed."""
+    ConfigMaps resolved in each, each service's protocol from its baseline and its Service (the
+    Service named like it in the baseline's namespace), and conflicts and problems listed."""
     invalid: list[str] = []
     conflicts: list[str] = []
     baselines: dict[str, list[_Claim]] = {}
@@ -519,6 +585,7 @@ def routes_from_deployments(deployments: Iterable[Deployment], config_maps: Iter
         else:
             overrides.setdefault((claim.service, claim.key), []).append(claim)
 
+    service_objects = {_ref(svc.get("metadata", {})): svc for svc in services}
     routed_baselines: dict[str, tuple[_Claim, Target]] = {}
     for service, claims in sorted(baselines.items()):
         if len(claims) > 1:
@@ -527,9 +594,14 @@ def routes_from_deployments(deployments: Iterable[Deployment], config_maps: Iter
             continue
         claim = claims[0]
         try:
-            routed_baselines[service] = (claim, _target(claim.deployment, service))
+            address = _target(claim.deployment, service)
         except _Invalid as exc:
             invalid.append(f"deployment {claim.ref}: {exc}")
+            continue
+        namespace = claim.ref.split("/", 1)[0]
+        service_object = service_objects.get(WorkloadRef(f"{namespace}/{service}"))
+        protocol = _protocol(service, claim, address, service_object, invalid, conflicts)
+        routed_baselines[service] = (claim, Target(address.url, protocol))
 
     key_owners: dict[str, list[str]] = {}
     for (_, key), claims in overrides.items():
@@ -558,13 +630,20 @@ def routes_from_deployments(deployments: Iterable[Deployment], config_maps: Iter
                 invalid.append(f"deployment {claim.ref}: service {service!r} has no baseline Deployment; not routed")
             # Otherwise the baseline's own conflict or problem is already reported for the service.
             continue
+        protocol = routed_baselines[service][1].protocol  # the service's, which every override speaks
         try:
-            target = _target(claim.deployment, meta.get("name", ""))
+            target = _target(claim.deployment, meta.get("name", ""), protocol)
             expires_at = _expiry(meta)
             fallback = _fallback(meta)
         except _Invalid as exc:
             invalid.append(f"deployment {claim.ref}: {exc}")
             continue
+        own = (meta.get("annotations") or {}).get(PROTOCOL_ANNOTATION)
+        if own is not None and own.strip() != protocol:
+            invalid.append(
+                f"deployment {claim.ref}: annotation {PROTOCOL_ANNOTATION}: {own!r} ignored: service {service!r} "
+                f"speaks {protocol!r}, set on its baseline Deployment or Service"
+            )
         ready = (claim.deployment.get("status", {}).get("readyReplicas") or 0) > 0
         by_service.setdefault(service, {})[key] = Override(
             key=key,
@@ -581,16 +660,16 @@ def routes_from_deployments(deployments: Iterable[Deployment], config_maps: Iter
             )
 
     hosts = _settle_hosts(routed_baselines, conflicts)
-    services: dict[str, Routes] = {}
+    routed: dict[str, Routes] = {}
     for service, (_, target) in routed_baselines.items():
         mine = by_service.get(service, {})
         try:
-            services[service] = Routes(service, target, mine, hosts[service], groups=groups)
+            routed[service] = Routes(service, target, mine, hosts[service], groups=groups)
         except TableError as exc:  # settle_groups leaves nothing for Routes to refuse; never lose a service
             conflicts.append(f"service {service!r}: {exc}; its route groups are not routed")
-            services[service] = Routes(service, target, mine, hosts[service])
+            routed[service] = Routes(service, target, mine, hosts[service])
     expiries.sort(key=lambda e: (e.expires_at, e.service, e.key))
-    return KubeRoutes(services, tuple(conflicts), tuple(invalid), tuple(expiries), verdicts)
+    return KubeRoutes(routed, tuple(conflicts), tuple(invalid), tuple(expiries), verdicts)
 
 
 def _settle_hosts(baselines: Mapping[str, tuple[_Claim, Target]], conflicts: list[str]) -> dict[str, tuple[str, ...]]:

@@ -185,6 +185,13 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="log request paths with their query strings (queries may carry tokens and personal data)",
     )
+    tls = p.add_argument_group("TLS on the proxy listener (ingress; upstreams stay cleartext)")
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate chain; re-read when it changes (cert-manager renewals), ALPN h2 and http/1.1",
+    )
+    tls.add_argument("--tls-key", metavar="FILE", help="PEM private key for --tls-cert")
     edge = p.add_argument_group("keys from browsers (ingress mode; see the README's \"From a browser\")")
     edge.add_argument(
         "--preview-domain",
@@ -329,6 +336,8 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         key_cookie_domain=args.key_cookie_domain,
         key_cookie_max_age=args.key_cookie_max_age,
         edge_key_clients=tuple(args.edge_key_clients),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         timeouts=Timeouts(
             header_read=args.header_timeout,
             keepalive_idle=args.keepalive_timeout,

@@ -2,9 +2,9 @@
 
 This package is the public face of the SDK: the routing-key helpers, ``inject``/``extract`` for any
 header container, and the framework middleware in the submodules ``propagation.aiohttp``,
-``propagation.asgi`` and ``propagation.wsgi``, which are imported only when first used so that
-importing this package never pulls in a web framework. It must never import ``router`` or
-``controller``.
+``propagation.asgi`` and ``propagation.wsgi`` and the gRPC interceptors in ``propagation.grpc``,
+which are imported only when first used so that importing this package never pulls in a web
+framework or grpcio. It must never import ``router`` or ``controller``.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ __all__ = [
     "with_routing_key",
 ]
 
-_MIDDLEWARE_MODULES = frozenset({"aiohttp", "asgi", "wsgi"})
+_FRAMEWORK_MODULES = frozenset({"aiohttp", "asgi", "grpc", "wsgi"})
 
 
 def __getattr__(name: str) -> ModuleType:
     # PEP 562: `propagation.aiohttp.middleware` works after a bare `import propagation`, while
-    # services that never touch aiohttp never import it.
-    if name in _MIDDLEWARE_MODULES:
+    # services that never touch aiohttp (or grpcio) never import it.
+    if name in _FRAMEWORK_MODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -126,6 +126,17 @@ class _RouterCollector(Collector):
             "devstack_tunnels_open", "Upgraded (WebSocket) tunnels not yet ended.", value=stats.tunnels_open
         )
         yield CounterMetricFamily(
+            "devstack_http2_connections", "Client connections served as HTTP/2.", value=stats.h2_connections
+        )
+        goaway = CounterMetricFamily(
+            "devstack_http2_goaway",
+            "HTTP/2 client connections cut off for misbehaving, by why (an HTTP/2 error code, a budget).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.h2_goaway.items()):
+            goaway.add_metric([reason], count)
+        yield goaway
+        yield CounterMetricFamily(
             "devstack_refused_connections", "Client connections refused at the cap.", value=stats.refused_connections
         )
         failures = CounterMetricFamily(

@@ -26,7 +26,7 @@ from html import escape
 from typing import Final
 from urllib.parse import urlencode
 
-from router.table import Fallback, Override, Routes, RouteTable
+from router.table import HTTP1, Fallback, Override, Routes, RouteTable
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
@@ -256,11 +256,13 @@ def _service(snap: Snapshot, routes: Routes) -> str:
     overrides = sorted(routes.overrides.values(), key=lambda ov: ov.key)
     hosts = ", ".join(escape(h) for h in routes.hosts if h != service)
     base_url = f"{snap.links.scheme}://{snap.links.authority(snap.links.service_host(routes))}/"
+    # Only an unusual protocol is worth a word; HTTP/1.1 is every other service's.
+    protocol = "" if routes.protocol == HTTP1 else f' <span class="lbl" title="protocol">{routes.protocol}</span>'
     cells = [
         f'<div class="who"><span class="name">{escape(service)}</span>'
         + (f' <span class="hosts" title="{hosts}">{hosts}</span>' if hosts else "")
         + "</div>",
-        f'<div class="base"><span class="lbl">baseline</span> <code>{escape(routes.baseline.url)}</code>'
+        f'<div class="base"><span class="lbl">baseline</span> <code>{escape(routes.baseline.url)}</code>{protocol}'
         f' <a class="open" href="{escape(base_url)}" rel="noreferrer" title="{escape(base_url)}">open \u2197</a></div>',
     ]
     if snap.requests is not None:

@@ -63,6 +63,10 @@ class Answer(enum.Enum):
                           "(without `fallback: baseline`)")  # fmt: skip
     OVERRIDE_EXPIRED = (503, "override-expired", False, "the key's override is past its TTL "
                         "(without `fallback: baseline`)")  # fmt: skip
+    HTTP1_TO_H2C = (502, "upstream-h2c-only", False, "an HTTP/1.1 request to a service whose upstreams speak "
+                    "only h2c (`protocol: h2c`): send it over HTTP/2")  # fmt: skip
+    GRPC_NEEDS_H2C = (502, "upstream-not-h2c", False, "a gRPC call to a service whose upstream speaks HTTP/1.1, "
+                      "which cannot carry trailers (give the service `protocol: h2c`)")  # fmt: skip
     # -- the upstream: nothing of a response had reached the client yet
     UPSTREAM_CONNECT = (502, "connect", False, "the upstream refused or could not be reached")
     UPSTREAM_RESET = (502, "reset", False, "the upstream closed or reset the connection before a whole response")
@@ -70,6 +74,8 @@ class Answer(enum.Enum):
                     "(that connection is discarded)")  # fmt: skip
     POOL_FULL = (503, "pool-full", False, "the upstream's connection pool and its wait queue are full")
     UPSTREAM_TIMEOUT = (504, "timeout", False, "the upstream did not connect or answer within its timeout")
+    DEADLINE = (504, "deadline-exceeded", False, "an HTTP/2 request's `grpc-timeout` ran out before the "
+                "upstream answered (the upstream call is cancelled)")  # fmt: skip
 
     # Properties over the value rather than an __init__: compiled (mypyc) enums take no custom __init__.
     @property
@@ -99,8 +105,43 @@ class Answer(enum.Enum):
         """An upstream's failure (counted in ``devstack_upstream_errors``), not the client's."""
         return self.status in (502, 503, 504) and self not in _ROUTING
 
+    @property
+    def grpc_status(self) -> int:
+        """The status of the trailers-only gRPC response this answer is given as to a gRPC call:
+        gRPC's own mapping of HTTP statuses, made precise where the catalogue knows more (a
+        timeout is DEADLINE_EXCEEDED, a size limit RESOURCE_EXHAUSTED)."""
+        known = _GRPC_STATUS.get(self)
+        if known is not None:
+            return known
+        status = self.status
+        if status >= 500:
+            return 14  # UNAVAILABLE: not ready, upstream down or unreachable
+        if status == 403:
+            return 7  # PERMISSION_DENIED
+        if status == 404:
+            return 12  # UNIMPLEMENTED
+        return 13  # INTERNAL: a request the router could not take
 
-_ROUTING = frozenset({Answer.OVERRIDE_NOT_READY, Answer.OVERRIDE_EXPIRED})
+
+# 5xx answers that are no upstream's failure: the table's, the service's protocol, the caller's deadline.
+_ROUTING = frozenset(
+    {Answer.OVERRIDE_NOT_READY, Answer.OVERRIDE_EXPIRED, Answer.HTTP1_TO_H2C, Answer.GRPC_NEEDS_H2C, Answer.DEADLINE}
+)
+_GRPC_STATUS = {
+    Answer.UPSTREAM_TIMEOUT: 4,  # DEADLINE_EXCEEDED
+    Answer.DEADLINE: 4,
+    Answer.HEADER_TIMEOUT: 4,
+    Answer.BODY_TIMEOUT: 4,
+    Answer.SLOW_BODY: 4,
+    Answer.BODY_TOO_LARGE: 8,  # RESOURCE_EXHAUSTED
+    Answer.HEADERS_TOO_LARGE: 8,
+}
+GRPC_CODES = {
+    0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
+    6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
+    10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
+    15: "DATA_LOSS", 16: "UNAUTHENTICATED",
+}  # fmt: skip
 
 
 def render(
@@ -153,10 +194,11 @@ def render(
 
 def markdown_table() -> str:
     """The README's error table, one row per answer, in catalogue order."""
-    rows = ["| status | reason | closes | when |", "|---|---|---|---|"]
+    rows = ["| status | gRPC status | reason | closes | when |", "|---|---|---|---|---|"]
     for answer in Answer:
         closes = "yes" if answer.closes else "no"
-        rows.append(f"| {answer.status} | `{answer.reason}` | {closes} | {answer.when} |")
+        grpc = GRPC_CODES[answer.grpc_status]
+        rows.append(f"| {answer.status} | {grpc} | `{answer.reason}` | {closes} | {answer.when} |")
     return "\n".join(rows) + "\n"
 
 

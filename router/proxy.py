@@ -26,6 +26,8 @@ from router.accesslog import AccessLog
 from router.errors import Answer, render
 from router.failures import FailureLog
 from router.flow import BUFFER, DONE, PIPELINE, UPGRADE, UPSTREAM, FlowControl
+from router.h2upstream import H2Pool
+from router.http2 import PRI_HEAD, Http2Connection
 from router.keys import KeySource
 from router.relay import ResponseRelay
 from router.request import HeadCache, Plan, Policy, TableSlot, decide
@@ -66,14 +68,18 @@ class ProxyContext:
         self.slot = slot
         self.stats = stats or RouterStats()
         self.pool = UpstreamPool(loop, settings.timeouts, settings.limits, self.stats)
+        self.h2pool = H2Pool(loop, settings.timeouts, settings.limits)
+        """Multiplexed h2c connections to the upstreams of services with ``protocol: h2c``."""
         self.policy = Policy(settings, key_sources, tracer)
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[ClientConnection | Http2Connection] = set()
         self.draining = False
         self.tracer = tracer
         """Off (None) by default: then tracing costs one attribute check per request."""
         self.access_log = access_log
         """Off (None) unless configured: then it costs one attribute check per request."""
         self.failures = FailureLog()
+        self.tls = settings.tls_cert is not None
+        """The listener speaks TLS: ALPN may have chosen HTTP/2 at the handshake."""
 
     def protocol_factory(self) -> asyncio.Protocol:
         # An asyncio protocol by its methods, which uvloop and asyncio call by name; its one base
@@ -91,6 +97,7 @@ class ProxyContext:
         for conn in list(self.connections):
             conn.abort()
         self.pool.close()
+        self.h2pool.close()
 
 
 class _Stop(Exception):
@@ -172,6 +179,9 @@ class ClientConnection(ExchangeOwner):
         self._pending_reject: _Reject | None = None
         self._plain_after_upgrade = False
         """llhttp stopped at an Upgrade the router does not tunnel: parsing goes on afresh."""
+        self._fresh = True
+        """No request head has been decided on this connection yet (or a CONNECT has just been
+        accepted): an HTTP/2 preface here makes it an HTTP/2 connection."""
         # The exchanges: the request being parsed, the one running, the ones waiting their turn.
         self._parsing: _Request | None = None
         self._active: _Request | None = None
@@ -209,6 +219,11 @@ class ClientConnection(ExchangeOwner):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ctx.tls:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                self._to_http2(b"")  # the handshake chose HTTP/2: the preface comes next
+                return
         self._arm(ctx.settings.timeouts.header_read)
 
     def data_received(self, data: bytes) -> None:
@@ -233,8 +248,9 @@ class ClientConnection(ExchangeOwner):
         except httptools.HttpParserUpgrade as exc:
             rest = data[exc.args[0] :]
             if self._plain_after_upgrade:
-                # An Upgrade we do not tunnel was forwarded as a plain request; llhttp has
-                # stopped at it for good, so a fresh parser reads whatever follows.
+                # An Upgrade we do not tunnel was forwarded as a plain request, or a CONNECT was
+                # accepted; llhttp has stopped at it for good, so a fresh parser reads whatever
+                # follows (after a CONNECT, an HTTP/2 preface or HTTP/1.1 requests).
                 self._plain_after_upgrade = False
                 self._parser = httptools.HttpRequestParser(self)
                 self._feed = self._parser.feed_data
@@ -248,6 +264,13 @@ class ClientConnection(ExchangeOwner):
         except (httptools.HttpParserError, _Reject) as exc:
             if self._state == _LINGERING:
                 return  # the exchange was answered mid-feed; what follows is discarded unread
+            if self._fresh and not isinstance(exc, _Reject) and self._parser.get_method() == b"PRI":
+                # llhttp stops after the preface's first 18 bytes, "PRI * HTTP/2.0\r\n\r\n";
+                # what it read of them before this read is counted in _head_bytes.
+                offset = len(PRI_HEAD) - self._head_bytes
+                if 0 <= offset <= len(data) and (data[:offset] == PRI_HEAD[-offset:] if offset else True):
+                    self._to_http2(PRI_HEAD + data[offset:])
+                    return
             # httptools wraps exceptions raised in some callbacks; ours are parked on self.
             pending, self._pending_reject = self._pending_reject, None
             if isinstance(exc, _Reject):
@@ -393,9 +416,14 @@ class ClientConnection(ExchangeOwner):
         ctx = self.ctx
         decide(ctx.policy, self._cache, ctx.slot, parser.get_method(), target, version, keep_alive, parser_upgrade,
                self._headers, req)  # fmt: skip
+        self._fresh = False
         if ctx.draining:
             req.keep_alive = False
-        if parser_upgrade and not req.upgrade and req.refusal is None:
+        if req.connect and (self._active is not None or self._queue):
+            req.refusal = Answer.CONNECT  # pipelined behind other requests: what follows is not ours to read yet
+            req.connect = False
+            req.keep_alive = False
+        if (parser_upgrade or req.connect) and not req.upgrade and req.refusal is None:
             # llhttp stops at any Upgrade head for good; this one goes on as a plain request.
             self._plain_after_upgrade = True
         if self._active is None and not self._queue:
@@ -466,6 +494,9 @@ class ClientConnection(ExchangeOwner):
         if refusal is not None:
             self._answer(refusal, req.detail)
             return
+        if req.connect:
+            self._connected(req)
+            return
         if req.small_body and not req.complete:
             # A small body is read whole first (on_message_complete acquires), within the body
             # timeout: a client dripping it holds its own connection, never a pooled one.
@@ -477,6 +508,9 @@ class ClientConnection(ExchangeOwner):
     def _acquire(self, req: _Request, fresh: bool) -> None:
         decision = req.decision
         assert decision is not None and decision.target is not None
+        if decision.target.protocol == "h2c":
+            self._answer(Answer.HTTP1_TO_H2C)  # (HTTP/2 clients reach it through router.http2)
+            return
         try:
             conn = self.ctx.pool.acquire(decision.target, self, fresh=fresh)
         except PoolFull:
@@ -507,6 +541,33 @@ class ClientConnection(ExchangeOwner):
             conn.write(_CHUNK_END)
         # A request complete before the upstream was attached needs no request_sent(): start()
         # already applied the response timeout (no body pending) and every write since counts as I/O.
+
+    def _connected(self, req: _Request) -> None:
+        """A sidecar's CONNECT to a service: 200, then the same connection starts afresh (the
+        parser is replaced when llhttp stops at the CONNECT head, see data_received)."""
+        assert self.transport is not None
+        raw = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        self.transport.write(raw)
+        self._relay.status = 200
+        self._relay.keep_alive = True
+        self._fresh = True
+        self._finish_exchange()
+
+    def _to_http2(self, data: bytes) -> None:
+        """The client spoke the HTTP/2 preface first: the connection is HTTP/2's from here."""
+        transport = self.transport
+        if transport is None:
+            return
+        ctx = self.ctx
+        self._state = _CLOSED
+        self._flow.closed = True
+        self._cancel_timer()
+        ctx.connections.discard(self)
+        ctx.stats.h2_connections += 1
+        conn = Http2Connection(ctx, self._cache)
+        transport.set_protocol(cast(asyncio.Protocol, conn))
+        conn.connection_made(transport)
+        conn.data_received(data)
 
     def _answer(self, answer: Answer, detail: str | None = None) -> None:
         """The router answers the active request itself, then moves on or closes."""

@@ -147,6 +147,8 @@ class Policy:
         )
         self.tracer = tracer
         """Off (None) by default: then tracing costs one attribute check per request."""
+        self.forwarded_proto = b"https" if settings.tls_cert else b"http"
+        """The X-Forwarded-Proto the router writes: what the client spoke to this listener."""
 
 
 class HeadCache:
@@ -206,6 +208,9 @@ class Plan:
         """Edge sources that named another key and lost (``cookie=bob``), for the debug header."""
         self.extra_head = b""
         """Fields the router's own answer carries (the key cookie's Location and Set-Cookie)."""
+        self.connect = False
+        """A sidecar's ``CONNECT`` to a service in the table: answered 200, then the connection
+        is served as if the client had connected to the router for that service."""
 
     def route_header(self) -> bytes:
         """The ``x-devstack-route`` value (debug requests only)."""
@@ -308,7 +313,7 @@ def _decide(
     else:
         return Answer.VERSION
     if method == b"CONNECT":
-        return Answer.CONNECT
+        return _connect(policy, slot, target, plan)
 
     # Only absolute-form names its own authority; origin-form and OPTIONS' asterisk-form
     # forward the client's Host line where it stood.
@@ -518,13 +523,14 @@ def _decide(
         if authority != cache.forwarded_authority:
             cache.forwarded_authority = authority
             cache.forwarded = (
-                b"X-Forwarded-For: " + peer + b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: " + authority + _CRLF
+                b"X-Forwarded-For: " + peer + b"\r\nX-Forwarded-Proto: " + policy.forwarded_proto
+                + b"\r\nX-Forwarded-Host: " + authority + _CRLF
             )
         out.append(cache.forwarded)
     else:
         out += (b"X-Forwarded-For: ", forwarded_for + b", " + peer if forwarded_for else peer, _CRLF)
         if not policy.trust_forwarded:
-            out += (b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: ", authority, _CRLF)
+            out += (b"X-Forwarded-Proto: ", policy.forwarded_proto, b"\r\nX-Forwarded-Host: ", authority, _CRLF)
     if plan.chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     elif content_length >= 0 and (content_length > 0 or method not in (b"GET", b"HEAD")):
@@ -533,6 +539,21 @@ def _decide(
         out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, _CRLF)
     out.append(_CRLF)
     plan.head = _join(out)
+    return None
+
+
+def _connect(policy: Policy, slot: TableSlot, target: bytes, plan: Plan) -> Answer | None:
+    """``CONNECT host:port`` (what gRPC and other clients send through ``grpc_proxy`` or
+    ``http_proxy``): a sidecar accepts it only for a service in its table, so the router never
+    becomes an open proxy; an ingress refuses it outright."""
+    if policy.no_route is not Answer.NO_ROUTE_SIDECAR:
+        return Answer.CONNECT
+    if b"@" in target or target[:1] == b"/" or not is_valid_authority(target):
+        return Answer.TARGET_AUTHORITY
+    if slot.table.routes_for_authority(target.decode("latin-1")) is None:
+        return Answer.NO_ROUTE_SIDECAR
+    plan.authority = target
+    plan.connect = True
     return None
 
 

@@ -9,7 +9,10 @@ nothing about where tables come from; the CLI composes it with the controller's 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +29,57 @@ from router.table import EMPTY_TABLE, RouteTable
 if TYPE_CHECKING:
     from router.tracing import RequestTracer
 
-__all__ = ["RouterServer"]
+__all__ = ["RouterServer", "TlsFiles"]
+
+log = logging.getLogger(__name__)
+
+
+class TlsFiles:
+    """The listener's certificate and key, re-read into the same SSL context when either file
+    changes: new handshakes get the new certificate, connections already open keep theirs (what
+    a cert-manager renewal needs). A pair that does not load is logged and the last good one kept."""
+
+    POLL_SECONDS = 2.0
+
+    def __init__(self, cert: str, key: str) -> None:
+        self.cert = cert
+        self.key = key
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.set_alpn_protocols(["h2", "http/1.1"])
+        self.loads = 0
+        self._stamp = self._stamps()
+        self.context.load_cert_chain(cert, key)  # at start a bad pair is the user's to fix: raise
+        self.loads = 1
+
+    def _stamps(self) -> tuple[float, float, int, int]:
+        cert, key = os.stat(self.cert), os.stat(self.key)
+        return (cert.st_mtime, key.st_mtime, cert.st_ino, key.st_ino)
+
+    def check(self) -> bool:
+        """Reload if either file changed since the last look; whether a new pair was loaded."""
+        try:
+            stamp = self._stamps()
+        except OSError as exc:
+            log.error("TLS: cannot read %s: %s; the last good certificate stays", exc.filename, exc.strerror)
+            return False
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            # Mid-renewal the two files may disagree for a moment: the next change retries.
+            log.error("TLS: %s and %s did not load (%s); the last good certificate stays", self.cert, self.key, exc)
+            return False
+        self.loads += 1
+        log.info("TLS: certificate %s reloaded", self.cert)
+        return True
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.POLL_SECONDS)
+            self.check()
 
 
 class RouterServer:
@@ -49,6 +102,8 @@ class RouterServer:
         self.ctx: ProxyContext | None = None
         self.address: tuple[str, int] = ("", 0)
         self.admin_address: tuple[str, int] = ("", 0)
+        self.tls: TlsFiles | None = None
+        self._tls_watch: asyncio.Task[None] | None = None
 
     @property
     def table(self) -> RouteTable:
@@ -74,12 +129,16 @@ class RouterServer:
                 sample=settings.access_log_sample,
             )
         self.ctx = ProxyContext(loop, settings, self.slot, self.stats, tracer=self.tracer, access_log=self.access_log)
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            self.tls = TlsFiles(settings.tls_cert, settings.tls_key)
+            self._tls_watch = loop.create_task(self.tls.watch(), name="tls-reload")
         self._server = await loop.create_server(
             self.ctx.protocol_factory,
             listen[0],
             listen[1],
             reuse_address=True,
             backlog=4096,
+            ssl=self.tls.context if self.tls is not None else None,
         )
         sock: socket.socket = self._server.sockets[0]
         self.address = sock.getsockname()[:2]
@@ -98,6 +157,9 @@ class RouterServer:
         """Stop accepting, let in-flight exchanges finish for ``drain`` seconds, close all."""
         if self._server is not None:
             self._server.close()
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
+            self._tls_watch = None
         if self.ctx is not None:
             await self.ctx.drain(self.settings.timeouts.drain if drain is None else drain)
         if self._server is not None:

@@ -140,6 +140,10 @@ class RouterSettings:
     """Seconds the cookie lives: a working day, so a forgotten key does not route tomorrow."""
     edge_key_clients: tuple[str, ...] = ()
     """Networks (CIDR) whose clients may choose a key at the edge; empty: every client."""
+    tls_cert: str | None = None
+    """PEM certificate chain for TLS on the proxy listener (with ``tls_key``); None: cleartext.
+    ALPN offers ``h2`` and ``http/1.1``; upstreams stay cleartext inside the cluster."""
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         for cidr in self.edge_key_clients:
@@ -155,5 +159,7 @@ class RouterSettings:
             raise ValueError(f"--access-log-sample {self.access_log_sample}: must be 1 or more")
         if self.access_log_format not in ("json", "text"):
             raise ValueError(f"--access-log-format {self.access_log_format}: must be json or text")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
         if b"h2c" in self.upgrade_protocols:
             raise ValueError("--upgrade h2c: h2c is never tunnelled, it would carry requests past the router's checks")

@@ -69,6 +69,8 @@ class RouterStats:
         "upstream_connections",
         "refused_connections",
         "tunnels_open",
+        "h2_connections",
+        "h2_goaway",
         "table_failures",
         "source_confirmed",
     )
@@ -91,6 +93,10 @@ class RouterStats:
         self.upstream_connections = 0
         self.refused_connections = 0
         self.tunnels_open = 0
+        self.h2_connections = 0
+        """Client connections served as HTTP/2 (prior knowledge, ALPN, or after CONNECT)."""
+        self.h2_goaway: defaultdict[str, int] = defaultdict(int)
+        """HTTP/2 client connections the router cut off, by why (an error code, a budget)."""
         """Upgraded (WebSocket) client connections whose tunnel has not ended yet."""
         self.table_failures: dict[str, int] = {}
         """Source → updates rejected (the last good table kept serving) or failed fetches."""

@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 from router.errors import Answer
 
 __all__ = [
+    "H2C",
+    "HTTP1",
+    "PROTOCOLS",
     "Decision",
     "Fallback",
     "Override",
@@ -27,11 +30,27 @@ __all__ = [
     "Target",
     "TargetKind",
     "TableError",
+    "check_protocol",
 ]
 
 
 class TableError(ValueError):
     """A route definition is invalid; the message says which service and field."""
+
+
+HTTP1: Final = "http1"
+"""HTTP/1.1 to the upstream, pooled keep-alive connections: the default, what every service speaks."""
+H2C: Final = "h2c"
+"""HTTP/2 over cleartext with prior knowledge (gRPC): a few multiplexed connections per upstream."""
+PROTOCOLS: Final = (HTTP1, H2C)
+"""Every upstream protocol a service may declare, default first (route file, feed, Kubernetes)."""
+
+
+def check_protocol(value: object) -> str:
+    """``value`` when it is one of ``PROTOCOLS``; otherwise TableError saying what it must be."""
+    if isinstance(value, str) and value in PROTOCOLS:
+        return value
+    raise TableError(f"{value!r} must be " + " or ".join(repr(p) for p in PROTOCOLS))
 
 
 class Fallback(enum.Enum):
@@ -51,16 +70,24 @@ class TargetKind(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Target:
-    """One upstream address: where a baseline or an override listens."""
+    """One upstream address: where a baseline or an override listens, and how to speak to it."""
 
     url: str
+    protocol: str = HTTP1
+    """How the router speaks to this upstream: ``"http1"`` or ``"h2c"`` (``PROTOCOLS``). It is the
+    service's, so every Target of one service (baseline and overrides) carries the same."""
     host: str = dataclasses.field(init=False)
     port: int = dataclasses.field(init=False)
     pool_key: Hashable = dataclasses.field(init=False, repr=False, compare=False)
-    """``(host, port)``, the upstream pool's key for this address. Typed ``Hashable`` so that,
-    compiled, it stays one tuple object instead of a C struct re-boxed on every pool lookup."""
+    """``(host, port)`` for HTTP/1.1 and ``(host, port, "h2c")`` for h2c: the upstream pool's key, so
+    an HTTP/1.1 and an h2c pool to one address never share a connection. Typed ``Hashable`` so
+    that, compiled, it stays one tuple object instead of a C struct re-boxed on every pool lookup."""
 
     def __post_init__(self) -> None:
+        try:
+            check_protocol(self.protocol)
+        except TableError as refused:  # not ``exc``: compiled, one name keeps the type it first had
+            raise TableError(f"upstream {self.url!r}: protocol {refused}") from None
         parts = urlsplit(self.url)
         if parts.scheme != "http":
             raise TableError(f"upstream {self.url!r}: only http:// upstreams are supported")
@@ -74,7 +101,8 @@ class Target:
             raise TableError(f"upstream {self.url!r}: {exc}") from None
         object.__setattr__(self, "host", parts.hostname)
         object.__setattr__(self, "port", port)
-        object.__setattr__(self, "pool_key", (parts.hostname, port))
+        pool_key: Hashable = (parts.hostname, port) if self.protocol == HTTP1 else (parts.hostname, port, H2C)
+        object.__setattr__(self, "pool_key", pool_key)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -162,6 +190,11 @@ class Routes:
         for key, ov in self.overrides.items():
             if key != ov.key:
                 raise TableError(f"service {self.service!r}: override filed under {key!r} names {ov.key!r}")
+            if ov.target.protocol != self.baseline.protocol:
+                raise TableError(
+                    f"service {self.service!r}: override {key!r} speaks {ov.target.protocol!r} but the service "
+                    f"speaks {self.baseline.protocol!r}: the protocol is the service's"
+                )
             by_key[key] = _OverrideDecisions(
                 override=ov,
                 serve=Decision(self.service, key, TargetKind.OVERRIDE, ov.target, "override"),
@@ -187,6 +220,11 @@ class Routes:
                 expired=self._unusable(ov, Answer.OVERRIDE_EXPIRED, group),
             )
         object.__setattr__(self, "_by_key", by_key)
+
+    @property
+    def protocol(self) -> str:
+        """The service's upstream protocol, which its baseline and every override carry."""
+        return self.baseline.protocol
 
     def _unusable(self, ov: Override, answer: Answer, group: str | None = None) -> Decision:
         key, via = (ov.key, None) if group is None else (group, ov.key)
@@ -274,6 +312,9 @@ class RouteTable:
         return dict(self.services) == dict(other.services)
 
     def to_json(self) -> dict[str, object]:
+        """The table as the admin ``/routes`` and the controller feed (``/v1/routes``) send it: the
+        route file's shape, which ``controller.sources.remote.routes_from_json`` reads back. A
+        service's ``protocol`` is written only when it is not ``http1``."""
         groups: dict[str, list[str]] = {}
         for routes in self.services.values():
             for group, members in routes.groups.items():
@@ -286,6 +327,9 @@ class RouteTable:
                 name: {
                     "hosts": list(routes.hosts),
                     "baseline": routes.baseline.url,
+                    # Only when not the default: an HTTP/1.1 service reads as it did before protocols
+                    # existed, so routers that predate them still accept it.
+                    **({} if routes.protocol == HTTP1 else {"protocol": routes.protocol}),
                     "overrides": {
                         key: {
                             "url": ov.target.url,

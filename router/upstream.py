@@ -17,7 +17,7 @@ import enum
 import socket
 from collections.abc import Callable, Hashable
 from time import perf_counter
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -118,6 +118,48 @@ class ExchangeOwner:
 
     def upstream_resume(self) -> None:
         raise NotImplementedError
+
+
+class ForwardedOwner(ExchangeOwner):
+    """An ``ExchangeOwner`` that passes every report to ``owner``, any object with the same
+    methods: compiled, a native class cannot be subclassed by an interpreted one, and the
+    HTTP/2 front end's streams (``router.http2``) are interpreted."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+
+    def upstream_ready(self, conn: UpstreamConnection | None, failure: Answer | None) -> None:
+        self.owner.upstream_ready(conn, failure)
+
+    def upstream_interim(self, status: int, head: bytes) -> None:
+        self.owner.upstream_interim(status, head)
+
+    def upstream_head(self, status: int, head: bytes, passthrough: bytes | None, framing: Framing) -> None:
+        self.owner.upstream_head(status, head, passthrough, framing)
+
+    def upstream_body(self, data: bytes) -> None:
+        self.owner.upstream_body(data)
+
+    def upstream_complete(self, reusable: bool) -> None:
+        self.owner.upstream_complete(reusable)
+
+    def upstream_failed(self, failure: Answer, response_started: bool) -> None:
+        self.owner.upstream_failed(failure, response_started)
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        self.owner.upstream_upgraded(rest)
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        self.owner.upstream_tunnel_data(data)
+
+    def upstream_tunnel_eof(self) -> None:
+        self.owner.upstream_tunnel_eof()
+
+    def upstream_pause(self) -> None:
+        self.owner.upstream_pause()
+
+    def upstream_resume(self) -> None:
+        self.owner.upstream_resume()
 
 
 class UpstreamConnection(asyncio.Protocol):

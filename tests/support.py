@@ -11,15 +11,17 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import enum
 import hashlib
+import itertools
 import json
 import os
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, cast
 
 import aiohttp
 from aiohttp import web
@@ -136,7 +138,8 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
 
 
 def make_table(services: dict[str, dict[str, Any]], version: int = 1) -> RouteTable:
-    """Compact table construction: {"a": {"baseline": url, "overrides": {"alice": url|dict}}}."""
+    """Compact table construction: {"a": {"baseline": url, "overrides": {"alice": url|dict}}}
+    (``"protocol": "h2c"`` for a gRPC service)."""
     built = {}
     for name, spec in services.items():
         overrides = {}
@@ -145,12 +148,13 @@ def make_table(services: dict[str, dict[str, Any]], version: int = 1) -> RouteTa
                 ov = {"url": ov}
             overrides[key] = Override(
                 key=key,
-                target=Target(ov["url"]),
+                target=Target(ov["url"], spec.get("protocol", "http1")),
                 ready=ov.get("ready", True),
                 expires_at=ov.get("expires_at"),
                 fallback=Fallback(ov.get("fallback", "error")),
             )
-        built[name] = Routes(name, Target(spec["baseline"]), overrides, tuple(spec.get("hosts", ())))
+        baseline = Target(spec["baseline"], spec.get("protocol", "http1"))
+        built[name] = Routes(name, baseline, overrides, tuple(spec.get("hosts", ())))
     return RouteTable(built, version=version, sources=("test",))
 
 
@@ -275,3 +279,216 @@ def reset(writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+# -- HTTP/2 on the wire: frames built and parsed by hand, and a raw client end ----------------------
+
+H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class H2Type(enum.IntEnum):
+    """Frame types (RFC 9113 6)."""
+
+    DATA = 0x0
+    HEADERS = 0x1
+    PRIORITY = 0x2
+    RST_STREAM = 0x3
+    SETTINGS = 0x4
+    PUSH_PROMISE = 0x5
+    PING = 0x6
+    GOAWAY = 0x7
+    WINDOW_UPDATE = 0x8
+    CONTINUATION = 0x9
+
+
+END_STREAM: Final = 0x1
+ACK: Final = 0x1
+"""SETTINGS and PING use the bit END_STREAM uses on DATA and HEADERS."""
+END_HEADERS: Final = 0x4
+PADDED: Final = 0x8
+PRIORITY: Final = 0x20
+MAX_FRAME: Final = 16384
+"""SETTINGS_MAX_FRAME_SIZE's initial value: the largest frame a peer must accept unasked."""
+
+
+def h2_frame(kind: int, flags: int, stream_id: int, payload: bytes = b"", *, length: int | None = None) -> bytes:
+    """One frame (RFC 9113 4.1), checked for nothing, so anything can be sent; ``length`` lies
+    about the payload's size when given."""
+    size = len(payload) if length is None else length
+    return size.to_bytes(3, "big") + bytes((kind & 0xFF, flags & 0xFF)) + struct.pack(">I", stream_id) + payload
+
+
+def h2_settings(*pairs: tuple[int, int], ack: bool = False) -> bytes:
+    return h2_frame(H2Type.SETTINGS, ACK if ack else 0, 0, b"".join(struct.pack(">HI", k, v) for k, v in pairs))
+
+
+def h2_window_update(stream_id: int, increment: int) -> bytes:
+    return h2_frame(H2Type.WINDOW_UPDATE, 0, stream_id, struct.pack(">I", increment))
+
+
+def h2_rst(stream_id: int, code: int) -> bytes:
+    return h2_frame(H2Type.RST_STREAM, 0, stream_id, struct.pack(">I", code))
+
+
+def h2_ping(opaque: bytes = b"\0" * 8, *, ack: bool = False) -> bytes:
+    return h2_frame(H2Type.PING, ACK if ack else 0, 0, opaque)
+
+
+def h2_goaway(last_stream_id: int, code: int) -> bytes:
+    return h2_frame(H2Type.GOAWAY, 0, 0, struct.pack(">II", last_stream_id, code))
+
+
+def h2_request_fields(
+    authority: bytes, path: bytes, method: bytes = b"GET", extra: Sequence[tuple[bytes, bytes]] = ()
+) -> list[tuple[bytes, bytes]]:
+    return [(b":method", method), (b":scheme", b"http"), (b":authority", authority), (b":path", path), *extra]
+
+
+def h2_header_block(stream_id: int, block: bytes, *, end_stream: bool, frame_size: int = MAX_FRAME) -> bytes:
+    """A header block as HEADERS and, past ``frame_size``, CONTINUATION frames."""
+    first, rest = block[:frame_size], block[frame_size:]
+    pieces = [rest[i : i + frame_size] for i in range(0, len(rest), frame_size)]
+    flags = (END_STREAM if end_stream else 0) | (0 if pieces else END_HEADERS)
+    out = [h2_frame(H2Type.HEADERS, flags, stream_id, first)]
+    for i, piece in enumerate(pieces):
+        out.append(h2_frame(H2Type.CONTINUATION, END_HEADERS if i == len(pieces) - 1 else 0, stream_id, piece))
+    return b"".join(out)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class H2Frame:
+    """A frame as received: its type, flags, stream and payload (padding left in)."""
+
+    kind: int
+    flags: int
+    stream_id: int
+    payload: bytes
+
+    @property
+    def error_code(self) -> int:
+        """A GOAWAY's or RST_STREAM's error code."""
+        at = 4 if self.kind == H2Type.GOAWAY else 0
+        return int.from_bytes(self.payload[at : at + 4], "big")
+
+    @property
+    def last_stream_id(self) -> int:
+        """A GOAWAY's last stream id."""
+        return int.from_bytes(self.payload[:4], "big") & 0x7FFFFFFF
+
+    def settings(self) -> dict[int, int]:
+        return {k: v for k, v in (struct.unpack_from(">HI", self.payload, i) for i in range(0, len(self.payload), 6))}
+
+
+def parse_h2_frames(buffer: bytearray) -> list[H2Frame]:
+    """The complete frames at the start of ``buffer``, consumed from it."""
+    frames = []
+    while len(buffer) >= 9:
+        size = int.from_bytes(buffer[:3], "big")
+        if len(buffer) < 9 + size:
+            break
+        stream_id = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+        frames.append(H2Frame(buffer[3], buffer[4], stream_id, bytes(buffer[9 : 9 + size])))
+        del buffer[: 9 + size]
+    return frames
+
+
+class H2Wire(asyncio.Protocol):
+    """The raw client end of an HTTP/2 connection: sends whatever bytes it is given and parses
+    every frame the router sends back, noting the router's FIN or reset."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.frames: list[H2Frame] = []
+        self.buffer = bytearray()
+        self.closed = False
+        self.wake = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._pings = itertools.count(1)
+
+    @classmethod
+    async def connect(
+        cls, address: tuple[str, int], *, preface: bytes = H2_PREFACE + h2_settings(), local_addr: str | None = None
+    ) -> H2Wire:
+        loop = asyncio.get_running_loop()
+        bind = (local_addr, 0) if local_addr is not None else None
+        _, wire = await loop.create_connection(cls, *address, local_addr=bind)
+        if preface:
+            wire.send(preface)
+        return wire
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self.frames += parse_h2_frames(self.buffer)
+        self.wake.set()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self.wake.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._writable.set()
+        self.wake.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def send(self, data: bytes) -> bool:
+        """Write ``data``; False once the connection is gone (the router closed or reset it)."""
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return False
+        transport.write(data)
+        return True
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait until the transport takes more (the router reads again) or the connection ends."""
+        await asyncio.wait_for(self._writable.wait(), timeout)
+
+    async def until(self, predicate: Callable[[H2Wire], bool], timeout: float) -> bool:
+        """Wait for ``predicate(self)`` (checked as frames arrive) or for the connection to end;
+        whether the predicate held."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while not predicate(self):
+            if self.closed or loop.time() >= end:
+                return predicate(self)
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), end - loop.time())
+            except TimeoutError:
+                pass
+        return True
+
+    async def roundtrip(self, timeout: float = 5.0) -> bool:
+        """Send a PING and wait for its ACK: the router has processed everything sent before it.
+        False when the connection ended first."""
+        opaque = struct.pack(">Q", next(self._pings))
+        if not self.send(h2_ping(opaque)):
+            return False
+        return await self.until(
+            lambda w: any(f.kind == H2Type.PING and f.flags & ACK and f.payload == opaque for f in w.frames), timeout
+        )
+
+    @property
+    def goaway(self) -> H2Frame | None:
+        return next((f for f in self.frames if f.kind == H2Type.GOAWAY), None)
+
+    def of_kind(self, kind: int) -> list[H2Frame]:
+        return [f for f in self.frames if f.kind == kind]
+
+    def resets(self) -> dict[int, int]:
+        """Stream → the error code of the router's RST_STREAM for it."""
+        return {f.stream_id: f.error_code for f in self.frames if f.kind == H2Type.RST_STREAM}
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

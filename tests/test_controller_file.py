@@ -23,7 +23,10 @@ from tests.support import Origin, free_port
 
 
 def _routes(baseline: str, alice: str) -> str:
-    return f"services:\n  payments:\n    baseline: {baseline}\n    overrides:\n      alice: {{url: {alice}}}\n"
+    return (
+        f"services:\n  payments:\n    baseline: {baseline}\n    overrides:\n      alice: {{url: {alice}}}\n"
+        "  users:\n    protocol: h2c\n    baseline: http://127.0.0.1:9\n"
+    )
 
 
 @contextlib.asynccontextmanager
@@ -86,6 +89,10 @@ async def test_routers_follow_a_controller_serving_a_route_file(tmp_path: Path, 
             )
             assert await _origin_for(session, proxy_port, baggage="devstack=alice") == "alice"
             assert await _origin_for(session, proxy_port) == "baseline"
+            async with session.get(f"http://127.0.0.1:{admin_port}/routes") as response:
+                services = (await response.json())["services"]
+            assert services["users"]["protocol"] == "h2c", "the router got the protocol through the feed"
+            assert "protocol" not in services["payments"]
 
             routes.write_text(_routes(origins["baseline"].url, origins["bob"].url))
 

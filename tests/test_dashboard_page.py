@@ -363,6 +363,16 @@ def test_statuses_and_durations() -> None:
     assert dashboard.Links("p.test", 443, "https").preview("pay", "alice") == "https://alice--pay.p.test/"
 
 
+def test_an_h2c_service_is_marked_and_an_http1_one_is_not() -> None:
+    users = Routes("users", Target("http://10.0.0.7:9090", "h2c"))
+    table = RouteTable({"users": users, "payments": Routes("payments", Target("http://10.0.0.1:8080"))}, version=1)
+    page = dashboard.render_page(dashboard.Snapshot(table, time.time(), "router", dashboard.Links()))
+    bodies = re.finditer(r'<tbody class="svc" data-service="([^"]+)">(.*?)</tbody>', page)
+    service = {m.group(1): m.group(2) for m in bodies}
+    assert '<span class="lbl" title="protocol">h2c</span>' in service["users"]
+    assert 'title="protocol"' not in service["payments"]
+
+
 # -- in headless Chromium ---------------------------------------------------------------------------
 
 needs_chromium = pytest.mark.skipif(

@@ -20,9 +20,23 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def test_the_readme_error_table_is_the_catalogue() -> None:
     text = README.read_text()
     section = text[text.index("## Errors\n") : text.index("\n## ", text.index("## Errors\n") + 1)]
-    start = section.index("| status | reason |")
+    start = section.index("| status | gRPC status | reason |")
     table = section[start : section.index("\n\n", start) + 1]
-    assert table == markdown_table(), "README.md's error table is stale: paste `python -m router.errors`"
+    paste = "python -c 'from router.errors import markdown_table as t; print(t())'"
+    assert table == markdown_table(), f"README.md's error table is stale: paste `{paste}`"
+
+
+def test_grpc_statuses_follow_grpcs_http_mapping_made_precise() -> None:
+    # gRPC's HTTP-to-status mapping (doc/http-grpc-status-mapping.md): 403 PERMISSION_DENIED,
+    # 404 UNIMPLEMENTED, 502/503/504 UNAVAILABLE, the rest INTERNAL; a timeout is a deadline.
+    assert Answer.NO_ROUTE.grpc_status == 12
+    assert Answer.NO_ROUTE_SIDECAR.grpc_status == 7
+    assert Answer.OVERRIDE_NOT_READY.grpc_status == 14
+    assert Answer.UPSTREAM_CONNECT.grpc_status == 14
+    assert Answer.GRPC_NEEDS_H2C.grpc_status == 14
+    assert Answer.UPSTREAM_TIMEOUT.grpc_status == Answer.DEADLINE.grpc_status == 4
+    assert Answer.BODY_TOO_LARGE.grpc_status == 8
+    assert Answer.MALFORMED.grpc_status == 13
 
 
 def test_a_reason_names_one_status_except_where_the_mode_decides() -> None:

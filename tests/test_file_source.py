@@ -32,10 +32,27 @@ def test_design_example_parses() -> None:
     assert (bob.ready, bob.fallback, bob.expires_at) == (False, Fallback.BASELINE, 1893456000.0)
 
 
+def test_a_service_speaks_http1_unless_the_file_says_h2c() -> None:
+    assert parse_route_yaml(GOOD)["payments"].protocol == "http1"
+    routes = parse_route_yaml(GOOD.replace("    baseline:", "    protocol: h2c\n    baseline:"))["payments"]
+    targets = [routes.baseline, *(ov.target for ov in routes.overrides.values())]
+    assert [t.protocol for t in targets] == ["h2c", "h2c", "h2c"], "the baseline and every override"
+    assert routes.baseline.pool_key == ("127.0.0.1", 9001, "h2c")
+    explicit = parse_route_yaml(GOOD.replace("    baseline:", "    protocol: http1\n    baseline:"))
+    assert explicit == parse_route_yaml(GOOD)
+
+
 @pytest.mark.parametrize(
     ("text", "line", "fragment"),
     [
         (GOOD.replace("ready: false", "ready: maybe"), 7, "'ready' must be true or false"),
+        (
+            GOOD.replace("    baseline:", "    protocol: h2\n    baseline:"),
+            4,
+            "service 'payments': protocol 'h2' must be 'http1' or 'h2c'",
+        ),
+        (GOOD.replace("    baseline:", "    protocol: [h2c]\n    baseline:"), 4, "protocol ['h2c'] must be"),
+        (GOOD.replace("alice: {url", "alice: {protocol: h2c, url"), 6, "unknown key 'protocol'"),
         (GOOD.replace("http://127.0.0.1:9001", "ftp://x"), 4, "only http://"),
         (GOOD.replace("fallback: baseline", "fallback: sometimes"), 7, "'fallback'"),
         (GOOD.replace("alice:", "Alice:"), 6, "DNS-1123"),

@@ -150,6 +150,8 @@ def _piece_of(path: Path) -> str:
     rel = path.relative_to(ROOT).as_posix()
     if rel == "propagation/aiohttp.py":
         return "aiohttp"
+    if rel == "propagation/grpc.py":
+        return "grpc"
     if rel.startswith("propagation/"):
         return "sdk"
     if rel in ("controller/sources/kubernetes.py", "controller/override_api.py"):

@@ -116,3 +116,50 @@ def test_large_tables_resolve_by_lookup() -> None:
     table = RouteTable(services, version=1)
     assert table.resolve("svc-1999", "dev-9", 0.0).kind is TargetKind.OVERRIDE  # type: ignore[union-attr]
     assert table.resolve("svc-0", "nobody", 0.0).kind is TargetKind.BASELINE  # type: ignore[union-attr]
+
+
+def test_targets_speak_http1_unless_told_and_pool_by_address() -> None:
+    assert (BASE.protocol, BASE.pool_key) == ("http1", ("127.0.0.1", 9001))
+
+
+def test_an_h2c_target_pools_apart_from_http1_to_the_same_address() -> None:
+    h2c = Target("http://127.0.0.1:9001", "h2c")
+    assert h2c.address == BASE.address
+    assert h2c.pool_key == ("127.0.0.1", 9001, "h2c")
+    assert h2c.pool_key != BASE.pool_key
+    assert h2c != BASE, "a protocol change is a routing change: the table is republished"
+
+
+@pytest.mark.parametrize("protocol", ["h2", "HTTP1", "H2C", "grpc", "http2", ""])
+def test_an_unknown_protocol_is_refused_naming_it(protocol: str) -> None:
+    with pytest.raises(TableError, match=f"protocol '{protocol}' must be 'http1' or 'h2c'"):
+        Target("http://127.0.0.1:9001", protocol)
+
+
+def test_every_decision_of_an_h2c_service_speaks_h2c() -> None:
+    base, alice, bob = (Target(f"http://127.0.0.1:{port}", "h2c") for port in (9001, 9101, 9102))
+    r = Routes(
+        "users",
+        base,
+        {
+            "alice": Override("alice", alice),
+            "bob": Override("bob", bob, ready=False, fallback=Fallback.BASELINE),
+        },
+        groups={"team": ("alice", "bob")},
+    )
+    assert r.protocol == "h2c"
+    decisions = [r.resolve(key, now=0.0) for key in (None, "nobody", "alice", "bob", "team")]
+    assert [d.target.url for d in decisions if d.target] == [base.url, base.url, alice.url, base.url, alice.url]
+    assert {d.target.protocol for d in decisions if d.target} == {"h2c"}
+
+
+def test_an_override_speaking_another_protocol_than_its_service_is_refused() -> None:
+    with pytest.raises(TableError, match="override 'alice' speaks 'http1' but the service speaks 'h2c'"):
+        Routes("users", Target("http://127.0.0.1:9001", "h2c"), {"alice": Override("alice", ALICE)})
+
+
+def test_the_json_names_a_services_protocol_only_when_it_is_h2c() -> None:
+    users = Routes("users", Target("http://127.0.0.1:9002", "h2c"))
+    services = RouteTable({"payments": routes(), "users": users}).to_json()["services"]
+    assert services["users"]["protocol"] == "h2c"  # type: ignore[index]
+    assert "protocol" not in services["payments"]  # type: ignore[operator]

@@ -1,14 +1,15 @@
-"""The Kubernetes source: list+watch labelled Deployments, group ConfigMaps (and Services) into snapshots.
+"""The Kubernetes source: list+watch labelled Deployments, group ConfigMaps and Services into snapshots.
 
 This module owns every conversation with the API server and is the only one that imports the
 official ``kubernetes`` client. Each watched collection (Deployments labelled
-``devstack.io/service``, ConfigMaps labelled ``devstack.io/route-group``, optionally Services; all
+``devstack.io/service``, ConfigMaps labelled ``devstack.io/route-group``, Services; all
 namespaces or one per namespace) runs list → watch → relist in its own daemon thread, because the
 client blocks; the thread hands raw JSON to the event loop with ``call_soon_threadsafe`` and keeps
 nothing itself. On the loop, events only update a cache and mark it dirty (level-triggered); the
 table is rebuilt from the whole cache with the pure ``kube_build``, coalescing bursts, and at the
-next override expiry. It never publishes before every Deployment and ConfigMap collection has been
-listed once (a table without its route groups would send a group's requests to the baselines),
+next override expiry. It never publishes before every collection has been listed once (a table
+without its route groups would send a group's requests to the baselines, one without the Services
+would speak HTTP/1.1 to an h2c service),
 never merges a relist into stale state (a relist replaces its collection), and never deletes a
 Deployment unless ``delete_expired`` was asked for.
 """
@@ -232,10 +233,6 @@ class _Sink(Protocol):
     def report(self, collection: Collection, state: WatchState, error: str | None) -> None: ...
 
     def finished(self, collection: Collection) -> None: ...
-
-
-_ROUTING_KINDS: Final = frozenset({"deployments", "configmaps"})
-"""What a table is made of: never published before each collection of these kinds is listed."""
 
 
 class CollectionWatcher:
@@ -483,7 +480,7 @@ ErrorCallback = Callable[[str, Exception], None]
 
 
 class KubernetesSource:
-    """Keeps a cache of labelled Deployments, group ConfigMaps (and Services) and publishes a snapshot on change."""
+    """Keeps a cache of labelled Deployments, group ConfigMaps and Services and publishes a snapshot on change."""
 
     name = "kubernetes"
 
@@ -507,9 +504,7 @@ class KubernetesSource:
         self.delete_expired = delete_expired
         self.detect_leaks = detect_leaks
         self._clock = clock
-        kinds: tuple[CollectionKind, ...] = ("deployments", "configmaps")
-        if detect_leaks:
-            kinds += ("services",)
+        kinds: tuple[CollectionKind, ...] = ("deployments", "configmaps", "services")
         self.collections = tuple(Collection(kind, ns) for kind in kinds for ns in (self.namespaces or (None,)))
         self._cache: dict[Collection, dict[tuple[str, str], dict[str, Any]]] = {}
         self._finished: set[Collection] = set()
@@ -552,8 +547,9 @@ class KubernetesSource:
 
     @property
     def synced(self) -> bool:
-        """Every Deployment and ConfigMap collection has been listed at least once."""
-        return all(c in self._cache for c in self.collections if c.kind in _ROUTING_KINDS)
+        """Every collection has been listed at least once: each is part of the table (Services say
+        which protocol a service speaks: their ports' ``appProtocol`` and annotations)."""
+        return all(c in self._cache for c in self.collections)
 
     def _objects(self, kind: CollectionKind) -> list[dict[str, Any]]:
         return [obj for c in self.collections if c.kind == kind for obj in self._cache.get(c, {}).values()]
@@ -564,12 +560,13 @@ class KubernetesSource:
         if not self.synced:
             return
         deployments = cast(list[Deployment], self._objects("deployments"))
-        result = routes_from_deployments(deployments, cast(list[ConfigMap], self._objects("configmaps")))
+        services = cast(list[Service], self._objects("services"))
+        result = routes_from_deployments(deployments, cast(list[ConfigMap], self._objects("configmaps")), services)
         _log_new("conflict", self.result.conflicts, result.conflicts)
-        _log_new("unusable", self.result.invalid, result.invalid)  # a Deployment or a group ConfigMap
+        _log_new("unusable", self.result.invalid, result.invalid)  # a Deployment, a group ConfigMap, a Service
         self.result = result
-        if self.detect_leaks and all(c in self._cache for c in self.collections):
-            leaks = find_leaks(deployments, cast(list[Service], self._objects("services")))
+        if self.detect_leaks:
+            leaks = find_leaks(deployments, services)
             _log_new("leak", [x.message for x in self.leaks], [x.message for x in leaks])
             self.leaks = leaks
         self._on_snapshot(self.name, result.services)

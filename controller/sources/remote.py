@@ -60,9 +60,11 @@ class RemoteSettings:
 def routes_from_json(document: object, *, origin: str = "") -> tuple[int, dict[str, Routes]]:
     """A ``RouteTable.to_json()`` document → (its version, validated ``Routes``); pure.
 
-    The JSON shape is the route file's (``hosts``, ``baseline``, ``overrides`` with ``url``,
-    ``ready``, ``expires``, ``fallback``, ``namespace``, ``workload``), so the same validator
+    The JSON shape is the route file's (``hosts``, ``baseline``, ``protocol``, ``overrides`` with
+    ``url``, ``ready``, ``expires``, ``fallback``, ``namespace``, ``workload``), so the same validator
     checks both and a controller can never hand a router something a route file could not say.
+    ``protocol`` is written only for an ``h2c`` service; absent means ``http1``, so tables from
+    controllers that predate it read as they always did.
     """
     if not isinstance(document, Mapping):
         raise BuildError("a route table must be a JSON object", origin=origin)

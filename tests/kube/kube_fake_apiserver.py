@@ -868,12 +868,22 @@ def deployment(
     }
 
 
-def service_object(name: str, *, namespace: str = "shop", selector: Mapping[str, str]) -> dict[str, Any]:
+def service_object(
+    name: str,
+    *,
+    namespace: str = "shop",
+    selector: Mapping[str, str],
+    ports: Sequence[Mapping[str, Any]] = ({"port": 80, "targetPort": 8080},),
+    annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"selector": dict(selector), "ports": [{"port": 80, "targetPort": 8080}]},
+        "metadata": metadata,
+        "spec": {"selector": dict(selector), "ports": [dict(port) for port in ports]},
     }
 
 

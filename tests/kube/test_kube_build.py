@@ -35,7 +35,7 @@ def test_there_are_contract_cases() -> None:
 def test_contract_case(path: Path) -> None:
     case: dict[str, Any] = yaml.safe_load(path.read_text())
     expect = case["expect"]
-    result = routes_from_deployments(case["deployments"])
+    result = routes_from_deployments(case["deployments"], services=case.get("services", []))
     services = RouteTable(result.services).to_json()["services"]
     assert isinstance(services, dict)
     assert sorted(services) == sorted(expect.get("services", {}))
@@ -44,6 +44,11 @@ def test_contract_case(path: Path) -> None:
         for field in ("baseline", "hosts"):
             if field in wanted:
                 assert got[field] == wanted[field], f"{name}.{field}"
+        if "protocol" in wanted:
+            assert got.get("protocol", "http1") == wanted["protocol"], f"{name}.protocol"
+            routes = result.services[name]
+            targets = [routes.baseline, *(ov.target for ov in routes.overrides.values())]
+            assert {t.protocol for t in targets} == {wanted["protocol"]}, f"{name}: every target speaks it"
         if "overrides" in wanted:
             assert sorted(got["overrides"]) == sorted(wanted["overrides"]), f"{name} overrides"
             for key, fields in wanted["overrides"].items():

@@ -236,8 +236,8 @@ async def test_router_survives_an_unreachable_api_server_and_routes_once_it_appe
     before = await _unreachable_reported(session, router, admin)
     error = before["errors"]["kubernetes"]
     assert before["ready"] is False and before["version"] == 0
-    # The last collection to fail is the one the error names: Deployments or route-group ConfigMaps.
-    assert re.match(r"(deployments|configmaps)/\*: list", error), error
+    # The last collection to fail is the one the error names: Deployments, route-group ConfigMaps or Services.
+    assert re.match(r"(deployments|configmaps|services)/\*: list", error), error
     assert _names(missing_api) in error and "Connection refused" in error
     assert await _ask(session, proxy, None) == "404", "no table yet: nothing is routed"
 
@@ -288,8 +288,9 @@ async def test_flapping_api_server_is_retried_with_backoff_and_recovers() -> Non
     api = FaultyApiServer(retry_after=1)
     upstream = "http://10.0.0.1:8080"
     api.apply(deployment("payments", service="payments", upstream=upstream))
-    # Each collection (Deployments, route-group ConfigMaps) flaps the same way and backs off on its own.
-    faults: dict[str, Iterator[Fault]] = {c: itertools.cycle(FLAPPING) for c in ("deployments", "configmaps")}
+    # Each collection (Deployments, route-group ConfigMaps, Services) flaps the same way and backs off on its own.
+    kinds = ("deployments", "configmaps", "services")
+    faults: dict[str, Iterator[Fault]] = {c: itertools.cycle(FLAPPING) for c in kinds}
     api.fault = lambda collection: next(faults[collection])
     await api.start()
     aggregator = Aggregator(["kubernetes"], lambda table: None)
@@ -306,7 +307,7 @@ async def test_flapping_api_server_is_retried_with_backoff_and_recovers() -> Non
         await asyncio.sleep(WINDOW)
         requests = [(at, fault) for at, fault, collection in api.faults if collection == "deployments"]
         assert aggregator.table.version == 0, "nothing is published from a server that never answered a list"
-        assert re.match(r"(deployments|configmaps)/\*: list", aggregator.errors["kubernetes"])
+        assert re.match(r"(deployments|configmaps|services)/\*: list", aggregator.errors["kubernetes"])
 
         # No hot loop. The backoff allows attempts at 0, 0 (the one immediate retry), then after at
         # least 0.4, 0.8 and 1.6 s, and Retry-After stretches some of those to 1 s: at most 5
@@ -327,7 +328,7 @@ async def test_flapping_api_server_is_retried_with_backoff_and_recovers() -> Non
         # The next attempt was already scheduled by the backoff; nothing after it waits longer.
         assert time.monotonic() - healthy_from < 6.4 + 0.5
         assert aggregator.table.services["payments"].baseline.url == upstream
-        await eventually(lambda: api.open_watches == 2, what="watching again (Deployments and ConfigMaps)")
+        await eventually(lambda: api.open_watches == 3, what="watching again (Deployments, ConfigMaps, Services)")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -195,7 +195,7 @@ async def test_a_watch_event_adding_or_removing_a_member_changes_routing_within_
     _shop(fake_api)
     fake_api.apply(group_config_map("team-checkout", ["alice"]))
     h = await source()
-    await eventually(lambda: fake_api.open_watches == 2 and _via(h.table, "payments") == "alice", what="watching")
+    await eventually(lambda: fake_api.open_watches == 3 and _via(h.table, "payments") == "alice", what="watching")
     assert _via(h.table, "orders") is None, "alice has no orders override: the baseline"
 
     fake_api.apply(group_config_map("team-checkout", ["alice", "bob"]))  # bob added
@@ -225,7 +225,7 @@ async def test_a_group_added_while_disconnected_is_found_by_the_410_relist(
 ) -> None:
     _shop(fake_api)
     h = await source()
-    await eventually(lambda: fake_api.open_watches == 2 and h.table.version > 0, what="watching")
+    await eventually(lambda: fake_api.open_watches == 3 and h.table.version > 0, what="watching")
     fake_api.apply(TEAM, notify=False)  # compacted away: no watch will ever see this event
     fake_api.expire_watches()
     await eventually(lambda: _via(h.table, "payments") == "alice", timeout=2.0, what="found by the relist")
@@ -387,7 +387,7 @@ async def test_create_applies_the_config_map_and_a_router_follows_create_and_rm(
     aggregator = Aggregator(["kubernetes"], lambda table: None)
     task = asyncio.create_task(kubernetes_source(configuration=kube_config, settings=FAST)(aggregator))
     try:
-        await eventually(lambda: shop.open_watches == 2, timeout=3.0, what="watching")
+        await eventually(lambda: shop.open_watches == 3, timeout=3.0, what="watching")
         result = await devstack("group", "create", "team-checkout", "alice", "bob")
         assert result.returncode == 0, result.stderr
         created = time.monotonic()

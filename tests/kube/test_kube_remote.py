@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from controller.build import BuildError
@@ -36,10 +38,43 @@ def test_a_table_survives_the_json_round_trip() -> None:
     assert services == dict(table.services)
 
 
+def test_an_h2c_service_survives_the_json_round_trip_with_its_overrides() -> None:
+    users = Routes(
+        "users",
+        Target("http://users.shop.svc.cluster.local:9090", "h2c"),
+        {"alice": Override("alice", Target("http://10.0.0.4:9090", "h2c"))},
+    )
+    table = RouteTable({"users": users, **_table().services}, version=8)
+    document = table.to_json()
+    assert document["services"]["users"]["protocol"] == "h2c"  # type: ignore[index]
+    assert "protocol" not in document["services"]["payments"]  # type: ignore[index]
+    _, services = routes_from_json(json.loads(json.dumps(document)))
+    assert services == dict(table.services)
+    assert services["users"].resolve("alice").target.pool_key == ("10.0.0.4", 9090, "h2c")  # type: ignore[union-attr]
+
+
+def test_a_table_without_protocols_reads_as_http1() -> None:
+    """What a controller that predates protocols sends: every service is HTTP/1.1."""
+    document = {
+        "version": 3,
+        "services": {
+            "payments": {
+                "hosts": ["payments"],
+                "baseline": "http://10.0.0.1:8080",
+                "overrides": {"alice": {"url": "http://10.0.0.2:8080", "ready": True, "fallback": "error"}},
+            }
+        },
+    }
+    _, services = routes_from_json(document)
+    payments = services["payments"]
+    assert (payments.baseline.protocol, payments.overrides["alice"].target.protocol) == ("http1", "http1")
+
+
 @pytest.mark.parametrize(
     ("document", "message"),
     [
         ([], "must be a JSON object"),
+        ({"version": 1, "services": {"users": {"baseline": "http://x:1", "protocol": "h2"}}}, "protocol 'h2'"),
         ({"services": {}}, "'version'"),
         ({"version": True, "services": {}}, "'version'"),
         ({"version": 1, "services": []}, "'services'"),

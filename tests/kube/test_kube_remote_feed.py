@@ -17,7 +17,7 @@ from controller.cli import Controller
 from controller.publish import PublishSettings
 from controller.sources.remote import RemoteSettings, RemoteSource
 from router.table import Routes, RouteTable, Target
-from tests.kube.kube_fake_apiserver import FakeApiServer, deployment
+from tests.kube.kube_fake_apiserver import FakeApiServer, deployment, service_object
 from tests.kube.kube_support import eventually
 from tests.kube.test_kube_source import FAST
 
@@ -95,6 +95,39 @@ async def test_follower_keeps_its_table_while_the_controller_is_away_and_catches
     finally:
         for made in controllers:
             await made.close()
+
+
+async def test_a_followed_controller_hands_on_each_services_protocol(
+    fake_api: FakeApiServer, kube_config: Any, followers: list[Follower]
+) -> None:
+    grpc = [{"name": "grpc", "port": 8080, "appProtocol": "grpc"}]
+    fake_api.apply(deployment("users", service="users", upstream="http://10.0.0.7:8080"))
+    fake_api.apply(deployment("users-alice", service="users", key="alice", upstream="http://10.0.0.8:8080"))
+    fake_api.apply(service_object("users", selector={"app": "users"}, ports=grpc))
+    fake_api.apply(BASELINE)
+    controller = Controller(
+        listen=f"127.0.0.1:{_free_port()}", configuration=kube_config, settings=FAST, publish_settings=BEATING
+    )
+    await controller.start()
+    try:
+        follower = Follower(f"http://127.0.0.1:{controller.address[1]}")
+        followers.append(follower)
+        await eventually(lambda: {"users", "payments"} <= set(follower.aggregator.table.services), timeout=2.0)
+        table = follower.aggregator.table
+        users = table.resolve("users", "alice")
+        assert users is not None and users.target is not None
+        assert (users.target.url, users.target.protocol) == ("http://10.0.0.8:8080", "h2c")
+        assert table.services["users"].baseline.protocol == "h2c"
+        assert table.services["payments"].protocol == "http1"
+
+        fake_api.apply(service_object("users", selector={"app": "users"}, ports=[{"port": 8080}]))
+        await eventually(
+            lambda: follower.aggregator.table.services["users"].protocol == "http1",
+            timeout=2.0,
+            what="a Service change reaches the follower",
+        )
+    finally:
+        await controller.close()
 
 
 async def _feed_server(lines_per_connection: list[list[bytes]]) -> tuple[web.AppRunner, str, list[int]]:

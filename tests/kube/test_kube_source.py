@@ -325,8 +325,8 @@ async def test_503_on_a_watch_is_retried_by_the_source_after_retry_after_capped_
     fake_api.apply(BASELINE)
     fake_api.watch_scripts["deployments"].extend(WatchScript(status=503, retry_after=THROTTLED) for _ in range(3))
     h = await harness()
-    # Open: the Deployments' watch and the route-group ConfigMaps' (not scripted).
-    await eventually(lambda: fake_api.open_watches == 2, timeout=3.0, what="watching after three 503s")
+    # Open: the Deployments' watch, the route-group ConfigMaps' and the Services' (not scripted).
+    await eventually(lambda: fake_api.open_watches == 3, timeout=3.0, what="watching after three 503s")
     watches, lists = fake_api.watches(), fake_api.lists()
     assert (len(watches), len(lists)) == (4, 4), "one watch request per cycle; each 503 leads to a relist"
     for refused, relist in zip(watches[:3], lists[1:], strict=True):
@@ -401,7 +401,8 @@ async def test_each_namespace_is_listed_and_watched_separately(fake_api: FakeApi
     await eventually(lambda: set(h.table.services) == {"payments", "orders"}, what="two namespaces")
     assert {r.namespace for r in fake_api.lists()} == {"shop", "team"}
     assert {r.namespace for r in fake_api.lists("configmaps")} == {"shop", "team"}
-    await eventually(lambda: fake_api.open_watches == 4, what="Deployments and ConfigMaps of each namespace")
+    assert {r.namespace for r in fake_api.lists("services")} == {"shop", "team"}
+    await eventually(lambda: fake_api.open_watches == 6, what="Deployments, ConfigMaps and Services of each namespace")
 
 
 async def test_large_lists_are_paged(fake_api: FakeApiServer, kube_config: Any) -> None:
@@ -529,6 +530,77 @@ async def test_leaking_override_is_reported_from_the_services_watch(fake_api: Fa
     assert [leak.deployment for leak in h.source.leaks] == ["payments-alice"]
     fake_api.apply(service_object("payments", selector={"app": "payments", "track": "stable"}))
     await eventually(lambda: not h.source.leaks, what="leak cleared by the Service change")
+
+
+# --- the service's protocol: its Service port's appProtocol, devstack.io/protocol ------------------------
+
+GRPC_PORT = ({"name": "grpc", "port": 80, "targetPort": 8080, "appProtocol": "grpc"},)
+"""The Service port the baselines' addresses (port 8080) reach, declared gRPC."""
+
+
+def _protocols(h: Harness) -> set[str]:
+    """How the router would speak to payments, for no key and for alice's override."""
+    decisions = [h.decide(None), h.decide("alice")]
+    return {d.target.protocol for d in decisions if d is not None and d.target is not None}
+
+
+async def test_a_service_port_declared_grpc_makes_the_service_and_its_overrides_h2c(
+    fake_api: FakeApiServer, harness: Any
+) -> None:
+    fake_api.apply(BASELINE)
+    fake_api.apply(ALICE)
+    fake_api.apply(service_object("payments", selector={"app": "payments"}, ports=GRPC_PORT))
+    h = await harness()
+    await eventually(lambda: h.routed_to("alice") == "http://10.0.0.2:8080", what="alice routed")
+    assert _protocols(h) == {"h2c"}, "the first table published already speaks h2c"
+    assert h.table.to_json()["services"]["payments"]["protocol"] == "h2c"
+    # Services are matched by name, so they are listed whole (no label selector), like for leaks.
+    assert "labelSelector" not in fake_api.lists("services")[0].query
+
+
+async def test_service_changes_change_the_protocol_and_a_bad_annotation_is_reported(
+    fake_api: FakeApiServer, harness: Any
+) -> None:
+    fake_api.apply(BASELINE)
+    fake_api.apply(ALICE)
+    h = await harness()
+    await eventually(lambda: fake_api.open_watches == 3 and h.routed_to("alice"), what="watching")
+    assert _protocols(h) == {"http1"}, "no Service: HTTP/1.1"
+
+    fake_api.apply(service_object("payments", selector={"app": "payments"}, ports=GRPC_PORT))
+    await eventually(lambda: _protocols(h) == {"h2c"}, timeout=1.0, what="h2c within 1 s of the Service")
+
+    bad = {"devstack.io/protocol": "grpc"}  # an appProtocol value, not one of the annotation's
+    fake_api.apply(service_object("payments", selector={"app": "payments"}, ports=GRPC_PORT, annotations=bad))
+    await eventually(lambda: _protocols(h) == {"http1"}, timeout=1.0, what="a bad annotation: HTTP/1.1")
+    [problem] = h.source.status()["invalid"]
+    assert problem == (
+        "Service shop/payments: annotation devstack.io/protocol: 'grpc' must be 'http1' or 'h2c'; "
+        "service 'payments' routed as http1"
+    )
+    assert h.routed_to("alice") == "http://10.0.0.2:8080", "the service and its overrides keep routing"
+
+    fake_api.apply(service_object("payments", selector={"app": "payments"}, ports=GRPC_PORT, annotations={}))
+    await eventually(lambda: _protocols(h) == {"h2c"}, timeout=1.0, what="the annotation removed")
+    assert h.source.status()["invalid"] == []
+
+
+async def test_nothing_is_published_before_the_services_are_listed(fake_api: FakeApiServer, kube_config: Any) -> None:
+    fake_api.apply(BASELINE)
+    fake_api.apply(service_object("payments", selector={"app": "payments"}, ports=GRPC_PORT))
+    fake_api.list_scripts["services"].extend([ListScript(500)] * 3)
+    published: list[RouteTable] = []
+    aggregator = Aggregator(["kubernetes"], published.append)
+    source = KubernetesSource(aggregator.update, aggregator.report_error, configuration=kube_config, settings=FAST)
+    task = asyncio.create_task(source.run(), name="test-kubernetes-source")
+    try:
+        await eventually(lambda: published, timeout=3.0, what="a table once the Services are listed")
+        assert len(fake_api.lists("services")) == 4
+        assert published[0].services["payments"].protocol == "h2c", "the very first table speaks h2c"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_iterations_hook_stops_the_watchers(fake_api: FakeApiServer, kube_config: Any) -> None:

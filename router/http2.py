@@ -1,0 +1,961 @@
+"""Client side for HTTP/2: one HTTP/2 client connection, every stream routed by its own key.
+
+A connection that opens with the HTTP/2 preface (prior knowledge, what gRPC uses in cleartext),
+that negotiated ``h2`` by ALPN, or that a sidecar's ``CONNECT`` opened for a service, is served
+here; the HTTP/1.1 connection (``router.proxy``) hands it over. Each stream's head goes through
+the same request policy as an HTTP/1.1 request (``router.request.decide``): its ``:authority``
+names the service and its own ``baggage`` the key, so one connection multiplexes alice's and
+bob's calls to different upstreams. A stream is forwarded to an HTTP/1.1 upstream through the
+shared ``UpstreamPool`` (this module implements the ``ExchangeOwner`` contract for it) or to an
+h2c upstream through the ``H2Pool``, with trailers relayed exactly and flow control passed
+through both ways: bytes are acknowledged to the sender only once the receiver has taken them.
+The router's own answers to a gRPC call are trailers-only gRPC responses (``grpc_status`` in
+the catalogue). Misbehaving peers (rapid resets, floods of SETTINGS, PING or empty DATA, header
+bombs, windows never opened) are met with budgets and GOAWAY, never with unbounded memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from http import HTTPStatus
+from time import perf_counter
+from typing import TYPE_CHECKING, Final, cast
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from router.errors import Answer
+from router.request import HeadCache, Plan, decide
+from router.stats import UNROUTED
+from router.upstream import ForwardedOwner, Framing, PoolFull, UnexpectedUpgrade, UpstreamConnection
+
+if TYPE_CHECKING:
+    from router.h2upstream import H2Upstream
+    from router.proxy import ProxyContext
+    from router.table import Target
+
+from router.h2upstream import H2StreamOwner
+
+__all__ = ["PREFACE", "Http2Connection", "grpc_timeout"]
+
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+PRI_HEAD: Final = b"PRI * HTTP/2.0\r\n\r\n"
+"""What llhttp reads of the preface before it stops (``Pause on PRI/Upgrade``)."""
+
+Headers = list[tuple[bytes, bytes]]
+
+MAX_STREAMS: Final = 128
+"""Concurrent streams a client may open (SETTINGS_MAX_CONCURRENT_STREAMS)."""
+_STREAM_WINDOW: Final = 1 << 20
+_CONNECTION_WINDOW: Final = 4 << 20
+"""Receive windows: what one stream / the whole connection may send before we acknowledge.
+They bound what a client can make the router hold for an upstream that is slow to read."""
+_OUT_HIGH: Final = 256 * 1024
+"""Response bytes held for one stream before the upstream is told to wait (its window stays
+shut, or its socket is not read)."""
+_WRITE_BUFFER_LIMIT: Final = 8 << 20
+"""Bytes queued on the client socket past which a peer that does not read is cut off."""
+_BUDGET_WINDOW: Final = 10.0
+_RESET_BUDGET: Final = 400
+"""Streams a client may reset (or have refused) per ten seconds: rapid reset (CVE-2023-44487)
+costs us a decision and an upstream stream each."""
+_CONTROL_BUDGET: Final = 200
+"""SETTINGS and PING frames per ten seconds (each makes us write an acknowledgement)."""
+_EMPTY_DATA_BUDGET: Final = 1000
+"""DATA frames without payload or END_STREAM per ten seconds."""
+
+_HOP_BY_HOP: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"http2-settings"}
+)
+_GRPC_UNITS: Final = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def grpc_timeout(value: bytes) -> float | None:
+    """Seconds of a ``grpc-timeout`` value (``100m``, ``5S``: at most 8 digits and a unit), or
+    None when it is not one (gRPC ignores what it cannot read, and so do we)."""
+    value = value.strip()
+    unit = _GRPC_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not digits or len(digits) > 8 or not digits.isdigit():
+        return None
+    return int(digits) * unit
+
+
+def _percent_encode(text: str) -> bytes:
+    """grpc-message's encoding: printable ASCII except ``%`` as is, the rest as %XX of UTF-8."""
+    out = bytearray()
+    for byte in text.encode("utf-8"):
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % byte
+    return bytes(out)
+
+
+class _Budget:
+    """A count of events that may happen ``limit`` times per window before the peer is cut off."""
+
+    __slots__ = ("limit", "count", "since")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.since = 0.0
+
+    def spend(self, now: float) -> bool:
+        if now - self.since > _BUDGET_WINDOW:
+            self.since = now
+            self.count = 0
+        self.count += 1
+        return self.count <= self.limit
+
+
+class Http2Connection:
+    """One HTTP/2 client connection: h2's state machine, the streams, and the budgets.
+
+    An asyncio protocol by its methods; made by the HTTP/1.1 connection that saw the preface
+    (or by the listener when TLS negotiated ``h2``) with the bytes read so far.
+    """
+
+    def __init__(self, ctx: ProxyContext, cache: HeadCache) -> None:
+        self.ctx = ctx
+        self.loop = ctx.loop
+        self.cache = cache
+        self.transport: asyncio.Transport | None = None
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            normalize_inbound_headers=True,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.streams: dict[int, _Stream] = {}
+        self.closed = False
+        self.write_paused = False
+        self.going_away = False
+        self._resets = _Budget(_RESET_BUDGET)
+        self._control = _Budget(_CONTROL_BUDGET)
+        self._empty_data = _Budget(_EMPTY_DATA_BUDGET)
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle_since = self.loop.time()
+
+    # -- asyncio protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        ctx = self.ctx
+        ctx.connections.add(self)
+        limits = ctx.settings.limits
+        h2c = self.h2
+        h2c.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        # Until the client acknowledges our SETTINGS, h2 holds it to the protocol's defaults;
+        # the HPACK decoder's list limit is ours from the first header block.
+        h2c.decoder.max_header_list_size = limits.max_header_bytes
+        h2c.initiate_connection()
+        h2c.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
+        self._flush()
+        self._timer = self.loop.call_later(1.0, self._tick)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 has queued a GOAWAY with the right code (PROTOCOL_ERROR, FRAME_SIZE_ERROR,
+            # COMPRESSION_ERROR, ENHANCE_YOUR_CALM for an oversized header list or too many
+            # CONTINUATION frames); nothing more is read from a client that broke the protocol.
+            code = getattr(exc, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR
+            self.ctx.stats.h2_goaway[str(code.name if isinstance(code, h2.errors.ErrorCodes) else code)] += 1
+            self._close(code, already_queued=True)
+            return
+        now = self.loop.time()
+        for event in events:
+            kind = type(event)
+            if kind is h2.events.RequestReceived:
+                request = cast(h2.events.RequestReceived, event)
+                self._request(request.stream_id, request.headers, request.stream_ended is not None)
+            elif kind is h2.events.DataReceived:
+                data_event = cast(h2.events.DataReceived, event)
+                stream = self.streams.get(data_event.stream_id)
+                payload = data_event.data
+                if not payload and data_event.stream_ended is None and not self._empty_data.spend(now):
+                    self._calm()
+                    return
+                if stream is not None:
+                    stream.client_data(payload, data_event.flow_controlled_length)
+                elif data_event.flow_controlled_length:
+                    self._ack(data_event.stream_id, data_event.flow_controlled_length)
+                if data_event.stream_ended is not None and stream is not None:
+                    stream.client_end(None)
+            elif kind is h2.events.StreamEnded:
+                stream = self.streams.get(cast(h2.events.StreamEnded, event).stream_id)
+                if stream is not None and not stream.client_ended:
+                    stream.client_end(None)
+            elif kind is h2.events.TrailersReceived:
+                trailers = cast(h2.events.TrailersReceived, event)
+                stream = self.streams.get(trailers.stream_id)
+                if stream is not None:
+                    stream.client_end(trailers.headers)
+            elif kind is h2.events.StreamReset:
+                reset = cast(h2.events.StreamReset, event)
+                stream = self.streams.pop(reset.stream_id, None)
+                if stream is not None:
+                    stream.client_reset()
+                if reset.remote_reset and not self._resets.spend(now):
+                    self._calm()
+                    return
+            elif kind is h2.events.WindowUpdated:
+                stream_id = cast(h2.events.WindowUpdated, event).stream_id
+                if stream_id:
+                    stream = self.streams.get(stream_id)
+                    if stream is not None:
+                        stream.pump()
+                else:
+                    for stream in list(self.streams.values()):
+                        stream.pump()
+            elif kind is h2.events.RemoteSettingsChanged or kind is h2.events.PingReceived:
+                if not self._control.spend(now):
+                    self._calm()
+                    return
+                if kind is h2.events.RemoteSettingsChanged:
+                    for stream in list(self.streams.values()):
+                        stream.pump()
+            elif kind is h2.events.ConnectionTerminated:
+                self.going_away = True
+                if not self.streams:
+                    self._close(None)
+                    return
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too: a client that half-closes an HTTP/2 connection is done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed and self not in self.ctx.connections:
+            return
+        self.closed = True
+        self.ctx.connections.discard(self)
+        self.ctx.stats.open_connections -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.client_reset()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            stream.pump()
+        self._flush()
+
+    # -- drain (ProxyContext.drain) ------------------------------------------------------------
+
+    def close_if_idle(self) -> None:
+        """Draining: no new streams (GOAWAY), close once those in flight have ended."""
+        if self.closed:
+            return
+        self.going_away = True
+        if not self.streams:
+            self._close(None)
+            return
+        self.h2.close_connection(last_stream_id=max(self.streams))
+        self._flush()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- streams --------------------------------------------------------------------------------
+
+    def _request(self, stream_id: int, headers: Headers, ended: bool) -> None:
+        if self.going_away:
+            self._reset(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        ctx = self.ctx
+        stream = _Stream(self, stream_id)
+        self.streams[stream_id] = stream
+        stream.begin(ctx, headers, ended)
+
+    def ack(self, stream_id: int, length: int) -> None:
+        """Acknowledge request bytes the upstream has taken (reopens the client's window)."""
+        if length and not self.closed:
+            self._ack(stream_id, length)
+            self._flush()
+
+    def _ack(self, stream_id: int, length: int) -> None:
+        try:
+            self.h2.acknowledge_received_data(length, stream_id)
+        except h2.exceptions.StreamClosedError:
+            # The stream is gone; the connection's window still needs the bytes back.
+            self.h2.increment_flow_control_window(length)
+
+    def _reset(self, stream_id: int, code: h2.errors.ErrorCodes | int) -> None:
+        try:
+            self.h2.reset_stream(stream_id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def stream_done(self, stream: _Stream) -> None:
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        if not self.streams:
+            self._idle_since = self.loop.time()
+            if self.going_away:
+                self._flush()
+                self._close(None)
+
+    def _calm(self) -> None:
+        """A budget ran out: GOAWAY(ENHANCE_YOUR_CALM), the streams in flight cut."""
+        self.ctx.stats.h2_goaway["ENHANCE_YOUR_CALM"] += 1
+        self._close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _close(self, code: h2.errors.ErrorCodes | int | None, *, already_queued: bool = False) -> None:
+        if self.closed:
+            return
+        transport = self.transport
+        if transport is not None:
+            if not already_queued:
+                try:
+                    self.h2.close_connection(error_code=code or 0)
+                except h2.exceptions.ProtocolError:
+                    pass
+            data = self.h2.data_to_send()
+            if data:
+                transport.write(data)
+            transport.close()
+        self.closed = True
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.client_reset()
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        data = self.h2.data_to_send()
+        if data:
+            transport.write(data)
+            if transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT:
+                # A client that does not read (what it asked for, or our PING and SETTINGS
+                # acknowledgements): nothing more is queued for it.
+                self.ctx.stats.h2_goaway["write-buffer"] += 1
+                transport.abort()
+
+    def _tick(self) -> None:
+        """Once a second while open: idle connections close; streams whose client window stays
+        shut past the body timeout are reset (a window that is never opened)."""
+        self._timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        timeouts = self.ctx.settings.timeouts
+        if not self.streams and now - self._idle_since > timeouts.keepalive_idle:
+            self._close(None)
+            return
+        for stream in list(self.streams.values()):
+            if stream.stalled_since and now - stream.stalled_since > timeouts.body_idle:
+                stream.fail_stalled()
+            elif stream.deadline and now >= stream.deadline:
+                stream.deadline_passed()
+        self._flush()
+        self._timer = self.loop.call_later(1.0, self._tick)
+
+
+class _Stream(H2StreamOwner):
+    """One stream: its plan, its upstream leg (HTTP/1.1 or h2c), and its response's progress.
+
+    It implements both upstream contracts: ``H2StreamOwner`` for an h2c upstream and, through
+    a ``ForwardedOwner`` (``self.reports``), ``router.upstream.ExchangeOwner`` for HTTP/1.1."""
+
+    def __init__(self, conn: Http2Connection, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.plan = Plan()
+        self.reports = ForwardedOwner(self)
+        self.grpc = False
+        self.te_trailers = False
+        self.target: Target | None = None
+        self.h1: UpstreamConnection | None = None
+        self.h2up: H2Upstream | None = None
+        self.up_id = 0
+        self.waiting = False
+        """Waiting for an upstream connection (either pool)."""
+        self.held: list[bytes] = []
+        """Request body bytes that arrived before the upstream leg."""
+        self.held_acks = 0
+        self.client_ended = False
+        self.client_trailers: Headers | None = None
+        self.upstream_saturated = False
+        self.unacked = 0
+        """Request bytes taken from the client but not yet acknowledged (the upstream is full)."""
+        self.out: list[bytes] = []
+        self.out_size = 0
+        self.out_end = False
+        self.out_trailers: Headers | None = None
+        self._trailers: Headers | None = None
+        self.up_acks = 0
+        """h2c upstream bytes passed on but not yet acknowledged to it (this client is slow)."""
+        self.upstream_paused = False
+        self.headers_sent = False
+        self.status = 0
+        self.sent = 0
+        self.answer: Answer | None = None
+        self.finished = False
+        self.started_at = perf_counter()
+        self.stalled_since = 0.0
+        self.deadline = 0.0
+
+    # -- from the client ------------------------------------------------------------------------
+
+    def begin(self, ctx: ProxyContext, headers: Headers, ended: bool) -> None:
+        method = path = authority = b""
+        regular: Headers = []
+        content_length = False
+        for name, value in headers:
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                continue
+            if name == b"host":
+                if not authority:
+                    authority = value
+                continue  # :authority wins (RFC 9113 8.3.1); one Host goes upstream below
+            if name == b"content-type" and value[:16] == b"application/grpc":
+                self.grpc = True
+            elif name == b"te":
+                self.te_trailers = value.strip().lower() == b"trailers"
+            elif name == b"content-length":
+                if not value.isdigit():
+                    self.refuse(Answer.MALFORMED, "invalid content-length")
+                    return
+                content_length = True
+            elif name == b"grpc-timeout":
+                seconds = grpc_timeout(value)
+                if seconds is not None:
+                    self.deadline = self.conn.loop.time() + seconds
+            regular.append((name, value))
+        if authority:
+            regular.insert(0, (b"host", authority))
+        if not ended and not content_length:
+            # A body of unknown length: chunked to an HTTP/1.1 upstream (h2c ignores it).
+            regular.append((b"transfer-encoding", b"chunked"))
+        self.client_ended = ended
+        plan = self.plan
+        decide(ctx.policy, self.conn.cache, ctx.slot, method, path, "1.1", True, False, regular, plan)
+        decision = plan.decision
+        if decision is not None:
+            ctx.stats.requests[decision.stats_key] += 1
+        if plan.refusal is not None:
+            self.refuse(plan.refusal, plan.detail)
+            return
+        assert decision is not None and decision.target is not None
+        target = self.target = decision.target
+        if target.protocol == "h2c":
+            self.waiting = True
+            ctx.h2pool.open(target, self, self._upstream_headers(), ended)
+        elif self.grpc:
+            self.refuse(Answer.GRPC_NEEDS_H2C)
+        else:
+            self.waiting = True
+            try:
+                conn = ctx.pool.acquire(target, self.reports)
+            except PoolFull:
+                self.waiting = False
+                self.refuse(Answer.POOL_FULL)
+                return
+            if conn is not None:
+                self.waiting = False
+                self._attach_h1(conn)
+
+    def _upstream_headers(self) -> Headers:
+        """The plan's HTTP/1.1 head (every forwarding rule applied) as HTTP/2 fields."""
+        plan = self.plan
+        lines = plan.head.split(b"\r\n")
+        authority = plan.authority
+        headers: Headers = [
+            (b":method", plan.method),
+            (b":scheme", b"http"),
+            (b":authority", authority),
+            (b":path", lines[0].split(b" ", 2)[1]),
+        ]
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, _, value = line.partition(b":")
+            name = name.lower()
+            if name == b"host" or name in _HOP_BY_HOP:
+                continue
+            headers.append((name, value.strip(b" \t")))
+        if self.te_trailers:
+            headers.append((b"te", b"trailers"))  # gRPC servers require it; it is ours to pass
+        return headers
+
+    def client_data(self, data: bytes, flow_length: int) -> None:
+        if self.finished:
+            self.conn.ack(self.stream_id, flow_length)
+            return
+        h1, h2up = self.h1, self.h2up
+        if h1 is not None:
+            if data:
+                h1.write(b"%x\r\n" % len(data) + data + b"\r\n" if self.plan.chunked else data)
+        elif h2up is not None:
+            if not h2up.send(self.up_id, data, False):
+                self.upstream_saturated = True
+        else:
+            self.held.append(data)
+            self.held_acks += flow_length
+            return
+        if self.upstream_saturated:
+            self.unacked += flow_length
+        else:
+            self.conn._ack(self.stream_id, flow_length)
+
+    def client_end(self, trailers: Headers | None) -> None:
+        self.client_ended = True
+        self.client_trailers = trailers
+        if self.finished:
+            return
+        if self.h1 is not None:
+            if self.plan.chunked:
+                self.h1.write(b"0\r\n\r\n")
+            self.h1.request_sent()
+        elif self.h2up is not None:
+            if trailers:
+                self.h2up.send_trailers(self.up_id, trailers)
+            else:
+                self.h2up.send(self.up_id, b"", True)
+
+    def client_reset(self) -> None:
+        """The client reset the stream or went away: cancel the upstream side."""
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_upstream()
+        self._record(self.status or 499)
+
+    def _cancel_upstream(self) -> None:
+        """Whatever the upstream side is doing for this stream stops: an HTTP/1.1 exchange is
+        cut (its framing is unknown), an h2c stream is reset (CANCEL), a wait leaves its queue."""
+        if self.h1 is not None:
+            self.h1.detach()
+            self.h1 = None
+        elif self.h2up is not None:
+            self.h2up.cancel(self.up_id)
+            self.h2up = None
+        elif self.waiting and self.target is not None:
+            self.waiting = False
+            if self.target.protocol == "h2c":
+                self.conn.ctx.h2pool.withdraw(self.target, self)
+            else:
+                self.conn.ctx.pool.withdraw(self.target, self.reports)
+
+    # -- the response ---------------------------------------------------------------------------
+
+    def refuse(self, answer: Answer, detail: str | None = None) -> None:
+        """The router answers the stream itself."""
+        ctx = self.conn.ctx
+        if not answer.upstream:
+            ctx.stats.rejected[answer] += 1
+        self.answer = answer
+        plan = self.plan
+        decision = plan.decision
+        if self.grpc:
+            message = detail or answer.reason
+            headers: Headers = [
+                (b":status", b"200"),
+                (b"content-type", b"application/grpc"),
+                (b"grpc-status", b"%d" % answer.grpc_status),
+                (b"grpc-message", _percent_encode(f"devstack: {message}")),
+            ]
+            body = b""
+        else:
+            status = answer.status
+            body = json.dumps(
+                {
+                    "error": HTTPStatus(status).phrase,
+                    "service": decision.service if decision is not None else None,
+                    "key": plan.key,
+                    "target": decision.target.url if decision is not None and decision.target is not None else None,
+                    "reason": answer.reason,
+                    "detail": detail,
+                },
+                separators=(",", ":"),
+            ).encode()
+            headers = [
+                (b":status", b"%d" % status),
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+            ]
+            for line in plan.extra_head.split(b"\r\n"):
+                name, sep, value = line.partition(b": ")
+                if sep:
+                    headers.append((name.lower(), value))
+        if decision is not None and plan.debug:
+            headers.append((b"x-devstack-route", plan.route_header()))
+        self.status = answer.status if not self.grpc else 200
+        head_only = not body or plan.method == b"HEAD"
+        self._send_headers(headers, end=head_only)
+        if head_only:
+            self._done()
+        else:
+            self.out.append(body)
+            self.out_size += len(body)
+            self._queue_end(None)
+        self.conn._flush()
+
+    def _send_headers(self, headers: Headers, end: bool) -> None:
+        if self.conn.closed:
+            return
+        try:
+            self.conn.h2.send_headers(self.stream_id, headers, end_stream=end)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.finished = True
+            return
+        self.headers_sent = True
+
+    def _response_headers(self, status: int, fields: Headers, *, end: bool = False) -> None:
+        headers: Headers = [(b":status", b"%d" % status)]
+        for name, value in fields:
+            if name[:1] == b":" or name in _HOP_BY_HOP:
+                continue
+            headers.append((name, value))
+        plan = self.plan
+        if plan.debug and plan.decision is not None:
+            headers.append((b"x-devstack-route", plan.route_header()))
+        self.status = status
+        self._send_headers(headers, end=end)
+        self.conn._flush()
+
+    def _queue(self, data: bytes) -> None:
+        self.out.append(data)
+        self.out_size += len(data)
+        self.pump()
+        self.conn._flush()
+
+    def _queue_end(self, trailers: Headers | None) -> None:
+        self.out_end = True
+        self.out_trailers = trailers
+        self.pump()
+        self.conn._flush()
+
+    def pump(self) -> None:
+        """Send what the client's windows allow; hold the upstream while too much waits."""
+        conn = self.conn
+        if self.finished or conn.closed or not self.headers_sent:
+            return
+        h2c = conn.h2
+        sid = self.stream_id
+        out = self.out
+        try:
+            while out and not conn.write_paused:
+                window = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size)
+                if window <= 0:
+                    if not self.stalled_since:
+                        self.stalled_since = conn.loop.time()
+                    break
+                self.stalled_since = 0.0
+                chunk = out[0]
+                if len(chunk) <= window:
+                    out.pop(0)
+                    h2c.send_data(sid, chunk)
+                    self.out_size -= len(chunk)
+                    self.sent += len(chunk)
+                else:
+                    out[0] = chunk[window:]
+                    h2c.send_data(sid, chunk[:window])
+                    self.out_size -= window
+                    self.sent += window
+            if not out:
+                self.stalled_since = 0.0
+                if self.out_end:
+                    if self.out_trailers:
+                        h2c.send_headers(sid, self.out_trailers, end_stream=True)
+                    else:
+                        h2c.end_stream(sid)
+                    self._done()
+                    return
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.client_reset()
+            return
+        if self.out_size > _OUT_HIGH:
+            if not self.upstream_paused:
+                self.upstream_paused = True
+                if self.h1 is not None:
+                    self.h1.pause_reading()
+        elif self.upstream_paused:
+            self.upstream_paused = False
+            if self.h1 is not None:
+                self.h1.resume_reading()
+            if self.up_acks and self.h2up is not None:
+                acks, self.up_acks = self.up_acks, 0
+                self.h2up.ack(self.up_id, acks)
+
+    def _done(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if not self.client_ended and not self.conn.closed:
+            # The response is whole and the request is not: the client may stop sending it
+            # (RFC 9113 8.1); what it already sent is given back to the connection window.
+            self.conn._reset(self.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+        if self.unacked:
+            self.conn._ack(self.stream_id, self.unacked)
+            self.unacked = 0
+        self._record(self.status)
+        self.conn.stream_done(self)
+
+    def _record(self, status: int) -> None:
+        ctx = self.conn.ctx
+        plan = self.plan
+        ended = perf_counter()
+        decision = plan.decision
+        ctx.stats.observe_duration(decision.stats_key if decision is not None else UNROUTED, ended - self.started_at)
+        if plan.span is not None and ctx.tracer is not None:
+            ctx.tracer.finish(plan.span, status)
+        if ctx.access_log is not None:
+            ctx.access_log.record(plan, self.started_at, ended, status, self.sent, self.answer, self.conn.cache.peer)
+
+    def _failed(self, failure: Answer) -> None:
+        """The upstream failed: answer if nothing was sent yet, else reset the stream."""
+        if self.finished:
+            return
+        ctx = self.conn.ctx
+        ctx.stats.upstream_errors[failure.reason] += 1
+        target = self.target
+        decision = self.plan.decision
+        if target is not None and decision is not None:
+            ctx.failures.report(target.url, failure, decision.service)
+        if not self.headers_sent:
+            self.refuse(failure)
+            return
+        self.conn._reset(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        self.conn._flush()
+        self.status = self.status or 502
+        self._done()
+
+    def fail_stalled(self) -> None:
+        """The client has kept this stream's window shut past the body timeout."""
+        self.conn._reset(self.stream_id, h2.errors.ErrorCodes.FLOW_CONTROL_ERROR)
+        self.conn.stream_done(self)
+        self.client_reset()
+
+    def deadline_passed(self) -> None:
+        """grpc-timeout ran out: DEADLINE_EXCEEDED, and the upstream call is cancelled."""
+        if self.finished:
+            return
+        self.deadline = 0.0
+        self._cancel_upstream()
+        if not self.headers_sent:
+            self.refuse(Answer.DEADLINE)
+            return
+        if self.grpc:
+            self.out = []
+            self.out_size = 0
+            self._queue_end([(b"grpc-status", b"4"), (b"grpc-message", b"devstack: deadline exceeded")])
+        else:
+            self.conn._reset(self.stream_id, h2.errors.ErrorCodes.CANCEL)
+            self._done()
+
+    # -- an HTTP/1.1 upstream (router.upstream.ExchangeOwner) ------------------------------------
+
+    def _attach_h1(self, conn: UpstreamConnection) -> None:
+        self.h1 = conn
+        plan = self.plan
+        conn.start(self.reports, plan.head, plan.method == b"HEAD", body_pending=not self.client_ended)
+        held, self.held = self.held, []
+        for data in held:
+            if data:
+                conn.write(b"%x\r\n" % len(data) + data + b"\r\n" if plan.chunked else data)
+        if self.held_acks:
+            self.conn.ack(self.stream_id, self.held_acks)
+            self.held_acks = 0
+        if self.client_ended:
+            if plan.chunked:
+                conn.write(b"0\r\n\r\n")
+            if held or plan.chunked:
+                conn.request_sent()
+
+    def upstream_ready(self, conn: UpstreamConnection | None, failure: Answer | None) -> None:
+        self.waiting = False
+        if self.finished:
+            if conn is not None:
+                self.conn.ctx.pool.release(conn)
+            return
+        if conn is None:
+            assert failure is not None
+            self._failed(failure)
+            return
+        self._attach_h1(conn)
+
+    def upstream_interim(self, status: int, head: bytes) -> None:
+        return  # 1xx (100-continue, 103) stays with this hop: HTTP/2 clients do not wait for it
+
+    def upstream_head(self, status: int, head: bytes, passthrough: bytes | None, framing: Framing) -> None:
+        if status == 101:
+            raise UnexpectedUpgrade
+        fields: Headers = []
+        connection_named: set[bytes] = set()
+        for line in head.split(b"\r\n")[1:]:
+            if not line:
+                continue
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            value = value.strip(b" \t")
+            if name == b"connection":
+                connection_named.update(token.strip().lower() for token in value.split(b","))
+            fields.append((name, value))
+        if connection_named:
+            fields = [(name, value) for name, value in fields if name not in connection_named]
+        self._response_headers(status, fields)
+
+    def upstream_body(self, data: bytes) -> None:
+        self._queue(data)
+
+    def upstream_complete(self, reusable: bool) -> None:
+        conn, self.h1 = self.h1, None
+        if conn is not None:
+            if self.upstream_paused:
+                conn.resume_reading()
+            if reusable and self.client_ended:
+                self.conn.ctx.pool.release(conn)
+            else:
+                conn.close()
+        self._queue_end(None)
+
+    def upstream_failed(self, failure: Answer, response_started: bool) -> None:
+        self.h1 = None
+        if failure.upstream:
+            self._failed(failure)
+        elif not self.headers_sent:
+            self.refuse(failure)
+        else:
+            self.conn._reset(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self._done()
+
+    def upstream_upgraded(self, rest: bytes) -> None:
+        return
+
+    def upstream_tunnel_data(self, data: bytes) -> None:
+        return
+
+    def upstream_tunnel_eof(self) -> None:
+        return
+
+    def upstream_pause(self) -> None:
+        self.upstream_saturated = True
+
+    def upstream_resume(self) -> None:
+        self.upstream_saturated = False
+        if self.unacked:
+            unacked, self.unacked = self.unacked, 0
+            self.conn.ack(self.stream_id, unacked)
+
+    # -- an h2c upstream (router.h2upstream.H2StreamOwner) ---------------------------------------
+
+    def h2_ready(self, conn: H2Upstream | None, stream_id: int, failure: Answer | None) -> None:
+        self.waiting = False
+        if conn is None:
+            assert failure is not None
+            self._failed(failure)
+            return
+        if self.finished:
+            conn.cancel(stream_id)
+            return
+        self.h2up = conn
+        self.up_id = stream_id
+        held, self.held = self.held, []
+        for data in held:
+            if not conn.send(stream_id, data, False):
+                self.upstream_saturated = True
+        if self.client_ended and (held or self.client_trailers):
+            if self.client_trailers:
+                conn.send_trailers(stream_id, self.client_trailers)
+            else:
+                conn.send(stream_id, b"", True)
+        if self.held_acks:
+            if self.upstream_saturated:
+                self.unacked += self.held_acks
+            else:
+                self.conn.ack(self.stream_id, self.held_acks)
+            self.held_acks = 0
+
+    def h2_response(self, headers: Headers, ended: bool) -> None:
+        status = 0
+        fields: Headers = []
+        for name, value in headers:
+            if name == b":status":
+                status = int(value)
+            elif name[:1] != b":":
+                fields.append((name, value))
+        if status < 200 and not ended:
+            return  # an informational head: the final one follows
+        if ended:
+            self.h2up = None
+            self._response_headers(status, fields, end=True)
+            self._done()
+            return
+        self._response_headers(status, fields)
+
+    def h2_data(self, data: bytes, flow_length: int) -> None:
+        self._queue(data)
+        up = self.h2up
+        if up is None:
+            return
+        if self.upstream_paused:
+            self.up_acks += flow_length
+        else:
+            up.ack(self.up_id, flow_length)
+
+    def h2_trailers(self, headers: Headers) -> None:
+        self._trailers = [(name, value) for name, value in headers if name[:1] != b":"]
+
+    def h2_end(self) -> None:
+        self.h2up = None
+        if not self.headers_sent:
+            self._failed(Answer.BAD_RESPONSE)
+            return
+        self._queue_end(self._trailers)
+
+    def h2_reset(self, code: int) -> None:
+        self.h2up = None
+        if self.finished:
+            return
+        if not self.headers_sent and code == h2.errors.ErrorCodes.REFUSED_STREAM:
+            self._failed(Answer.UPSTREAM_RESET)
+            return
+        # The upstream cancelled the call: so does the client's stream, with the same code.
+        self.conn._reset(self.stream_id, code)
+        self.conn._flush()
+        self.status = self.status or 502
+        self._done()
+
+    def h2_failed(self, failure: Answer) -> None:
+        self.h2up = None
+        self._failed(failure)
+
+    def h2_drained(self) -> None:
+        self.upstream_resume()
