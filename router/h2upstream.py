@@ -18,14 +18,9 @@ import socket
 from collections.abc import Hashable
 from typing import cast
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
+from router import h2engine as ev
 from router.errors import Answer
+from router.h2engine import ErrorCode, ProtocolError, make_engine
 from router.settings import Limits, Timeouts
 from router.table import Target
 
@@ -81,6 +76,11 @@ class H2StreamOwner:
     def h2_drained(self) -> None:
         raise NotImplementedError
 
+    def h2_moved(self, conn: H2Upstream, stream_id: int) -> None:
+        """The request was sent again on another stream (the first connection's graceful GOAWAY
+        came before the upstream saw it); what follows comes from there."""
+        raise NotImplementedError
+
 
 class _Out:
     """One stream's request body waiting for the upstream's window."""
@@ -94,6 +94,37 @@ class _Out:
         self.trailers: Headers | None = None
 
 
+_REPLAY_LIMIT = 64 * 1024
+"""Request body bytes kept per stream until its response head, so that a stream the upstream
+never saw (above the last stream id of its graceful GOAWAY) can be sent again elsewhere."""
+
+
+class _Replay:
+    """A request as sent so far: head, body, end. Dropped when the response head arrives."""
+
+    __slots__ = ("headers", "chunks", "size", "ended", "trailers", "retryable", "started", "attempts")
+
+    def __init__(self, headers: Headers, ended: bool) -> None:
+        self.headers = headers
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.ended = ended
+        self.trailers: Headers | None = None
+        self.retryable = True
+        self.started = False
+        """Given to an owner once already: a replay reports ``h2_moved``, not ``h2_ready``."""
+        self.attempts = 0
+
+    def keep(self, data: bytes) -> None:
+        if self.retryable:
+            self.size += len(data)
+            if self.size > _REPLAY_LIMIT:
+                self.retryable = False
+                self.chunks = []
+            else:
+                self.chunks.append(data)
+
+
 class H2Upstream(asyncio.Protocol):
     """One h2c connection to an upstream, multiplexing the streams of many client streams."""
 
@@ -101,21 +132,20 @@ class H2Upstream(asyncio.Protocol):
         self.pool = pool
         self.key = key
         self.transport: asyncio.Transport | None = None
-        config = h2.config.H2Configuration(
-            client_side=True,
-            header_encoding=None,
-            validate_inbound_headers=False,  # the front end already validated what it forwards
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
+        self.h2 = make_engine(
+            True, max_header_list=1 << 16, stream_window=_WINDOW, connection_window=_WINDOW, engine=pool.engine
         )
-        self.h2 = h2.connection.H2Connection(config=config)
         self.owners: dict[int, H2StreamOwner] = {}
         self.out: dict[int, _Out] = {}
+        self.replays: dict[int, _Replay] = {}
         self.ready = False
         """The upstream's SETTINGS arrived: its stream limit is known."""
         self.closed = False
         self.write_paused = False
         self.last_used = 0.0
+        self._flush_pending = False
+        self.going_away = False
+        """The upstream sent a graceful GOAWAY: streams in flight finish, no new ones start."""
 
     # -- asyncio protocol -------------------------------------------------------------------
 
@@ -124,61 +154,66 @@ class H2Upstream(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        h2c = self.h2
-        h2c.local_settings = h2.settings.Settings(
-            client=True,
-            initial_values={
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 1 << 16,
-            },
-        )
-        h2c.initiate_connection()
-        h2c.increment_flow_control_window(_WINDOW)
-        self._flush()
+        self._flush()  # the client preface and our SETTINGS
 
     def data_received(self, data: bytes) -> None:
         try:
-            events = self.h2.receive_data(data)
-        except (h2.exceptions.ProtocolError, ValueError):
+            events = self.h2.receive(data)
+        except ProtocolError:
             self._fail(Answer.BAD_RESPONSE)
             return
+        owners = self.owners
         for event in events:
-            if isinstance(event, h2.events.ResponseReceived):
-                if event.stream_ended is not None:
+            kind = type(event)
+            if kind is ev.DataReceived:
+                data_event = cast(ev.DataReceived, event)
+                owner = owners.get(data_event.stream_id)
+                if owner is not None:
+                    owner.h2_data(data_event.data, data_event.flow_length)
+                    if data_event.ended and self._forget(data_event.stream_id) is not None:
+                        owner.h2_end()
+                elif data_event.flow_length:
+                    self.h2.consume(data_event.stream_id, data_event.flow_length)
+            elif kind is ev.ResponseReceived:
+                response = cast(ev.ResponseReceived, event)
+                self.replays.pop(response.stream_id, None)
+                if response.ended:
                     # Trailers-only (a gRPC error): the head is the whole response.
-                    owner = self._forget(event.stream_id)
+                    owner = self._forget(response.stream_id)
                     if owner is not None:
-                        owner.h2_response(list(event.headers), True)
+                        owner.h2_response(response.headers, True)
                     continue
-                owner = self.owners.get(event.stream_id)
+                owner = owners.get(response.stream_id)
                 if owner is not None:
-                    owner.h2_response(list(event.headers), False)
-            elif isinstance(event, h2.events.DataReceived):
-                owner = self.owners.get(event.stream_id)
-                if owner is not None:
-                    owner.h2_data(event.data, event.flow_controlled_length)
-                elif event.flow_controlled_length:
-                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, h2.events.TrailersReceived):
-                owner = self.owners.get(event.stream_id)
-                if owner is not None:
-                    owner.h2_trailers(list(event.headers))
-            elif isinstance(event, h2.events.StreamEnded):
-                owner = self._forget(event.stream_id)  # (None after a trailers-only head)
-                if owner is not None:
-                    owner.h2_end()
-            elif isinstance(event, h2.events.StreamReset):
+                    owner.h2_response(response.headers, False)
+            elif kind is ev.TrailersReceived:
                 owner = self._forget(event.stream_id)
                 if owner is not None:
-                    owner.h2_reset(int(event.error_code or 0))
-            elif isinstance(event, h2.events.WindowUpdated):
+                    owner.h2_trailers(cast(ev.TrailersReceived, event).headers)
+                    owner.h2_end()
+            elif kind is ev.StreamEnded:
+                owner = self._forget(event.stream_id)
+                if owner is not None:
+                    owner.h2_end()
+            elif kind is ev.StreamReset:
+                code = cast(ev.StreamReset, event).code
+                replay = self.replays.get(event.stream_id)
+                owner = self._forget(event.stream_id)
+                if owner is None:
+                    continue
+                if code == ErrorCode.REFUSED_STREAM and replay is not None and replay.retryable:
+                    # Refused: the upstream did not process it (RFC 9113 8.7), so it may go again
+                    # (how nghttp2 reports the streams above a GOAWAY's last stream id, too).
+                    self.pool.replay(self.key, owner, replay)
+                else:
+                    owner.h2_reset(code)
+            elif kind is ev.WindowUpdated:
                 if event.stream_id:
                     self._pump(event.stream_id)
                 else:
                     for stream_id in list(self.out):
                         self._pump(stream_id)
-            elif isinstance(event, h2.events.RemoteSettingsChanged):
+            elif kind is ev.RemoteSettingsChanged:
                 if not self.ready:
                     self.ready = True
                     self.pool.became_ready(self)
@@ -186,11 +221,28 @@ class H2Upstream(asyncio.Protocol):
                     for stream_id in list(self.out):
                         self._pump(stream_id)
                     self.pool.capacity_freed(self)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                # Streams above the last one the upstream took were never seen: fail them all
-                # alike (none of them is retried: a request body may have been sent).
-                self._fail(Answer.UPSTREAM_RESET)
-                return
+            elif kind is ev.ConnectionTerminated:
+                terminated = cast(ev.ConnectionTerminated, event)
+                if terminated.code != ErrorCode.NO_ERROR:
+                    self._fail(Answer.UPSTREAM_RESET)
+                    return
+                # A graceful GOAWAY (nginx sends one every http2_max_requests): no new streams
+                # here; those the upstream took finish, those above its last one were never seen
+                # and fail (not retried: their request bodies are gone).
+                self.going_away = True
+                self.pool.forget(self)
+                for stream_id in [sid for sid in owners if sid > terminated.last_stream_id]:
+                    replay = self.replays.get(stream_id)
+                    unseen = self._forget(stream_id)
+                    if unseen is None:
+                        continue
+                    if replay is not None and replay.retryable:
+                        self.pool.replay(self.key, unseen, replay)  # never seen: safe to send again
+                    else:
+                        unseen.h2_failed(Answer.UPSTREAM_RESET)
+                if not owners:
+                    self.close()
+                    return
         self._flush()
 
     def eof_received(self) -> bool | None:
@@ -213,19 +265,25 @@ class H2Upstream(asyncio.Protocol):
 
     @property
     def capacity(self) -> int:
-        if self.closed or not self.ready:
+        if self.closed or not self.ready or self.going_away:
             return 0
-        limit = self.h2.remote_settings.max_concurrent_streams
-        return int(limit) - len(self.owners)
+        return self.h2.peer_max_streams - len(self.owners)
 
-    def open(self, owner: H2StreamOwner, headers: Headers, end_stream: bool) -> int:
-        """Start a stream with ``headers``; the owner receives what comes back."""
-        h2c = self.h2
-        stream_id = h2c.get_next_available_stream_id()
-        h2c.send_headers(stream_id, headers, end_stream=end_stream)
+    def open(self, owner: H2StreamOwner, replay: _Replay) -> int:
+        """Start a stream with the request so far; the owner receives what comes back."""
+        sent_whole = replay.ended and not replay.chunks and replay.trailers is None
+        stream_id = self.h2.request(replay.headers, sent_whole)
         self.owners[stream_id] = owner
+        self.replays[stream_id] = replay
+        if replay.chunks or (replay.ended and not sent_whole):
+            out = self.out[stream_id] = _Out()
+            out.chunks.extend(replay.chunks)
+            out.size = replay.size
+            out.end = replay.ended
+            out.trailers = replay.trailers
+            self._pump(stream_id)
         self.last_used = self.pool.loop.time()
-        self._flush()
+        self.flush_soon()
         return stream_id
 
     def send(self, stream_id: int, data: bytes, end: bool) -> bool:
@@ -238,8 +296,12 @@ class H2Upstream(asyncio.Protocol):
             out.chunks.append(data)
             out.size += len(data)
         out.end = out.end or end
+        replay = self.replays.get(stream_id)
+        if replay is not None:
+            replay.keep(data)
+            replay.ended = replay.ended or end
         self._pump(stream_id)
-        self._flush()
+        self.flush_soon()
         return out.size < self.pool.limits.stream_buffer if stream_id in self.out else True
 
     def send_trailers(self, stream_id: int, trailers: Headers) -> None:
@@ -248,34 +310,29 @@ class H2Upstream(asyncio.Protocol):
             out = self.out[stream_id] = _Out()
         out.trailers = trailers
         out.end = True
+        replay = self.replays.get(stream_id)
+        if replay is not None:
+            replay.trailers = trailers
+            replay.ended = True
         self._pump(stream_id)
-        self._flush()
+        self.flush_soon()
 
     def ack(self, stream_id: int, length: int) -> None:
         if length and not self.closed:
-            try:
-                self.h2.acknowledge_received_data(length, stream_id)
-            except h2.exceptions.StreamClosedError:
-                return
-            self._flush()
+            self.h2.consume(stream_id, length)
+            self.flush_soon()
 
     def cancel(self, stream_id: int) -> None:
         """The client gave up on the stream: reset it upstream (CANCEL)."""
         if self._forget(stream_id) is None or self.closed:
             return
-        try:
-            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
-        except h2.exceptions.StreamClosedError:
-            pass
-        self._flush()
+        self.h2.reset(stream_id, ErrorCode.CANCEL)
+        self.flush_soon()
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
-            try:
-                self.h2.close_connection()
-                self.transport.write(self.h2.data_to_send())
-            except h2.exceptions.ProtocolError:
-                pass
+            self.h2.goaway(ErrorCode.NO_ERROR)
+            self.transport.write(self.h2.output())
             self.transport.close()
         self._fail(Answer.UPSTREAM_RESET)
 
@@ -285,31 +342,27 @@ class H2Upstream(asyncio.Protocol):
         out = self.out.get(stream_id)
         if out is None or self.closed:
             return
-        h2c = self.h2
+        engine = self.h2
         was_over = out.size >= self.pool.limits.stream_buffer
-        try:
-            while out.chunks:
-                window = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                chunk = out.chunks[0]
-                if len(chunk) <= window:
-                    out.chunks.popleft()
-                    h2c.send_data(stream_id, chunk)
-                    out.size -= len(chunk)
-                else:
-                    out.chunks[0] = chunk[window:]
-                    h2c.send_data(stream_id, chunk[:window])
-                    out.size -= window
-            if not out.chunks and out.end:
-                del self.out[stream_id]
-                if out.trailers is not None:
-                    h2c.send_headers(stream_id, out.trailers, end_stream=True)
-                else:
-                    h2c.end_stream(stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            self.out.pop(stream_id, None)
-            return
+        while out.chunks:
+            window = engine.send_window(stream_id)
+            if window <= 0:
+                break
+            chunk = out.chunks[0]
+            if len(chunk) <= window:
+                out.chunks.popleft()
+                engine.send_data(stream_id, chunk)
+                out.size -= len(chunk)
+            else:
+                out.chunks[0] = chunk[window:]
+                engine.send_data(stream_id, chunk[:window])
+                out.size -= window
+        if not out.chunks and out.end:
+            del self.out[stream_id]
+            if out.trailers is not None:
+                engine.send_trailers(stream_id, out.trailers)
+            else:
+                engine.end_stream(stream_id)
         if was_over and out.size < self.pool.limits.stream_buffer:
             owner = self.owners.get(stream_id)
             if owner is not None:
@@ -317,15 +370,28 @@ class H2Upstream(asyncio.Protocol):
 
     def _forget(self, stream_id: int) -> H2StreamOwner | None:
         self.out.pop(stream_id, None)
+        self.replays.pop(stream_id, None)
         owner = self.owners.pop(stream_id, None)
         if owner is not None:
-            self.pool.capacity_freed(self)
+            if self.going_away:
+                if not self.owners:
+                    self.pool.loop.call_soon(self.close)  # the last stream it took has ended
+            else:
+                self.pool.capacity_freed(self)
         return owner
 
+    def flush_soon(self) -> None:
+        """Write what the engine has queued once this turn of the loop is done: the heads and
+        bodies of many client streams leave in one write."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.pool.loop.call_soon(self._flush)
+
     def _flush(self) -> None:
+        self._flush_pending = False
         transport = self.transport
         if transport is not None and not self.closed:
-            data = self.h2.data_to_send()
+            data = self.h2.output()
             if data:
                 transport.write(data)
 
@@ -336,10 +402,11 @@ class H2Upstream(asyncio.Protocol):
         self.pool.forget(self)
         owners, self.owners = self.owners, {}
         self.out = {}
+        self.replays = {}
         for owner in owners.values():
             owner.h2_failed(failure)
-        if self.transport is not None:
-            self.transport.abort()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()  # (a close() already under way keeps its GOAWAY)
 
 
 class _Address:
@@ -348,7 +415,7 @@ class _Address:
     def __init__(self) -> None:
         self.conns: list[H2Upstream] = []
         self.connecting = 0
-        self.waiters: collections.deque[tuple[H2StreamOwner, Headers, bool]] = collections.deque()
+        self.waiters: collections.deque[tuple[H2StreamOwner, _Replay]] = collections.deque()
 
 
 class H2Limits:
@@ -365,32 +432,57 @@ class H2Pool:
         self.loop = loop
         self.timeouts = timeouts
         self.limits = H2Limits()
+        self.engine: str | None = None
+        """The HTTP/2 engine to use (``RouterSettings.http2_engine``; None: the best available)."""
         self._addresses: dict[Hashable, _Address] = {}
         self._targets: dict[Hashable, Target] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self.opened = 0
+        """Connections opened so far (each upstream's GOAWAY makes the next one open)."""
 
     def open(self, target: Target, owner: H2StreamOwner, headers: Headers, end_stream: bool) -> None:
         """Open a stream for ``owner`` on a connection with room, now or once one is ready;
         ``owner.h2_ready`` says which (or why not)."""
         key = target.pool_key
-        address = self._addresses.get(key)
-        if address is None:
-            address = self._addresses[key] = _Address()
+        if key not in self._addresses:
+            self._addresses[key] = _Address()
             self._targets[key] = target
+        self._start(key, owner, _Replay(headers, end_stream))
+
+    def replay(self, key: Hashable, owner: H2StreamOwner, replay: _Replay) -> None:
+        """Send a request the upstream never saw again, on another connection (three times at
+        most: an upstream that refuses everything gets its failure reported)."""
+        replay.attempts += 1
+        if replay.attempts > 3:
+            owner.h2_failed(Answer.UPSTREAM_RESET)
+            return
+        self._start(key, owner, replay)
+
+    def _start(self, key: Hashable, owner: H2StreamOwner, replay: _Replay) -> None:
+        address = self._addresses[key]
         for conn in address.conns:
             if conn.capacity > 0:
-                owner.h2_ready(conn, conn.open(owner, headers, end_stream), None)
+                self._hand(conn, owner, replay)
                 return
         if len(address.waiters) >= _MAX_WAITERS:
             owner.h2_ready(None, 0, Answer.POOL_FULL)
             return
-        address.waiters.append((owner, headers, end_stream))
+        address.waiters.append((owner, replay))
         if address.connecting == 0 and len(address.conns) < _MAX_CONNECTIONS:
             address.connecting += 1
-            task = self.loop.create_task(self._connect(key, target))
+            task = self.loop.create_task(self._connect(key, self._targets[key]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def _hand(conn: H2Upstream, owner: H2StreamOwner, replay: _Replay) -> None:
+        stream_id = conn.open(owner, replay)
+        if replay.started:
+            owner.h2_moved(conn, stream_id)
+        else:
+            replay.started = True
+            owner.h2_ready(conn, stream_id, None)
 
     def withdraw(self, target: Target, owner: H2StreamOwner) -> None:
         """A waiting owner gave up (its client reset the stream)."""
@@ -416,6 +508,7 @@ class H2Pool:
                 self._fail_waiters(address, Answer.UPSTREAM_CONNECT)
                 return
             conn: H2Upstream = protocol
+            self.opened += 1
             if self._closing:
                 conn.close()
                 return
@@ -435,7 +528,7 @@ class H2Pool:
 
     def _fail_waiters(self, address: _Address, failure: Answer) -> None:
         waiters, address.waiters = address.waiters, collections.deque()
-        for owner, _, _ in waiters:
+        for owner, _ in waiters:
             owner.h2_ready(None, 0, failure)
 
     def became_ready(self, conn: H2Upstream) -> None:
@@ -446,8 +539,8 @@ class H2Pool:
         if address is None:
             return
         while address.waiters and conn.capacity > 0:
-            owner, headers, end_stream = address.waiters.popleft()
-            owner.h2_ready(conn, conn.open(owner, headers, end_stream), None)
+            owner, replay = address.waiters.popleft()
+            self._hand(conn, owner, replay)
         if address.waiters and address.connecting == 0 and len(address.conns) < _MAX_CONNECTIONS:
             # Every connection is at the upstream's stream limit: open one more.
             address.connecting += 1

@@ -22,14 +22,9 @@ from http import HTTPStatus
 from time import perf_counter
 from typing import TYPE_CHECKING, Final, cast
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
+from router import h2engine as ev
 from router.errors import Answer
+from router.h2engine import ErrorCode, ProtocolError, make_engine
 from router.request import HeadCache, Plan, decide
 from router.stats import UNROUTED
 from router.upstream import ForwardedOwner, Framing, PoolFull, UnexpectedUpgrade, UpstreamConnection
@@ -73,6 +68,13 @@ _HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"http2-settings"}
 )
 _GRPC_UNITS: Final = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)
 
 
 def grpc_timeout(value: bytes) -> float | None:
@@ -127,15 +129,15 @@ class Http2Connection:
         self.loop = ctx.loop
         self.cache = cache
         self.transport: asyncio.Transport | None = None
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_inbound_headers=True,
-            normalize_inbound_headers=True,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
+        self.h2 = make_engine(
+            False,
+            max_streams=MAX_STREAMS,
+            max_header_list=ctx.settings.limits.max_header_bytes,
+            stream_window=_STREAM_WINDOW,
+            connection_window=_CONNECTION_WINDOW,
+            engine=ctx.settings.http2_engine,
         )
-        self.h2 = h2.connection.H2Connection(config=config)
+        """The protocol engine (``router.h2engine``): libnghttp2's, or h2's where it is missing."""
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self.write_paused = False
@@ -145,6 +147,10 @@ class Http2Connection:
         self._empty_data = _Budget(_EMPTY_DATA_BUDGET)
         self._timer: asyncio.TimerHandle | None = None
         self._idle_since = self.loop.time()
+        self._flush_pending = False
+        self._engine_resets = 0
+        self._late_resets: list[int] = []
+        """The engine's ``stream_errors`` already counted against the reset budget."""
 
     # -- asyncio protocol ---------------------------------------------------------------------
 
@@ -152,93 +158,81 @@ class Http2Connection:
         self.transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
         ctx.connections.add(self)
-        limits = ctx.settings.limits
-        h2c = self.h2
-        h2c.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
-        # Until the client acknowledges our SETTINGS, h2 holds it to the protocol's defaults;
-        # the HPACK decoder's list limit is ours from the first header block.
-        h2c.decoder.max_header_list_size = limits.max_header_bytes
-        h2c.initiate_connection()
-        h2c.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
-        self._flush()
+        self._flush()  # our SETTINGS
         self._timer = self.loop.call_later(1.0, self._tick)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            # h2 has queued a GOAWAY with the right code (PROTOCOL_ERROR, FRAME_SIZE_ERROR,
-            # COMPRESSION_ERROR, ENHANCE_YOUR_CALM for an oversized header list or too many
+            events = self.h2.receive(data)
+        except ProtocolError as exc:
+            # The engine has queued a GOAWAY with the right code (PROTOCOL_ERROR,
+            # FRAME_SIZE_ERROR, COMPRESSION_ERROR, ENHANCE_YOUR_CALM for a flood or too many
             # CONTINUATION frames); nothing more is read from a client that broke the protocol.
-            code = getattr(exc, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR
-            self.ctx.stats.h2_goaway[str(code.name if isinstance(code, h2.errors.ErrorCodes) else code)] += 1
-            self._close(code, already_queued=True)
+            self.ctx.stats.h2_goaway[_code_name(exc.code)] += 1
+            self._close(exc.code, already_queued=True)
             return
         now = self.loop.time()
+        engine_resets = self.h2.stream_errors - self._engine_resets
+        if engine_resets:
+            self._engine_resets += engine_resets
+            for _ in range(engine_resets):
+                if not self._resets.spend(now):
+                    self._calm()
+                    return
+        streams = self.streams
         for event in events:
             kind = type(event)
-            if kind is h2.events.RequestReceived:
-                request = cast(h2.events.RequestReceived, event)
-                self._request(request.stream_id, request.headers, request.stream_ended is not None)
-            elif kind is h2.events.DataReceived:
-                data_event = cast(h2.events.DataReceived, event)
-                stream = self.streams.get(data_event.stream_id)
+            if kind is ev.DataReceived:
+                data_event = cast(ev.DataReceived, event)
+                stream = streams.get(data_event.stream_id)
                 payload = data_event.data
-                if not payload and data_event.stream_ended is None and not self._empty_data.spend(now):
+                if not payload and not data_event.ended and not self._empty_data.spend(now):
                     self._calm()
                     return
                 if stream is not None:
-                    stream.client_data(payload, data_event.flow_controlled_length)
-                elif data_event.flow_controlled_length:
-                    self._ack(data_event.stream_id, data_event.flow_controlled_length)
-                if data_event.stream_ended is not None and stream is not None:
-                    stream.client_end(None)
-            elif kind is h2.events.StreamEnded:
-                stream = self.streams.get(cast(h2.events.StreamEnded, event).stream_id)
+                    stream.client_data(payload, data_event.flow_length)
+                    if data_event.ended:
+                        stream.client_end(None)
+                elif data_event.flow_length:
+                    self.h2.consume(data_event.stream_id, data_event.flow_length)
+            elif kind is ev.RequestReceived:
+                request = cast(ev.RequestReceived, event)
+                self._request(request.stream_id, request.headers, request.ended)
+            elif kind is ev.StreamEnded:
+                stream = streams.get(event.stream_id)
                 if stream is not None and not stream.client_ended:
                     stream.client_end(None)
-            elif kind is h2.events.TrailersReceived:
-                trailers = cast(h2.events.TrailersReceived, event)
-                stream = self.streams.get(trailers.stream_id)
+            elif kind is ev.TrailersReceived:
+                stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.client_end(trailers.headers)
-            elif kind is h2.events.StreamReset:
-                reset = cast(h2.events.StreamReset, event)
-                stream = self.streams.pop(reset.stream_id, None)
+                    stream.client_end(cast(ev.TrailersReceived, event).headers)
+            elif kind is ev.StreamReset:
+                stream = streams.pop(event.stream_id, None)
                 if stream is not None:
                     stream.client_reset()
-                if reset.remote_reset and not self._resets.spend(now):
+                if not self._resets.spend(now):
                     self._calm()
                     return
-            elif kind is h2.events.WindowUpdated:
-                stream_id = cast(h2.events.WindowUpdated, event).stream_id
-                if stream_id:
-                    stream = self.streams.get(stream_id)
+            elif kind is ev.WindowUpdated:
+                if event.stream_id:
+                    stream = streams.get(event.stream_id)
                     if stream is not None:
                         stream.pump()
                 else:
-                    for stream in list(self.streams.values()):
+                    for stream in list(streams.values()):
                         stream.pump()
-            elif kind is h2.events.RemoteSettingsChanged or kind is h2.events.PingReceived:
+            elif kind is ev.RemoteSettingsChanged or kind is ev.PingReceived:
                 if not self._control.spend(now):
                     self._calm()
                     return
-                if kind is h2.events.RemoteSettingsChanged:
-                    for stream in list(self.streams.values()):
+                if kind is ev.RemoteSettingsChanged:
+                    for stream in list(streams.values()):
                         stream.pump()
-            elif kind is h2.events.ConnectionTerminated:
+            elif kind is ev.ConnectionTerminated:
                 self.going_away = True
-                if not self.streams:
+                if not streams:
                     self._close(None)
                     return
         self._flush()
@@ -278,7 +272,7 @@ class Http2Connection:
         if not self.streams:
             self._close(None)
             return
-        self.h2.close_connection(last_stream_id=max(self.streams))
+        self.h2.goaway(ErrorCode.NO_ERROR, max(self.streams))
         self._flush()
 
     def abort(self) -> None:
@@ -288,8 +282,12 @@ class Http2Connection:
     # -- streams --------------------------------------------------------------------------------
 
     def _request(self, stream_id: int, headers: Headers, ended: bool) -> None:
-        if self.going_away:
-            self._reset(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        if self.going_away or len(self.streams) >= MAX_STREAMS:
+            # Refused streams cost a reset each, and count like the client's own (a client that
+            # keeps opening them is resetting streams by proxy).
+            self._reset(stream_id, ErrorCode.REFUSED_STREAM)
+            if not self._resets.spend(self.loop.time()):
+                self._calm()
             return
         ctx = self.ctx
         stream = _Stream(self, stream_id)
@@ -297,23 +295,13 @@ class Http2Connection:
         stream.begin(ctx, headers, ended)
 
     def ack(self, stream_id: int, length: int) -> None:
-        """Acknowledge request bytes the upstream has taken (reopens the client's window)."""
+        """Give request bytes the upstream has taken back to the client's windows."""
         if length and not self.closed:
-            self._ack(stream_id, length)
-            self._flush()
+            self.h2.consume(stream_id, length)
+            self.flush_soon()
 
-    def _ack(self, stream_id: int, length: int) -> None:
-        try:
-            self.h2.acknowledge_received_data(length, stream_id)
-        except h2.exceptions.StreamClosedError:
-            # The stream is gone; the connection's window still needs the bytes back.
-            self.h2.increment_flow_control_window(length)
-
-    def _reset(self, stream_id: int, code: h2.errors.ErrorCodes | int) -> None:
-        try:
-            self.h2.reset_stream(stream_id, code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
+    def _reset(self, stream_id: int, code: int) -> None:
+        self.h2.reset(stream_id, code)
 
     def stream_done(self, stream: _Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
@@ -327,19 +315,16 @@ class Http2Connection:
     def _calm(self) -> None:
         """A budget ran out: GOAWAY(ENHANCE_YOUR_CALM), the streams in flight cut."""
         self.ctx.stats.h2_goaway["ENHANCE_YOUR_CALM"] += 1
-        self._close(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self._close(ErrorCode.ENHANCE_YOUR_CALM)
 
-    def _close(self, code: h2.errors.ErrorCodes | int | None, *, already_queued: bool = False) -> None:
+    def _close(self, code: int | None, *, already_queued: bool = False) -> None:
         if self.closed:
             return
         transport = self.transport
         if transport is not None:
             if not already_queued:
-                try:
-                    self.h2.close_connection(error_code=code or 0)
-                except h2.exceptions.ProtocolError:
-                    pass
-            data = self.h2.data_to_send()
+                self.h2.goaway(code or ErrorCode.NO_ERROR)
+            data = self.h2.output()
             if data:
                 transport.write(data)
             transport.close()
@@ -348,11 +333,30 @@ class Http2Connection:
         for stream in streams.values():
             stream.client_reset()
 
+    def flush_soon(self) -> None:
+        """Write what the engine has queued once this turn of the loop is done, so the head,
+        body and end of a response (reported by the upstream one by one) leave in one write."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def reset_after_flush(self, stream_id: int) -> None:
+        self._late_resets.append(stream_id)
+        self.flush_soon()
+
     def _flush(self) -> None:
+        self._flush_pending = False
         transport = self.transport
         if transport is None or self.closed:
             return
-        data = self.h2.data_to_send()
+        data = self.h2.output()
+        if self._late_resets:
+            if data:
+                transport.write(data)
+            for stream_id in self._late_resets:
+                self.h2.reset(stream_id, ErrorCode.NO_ERROR)
+            self._late_resets.clear()
+            data = self.h2.output()
         if data:
             transport.write(data)
             if transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT:
@@ -377,6 +381,17 @@ class Http2Connection:
                 stream.fail_stalled()
             elif stream.deadline and now >= stream.deadline:
                 stream.deadline_passed()
+            elif (
+                stream.h2up is not None
+                and stream.client_ended
+                and not stream.headers_sent
+                and now - stream.started_at_loop > timeouts.upstream_response
+            ):
+                # A whole request and no response head within --upstream-timeout. (A stream
+                # whose client is still sending, a gRPC bidi call, may wait as long as it likes.)
+                stream.h2up.cancel(stream.up_id)
+                stream.h2up = None
+                stream._failed(Answer.UPSTREAM_TIMEOUT)
         self._flush()
         self._timer = self.loop.call_later(1.0, self._tick)
 
@@ -422,6 +437,7 @@ class _Stream(H2StreamOwner):
         self.answer: Answer | None = None
         self.finished = False
         self.started_at = perf_counter()
+        self.started_at_loop = conn.loop.time()
         self.stalled_since = 0.0
         self.deadline = 0.0
 
@@ -458,6 +474,13 @@ class _Stream(H2StreamOwner):
                 if seconds is not None:
                     self.deadline = self.conn.loop.time() + seconds
             regular.append((name, value))
+        limits = ctx.settings.limits
+        if len(regular) >= limits.max_headers:  # the same limits as an HTTP/1.1 head's
+            self.refuse(Answer.HEADERS_TOO_LARGE)
+            return
+        if len(path) > limits.max_request_line:
+            self.refuse(Answer.TARGET_TOO_LONG)
+            return
         if authority:
             regular.insert(0, (b"host", authority))
         if not ended and not content_length:
@@ -532,7 +555,7 @@ class _Stream(H2StreamOwner):
         if self.upstream_saturated:
             self.unacked += flow_length
         else:
-            self.conn._ack(self.stream_id, flow_length)
+            self.conn.h2.consume(self.stream_id, flow_length)
 
     def client_end(self, trailers: Headers | None) -> None:
         self.client_ended = True
@@ -625,16 +648,12 @@ class _Stream(H2StreamOwner):
             self.out.append(body)
             self.out_size += len(body)
             self._queue_end(None)
-        self.conn._flush()
+        self.conn.flush_soon()
 
     def _send_headers(self, headers: Headers, end: bool) -> None:
         if self.conn.closed:
             return
-        try:
-            self.conn.h2.send_headers(self.stream_id, headers, end_stream=end)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            self.finished = True
-            return
+        self.conn.h2.respond(self.stream_id, headers, end)
         self.headers_sent = True
 
     def _response_headers(self, status: int, fields: Headers, *, end: bool = False) -> None:
@@ -648,59 +667,55 @@ class _Stream(H2StreamOwner):
             headers.append((b"x-devstack-route", plan.route_header()))
         self.status = status
         self._send_headers(headers, end=end)
-        self.conn._flush()
+        self.conn.flush_soon()
 
     def _queue(self, data: bytes) -> None:
         self.out.append(data)
         self.out_size += len(data)
         self.pump()
-        self.conn._flush()
+        self.conn.flush_soon()
 
     def _queue_end(self, trailers: Headers | None) -> None:
         self.out_end = True
         self.out_trailers = trailers
         self.pump()
-        self.conn._flush()
+        self.conn.flush_soon()
 
     def pump(self) -> None:
         """Send what the client's windows allow; hold the upstream while too much waits."""
         conn = self.conn
         if self.finished or conn.closed or not self.headers_sent:
             return
-        h2c = conn.h2
+        engine = conn.h2
         sid = self.stream_id
         out = self.out
-        try:
-            while out and not conn.write_paused:
-                window = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size)
-                if window <= 0:
-                    if not self.stalled_since:
-                        self.stalled_since = conn.loop.time()
-                    break
-                self.stalled_since = 0.0
-                chunk = out[0]
-                if len(chunk) <= window:
-                    out.pop(0)
-                    h2c.send_data(sid, chunk)
-                    self.out_size -= len(chunk)
-                    self.sent += len(chunk)
+        while out and not conn.write_paused:
+            window = engine.send_window(sid)
+            if window <= 0:
+                if not self.stalled_since:
+                    self.stalled_since = conn.loop.time()
+                break
+            self.stalled_since = 0.0
+            chunk = out[0]
+            if len(chunk) <= window:
+                out.pop(0)
+                engine.send_data(sid, chunk)
+                self.out_size -= len(chunk)
+                self.sent += len(chunk)
+            else:
+                out[0] = chunk[window:]
+                engine.send_data(sid, chunk[:window])
+                self.out_size -= window
+                self.sent += window
+        if not out:
+            self.stalled_since = 0.0
+            if self.out_end:
+                if self.out_trailers:
+                    engine.send_trailers(sid, self.out_trailers)
                 else:
-                    out[0] = chunk[window:]
-                    h2c.send_data(sid, chunk[:window])
-                    self.out_size -= window
-                    self.sent += window
-            if not out:
-                self.stalled_since = 0.0
-                if self.out_end:
-                    if self.out_trailers:
-                        h2c.send_headers(sid, self.out_trailers, end_stream=True)
-                    else:
-                        h2c.end_stream(sid)
-                    self._done()
-                    return
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            self.client_reset()
-            return
+                    engine.end_stream(sid)
+                self._done()
+                return
         if self.out_size > _OUT_HIGH:
             if not self.upstream_paused:
                 self.upstream_paused = True
@@ -720,10 +735,11 @@ class _Stream(H2StreamOwner):
         self.finished = True
         if not self.client_ended and not self.conn.closed:
             # The response is whole and the request is not: the client may stop sending it
-            # (RFC 9113 8.1); what it already sent is given back to the connection window.
-            self.conn._reset(self.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            # (RFC 9113 8.1). After the response's frames are out: an engine may drop frames
+            # still queued for a stream it resets (nghttp2 does).
+            self.conn.reset_after_flush(self.stream_id)
         if self.unacked:
-            self.conn._ack(self.stream_id, self.unacked)
+            self.conn.h2.consume(self.stream_id, self.unacked)
             self.unacked = 0
         self._record(self.status)
         self.conn.stream_done(self)
@@ -752,14 +768,14 @@ class _Stream(H2StreamOwner):
         if not self.headers_sent:
             self.refuse(failure)
             return
-        self.conn._reset(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
-        self.conn._flush()
+        self.conn._reset(self.stream_id, ErrorCode.INTERNAL_ERROR)
+        self.conn.flush_soon()
         self.status = self.status or 502
         self._done()
 
     def fail_stalled(self) -> None:
         """The client has kept this stream's window shut past the body timeout."""
-        self.conn._reset(self.stream_id, h2.errors.ErrorCodes.FLOW_CONTROL_ERROR)
+        self.conn._reset(self.stream_id, ErrorCode.FLOW_CONTROL_ERROR)
         self.conn.stream_done(self)
         self.client_reset()
 
@@ -777,7 +793,7 @@ class _Stream(H2StreamOwner):
             self.out_size = 0
             self._queue_end([(b"grpc-status", b"4"), (b"grpc-message", b"devstack: deadline exceeded")])
         else:
-            self.conn._reset(self.stream_id, h2.errors.ErrorCodes.CANCEL)
+            self.conn._reset(self.stream_id, ErrorCode.CANCEL)
             self._done()
 
     # -- an HTTP/1.1 upstream (router.upstream.ExchangeOwner) ------------------------------------
@@ -848,12 +864,16 @@ class _Stream(H2StreamOwner):
 
     def upstream_failed(self, failure: Answer, response_started: bool) -> None:
         self.h1 = None
+        if failure is Answer.UPSTREAM_TIMEOUT and not self.client_ended and not self.upstream_saturated:
+            # The upstream connection's timer ran body_idle while it waited for the request
+            # body, and the upstream was taking it: the client stalled, not the upstream.
+            failure = Answer.BODY_TIMEOUT
         if failure.upstream:
             self._failed(failure)
         elif not self.headers_sent:
             self.refuse(failure)
         else:
-            self.conn._reset(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.conn._reset(self.stream_id, ErrorCode.INTERNAL_ERROR)
             self._done()
 
     def upstream_upgraded(self, rest: bytes) -> None:
@@ -944,12 +964,12 @@ class _Stream(H2StreamOwner):
         self.h2up = None
         if self.finished:
             return
-        if not self.headers_sent and code == h2.errors.ErrorCodes.REFUSED_STREAM:
+        if not self.headers_sent and code == ErrorCode.REFUSED_STREAM:
             self._failed(Answer.UPSTREAM_RESET)
             return
         # The upstream cancelled the call: so does the client's stream, with the same code.
         self.conn._reset(self.stream_id, code)
-        self.conn._flush()
+        self.conn.flush_soon()
         self.status = self.status or 502
         self._done()
 
@@ -959,3 +979,10 @@ class _Stream(H2StreamOwner):
 
     def h2_drained(self) -> None:
         self.upstream_resume()
+
+    def h2_moved(self, conn: H2Upstream, stream_id: int) -> None:
+        if self.finished:
+            conn.cancel(stream_id)
+            return
+        self.h2up = conn
+        self.up_id = stream_id

@@ -27,7 +27,7 @@ class EchoService:
     """One grpcio server: unary, server-streaming, client-streaming and bidi echo methods,
     plus ones that fail, sleep, or stream without end (to test cancellation and backpressure)."""
 
-    def __init__(self, name: str, interceptors: list[Any] | None = None) -> None:
+    def __init__(self, name: str, interceptors: list[Any] | None = None, options: list[tuple[str, Any]] = ()) -> None:  # type: ignore[assignment]
         self.name = name
         self.calls: list[dict[str, Any]] = []
         """Each call's method and metadata (keys lowercased, -bin values as bytes)."""
@@ -39,7 +39,11 @@ class EchoService:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(16),
             interceptors=interceptors or [],
-            options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+            options=[
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20),
+                *options,
+            ],
         )
         handlers = {
             "Unary": grpc.unary_unary_rpc_method_handler(self._unary, identity, identity),
