@@ -11,8 +11,8 @@ INTERPRETED_TESTS ?= tests/test_keys.py tests/test_table.py tests/test_proxy.py 
 	tests/test_access_log.py tests/test_failure_log.py tests/test_edge_keys.py tests/test_route_groups.py \
 	tests/test_http2.py
 
-# The HTTP/2 tests again with the opt-in libnghttp2 engine (the frame fuzz is left out: see the README).
-NGHTTP2_TESTS ?= tests/test_http2.py tests/test_grpc_chain.py tests/test_http2_abuse.py
+# The HTTP/2 tests again with the pure-Python h2 engine (the fallback where libnghttp2 is missing).
+H2_ENGINE_TESTS ?= tests/test_http2.py tests/test_grpc_chain.py tests/test_http2_abuse.py tests/test_fuzz_http2.py
 
 # router/_native.py owns the list of compiled sources (setup.py and router/__init__.py read it too).
 HOT_PATH_SOURCES := $(shell python3 router/_native.py sources)
@@ -57,7 +57,7 @@ extension:
 test: setup lint
 	DEVSTACK_EXPECT_COMPILED=1 $(BIN)/pytest -q $(PYTEST_ARGS)
 	DEVSTACK_INTERPRETED=1 $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS) $(INTERPRETED_TESTS)
-	DEVSTACK_HTTP2_ENGINE=nghttp2 $(BIN)/pytest -q $(PYTEST_ARGS) $(NGHTTP2_TESTS)
+	DEVSTACK_HTTP2_ENGINE=h2 $(BIN)/pytest -q $(PYTEST_ARGS) $(H2_ENGINE_TESTS)
 
 lint: setup
 	$(BIN)/ruff check .

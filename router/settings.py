@@ -145,9 +145,9 @@ class RouterSettings:
     ALPN offers ``h2`` and ``http/1.1``; upstreams stay cleartext inside the cluster."""
     tls_key: str | None = None
     http2_engine: str | None = None
-    """The HTTP/2 protocol engine: ``"h2"`` (pure Python, the default) or ``"nghttp2"``
-    (libnghttp2 through ctypes: about a quarter of the CPU per exchange, opt-in while the frame
-    fuzz still finds a case it mishandles); None: ``DEVSTACK_HTTP2_ENGINE``, else h2."""
+    """The HTTP/2 protocol engine: ``"nghttp2"`` (libnghttp2 through ctypes) or ``"h2"`` (pure
+    Python, four to eight times the CPU per exchange); None: ``DEVSTACK_HTTP2_ENGINE``, else
+    nghttp2 when the library loads, else h2."""
 
     def __post_init__(self) -> None:
         for cidr in self.edge_key_clients:

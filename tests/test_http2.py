@@ -296,8 +296,8 @@ async def test_an_upstreams_graceful_goaway_loses_no_call(origins: tuple[Origin,
                 futures = []
         return replies
 
-    # Pinned to the libnghttp2 engine: with h2 (a patched GOAWAY path) one call in a few hundred
-    # still waits out its deadline under pytest, which this test has not been able to explain yet.
+    # Pinned to the libnghttp2 engine (the default): with h2 (a patched GOAWAY path) one call in a
+    # few hundred still waits out its deadline under pytest, not yet explained.
     try:
         async with running_router(table, RouterSettings(http2_engine="nghttp2")) as router:
             replies = await asyncio.to_thread(many_calls, router.address[1])

@@ -122,25 +122,31 @@ class Request:
     def part_count(self) -> int:
         return 1 + len(self.body) + (self.ending in ("empty-data", "trailers"))
 
-    def parts(self, encode: Callable[[list[tuple[bytes, bytes]]], bytes], nonce: bytes) -> list[bytes]:
+    def parts(self, encode: Callable[[list[tuple[bytes, bytes]]], bytes], nonce: bytes) -> list[Callable[[], bytes]]:
         """Its frames, in the pieces other streams' frames may come between (a header block is
-        one piece: nothing may interrupt it)."""
+        one piece: nothing may interrupt it). Each piece is made when it is sent: a header block
+        that uses the HPACK dynamic table must be encoded in the order the peer decodes it."""
         extra = [(MARKER, self.marker(nonce))]
         if self.baggage is not None:
             extra.append((b"baggage", self.baggage))
         if self.content_length:
             extra.append((b"content-length", b"%d" % len(b"".join(self.body))))
-        block = encode(h2_request_fields(self.authority, self.path, self.method, extra))
-        size = max(1, -(-len(block) // self.block_frames))
         sid = self.stream_id
-        out = [h2_header_block(sid, block, end_stream=self.ending == "headers", frame_size=size)]
+
+        def head() -> bytes:
+            block = encode(h2_request_fields(self.authority, self.path, self.method, extra))
+            size = max(1, -(-len(block) // self.block_frames))
+            return h2_header_block(sid, block, end_stream=self.ending == "headers", frame_size=size)
+
+        out: list[Callable[[], bytes]] = [head]
         for i, chunk in enumerate(self.body):
             last = i == len(self.body) - 1
-            out.append(h2_frame(H2Type.DATA, END_STREAM if last and self.ending == "data" else 0, sid, chunk))
+            frame = h2_frame(H2Type.DATA, END_STREAM if last and self.ending == "data" else 0, sid, chunk)
+            out.append(lambda frame=frame: frame)  # type: ignore[misc]
         if self.ending == "empty-data":
-            out.append(h2_frame(H2Type.DATA, END_STREAM, sid))
+            out.append(lambda: h2_frame(H2Type.DATA, END_STREAM, sid))
         elif self.ending == "trailers":
-            out.append(h2_header_block(sid, encode([(b"x-trailer", b"t")]), end_stream=True))
+            out.append(lambda: h2_header_block(sid, encode([(b"x-trailer", b"t")]), end_stream=True))
         return out
 
     def expected_origin(self) -> str | None:
@@ -209,7 +215,7 @@ class H2Case:
                 desynced = desynced or item.desyncs
             request = self.requests[index]
             sid = request.stream_id
-            out.append(parts[sid][sent[sid]])
+            out.append(parts[sid][sent[sid]]())
             sent[sid] += 1
             if sent[sid] == len(parts[sid]) and not desynced:
                 rendered.whole.add(sid)
