@@ -133,7 +133,9 @@ class StreamEnded(Event):
 
 
 class StreamReset(Event):
-    """The peer reset the stream (RST_STREAM)."""
+    """The stream ended abnormally: the peer reset it (RST_STREAM), or, for a stream already
+    reported, the engine reset it because of what the peer sent (NgEngine; H2Engine only counts
+    those in ``stream_errors``)."""
 
     __slots__ = ("code",)
 
@@ -186,7 +188,8 @@ class Engine:
 
     def receive(self, data: bytes) -> list[Event]:
         """What the peer's bytes did. Raises ``ProtocolError`` (its GOAWAY queued) on a
-        connection error; a stream error resets the stream and is not reported."""
+        connection error. A stream error resets the stream and counts in ``stream_errors``, except
+        that NgEngine reports a stream already reported as a ``StreamReset`` instead."""
         raise NotImplementedError
 
     def output(self) -> bytes:
