@@ -14,7 +14,7 @@ import enum
 import json
 from http import HTTPStatus
 
-__all__ = ["Answer", "render", "markdown_table"]
+__all__ = ["Answer", "render", "render_body", "markdown_table"]
 
 
 class Answer(enum.Enum):
@@ -144,6 +144,28 @@ GRPC_CODES = {
 }  # fmt: skip
 
 
+def render_body(
+    answer: Answer,
+    *,
+    detail: str | None = None,
+    service: str | None = None,
+    key: str | None = None,
+    target: str | None = None,
+) -> bytes:
+    """The JSON body of ``answer`` (the HTTP/1.1 response below; an HTTP/2 stream's DATA)."""
+    return json.dumps(
+        {
+            "error": HTTPStatus(answer.status).phrase,
+            "service": service,
+            "key": key,
+            "target": target,
+            "reason": answer.reason,
+            "detail": detail,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
 def render(
     answer: Answer,
     *,
@@ -164,17 +186,7 @@ def render(
     """
     status = answer.status
     phrase = HTTPStatus(status).phrase
-    body = json.dumps(
-        {
-            "error": phrase,
-            "service": service,
-            "key": key,
-            "target": target,
-            "reason": answer.reason,
-            "detail": detail,
-        },
-        separators=(",", ":"),
-    ).encode()
+    body = render_body(answer, detail=detail, service=service, key=key, target=target)
     head = [
         b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode()),
         b"content-type: application/json\r\n",

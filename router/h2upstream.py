@@ -21,7 +21,7 @@ from typing import cast
 from router import h2engine as ev
 from router.errors import Answer
 from router.h2engine import ErrorCode, ProtocolError, make_engine
-from router.settings import Limits, Timeouts
+from router.settings import Timeouts
 from router.table import Target
 
 __all__ = ["H2Pool", "H2StreamOwner", "H2Upstream"]
@@ -34,6 +34,8 @@ cap one stream's throughput at 64 KiB per round trip)."""
 _MAX_CONNECTIONS = 8
 """Connections per upstream address: a new one only when every one is at its stream limit."""
 _MAX_WAITERS = 1024
+_STREAM_BUFFER = 256 * 1024
+"""Request body bytes held per stream for a slow upstream before its client is held back."""
 
 
 class H2StreamOwner:
@@ -142,7 +144,6 @@ class H2Upstream(asyncio.Protocol):
         """The upstream's SETTINGS arrived: its stream limit is known."""
         self.closed = False
         self.write_paused = False
-        self.last_used = 0.0
         self._flush_pending = False
         self.going_away = False
         """The upstream sent a graceful GOAWAY: streams in flight finish, no new ones start."""
@@ -282,7 +283,6 @@ class H2Upstream(asyncio.Protocol):
             out.end = replay.ended
             out.trailers = replay.trailers
             self._pump(stream_id)
-        self.last_used = self.pool.loop.time()
         self.flush_soon()
         return stream_id
 
@@ -302,7 +302,7 @@ class H2Upstream(asyncio.Protocol):
             replay.ended = replay.ended or end
         self._pump(stream_id)
         self.flush_soon()
-        return out.size < self.pool.limits.stream_buffer if stream_id in self.out else True
+        return out.size < _STREAM_BUFFER if stream_id in self.out else True
 
     def send_trailers(self, stream_id: int, trailers: Headers) -> None:
         out = self.out.get(stream_id)
@@ -343,7 +343,7 @@ class H2Upstream(asyncio.Protocol):
         if out is None or self.closed:
             return
         engine = self.h2
-        was_over = out.size >= self.pool.limits.stream_buffer
+        was_over = out.size >= _STREAM_BUFFER
         while out.chunks:
             window = engine.send_window(stream_id)
             if window <= 0:
@@ -363,7 +363,7 @@ class H2Upstream(asyncio.Protocol):
                 engine.send_trailers(stream_id, out.trailers)
             else:
                 engine.end_stream(stream_id)
-        if was_over and out.size < self.pool.limits.stream_buffer:
+        if was_over and out.size < _STREAM_BUFFER:
             owner = self.owners.get(stream_id)
             if owner is not None:
                 owner.h2_drained()
@@ -418,20 +418,12 @@ class _Address:
         self.waiters: collections.deque[tuple[H2StreamOwner, _Replay]] = collections.deque()
 
 
-class H2Limits:
-    """The per-stream buffer limit (bytes of request body held for a slow upstream)."""
-
-    def __init__(self, stream_buffer: int = 256 * 1024) -> None:
-        self.stream_buffer = stream_buffer
-
-
 class H2Pool:
     """h2c connections per upstream address, opened on demand and shared by streams."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeouts: Timeouts, limits: Limits) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeouts: Timeouts) -> None:
         self.loop = loop
         self.timeouts = timeouts
-        self.limits = H2Limits()
         self.engine: str | None = None
         """The HTTP/2 engine to use (``RouterSettings.http2_engine``; None: the best available)."""
         self._addresses: dict[Hashable, _Address] = {}

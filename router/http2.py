@@ -17,13 +17,11 @@ bombs, windows never opened) are met with budgets and GOAWAY, never with unbound
 from __future__ import annotations
 
 import asyncio
-import json
-from http import HTTPStatus
 from time import perf_counter
 from typing import TYPE_CHECKING, Final, cast
 
 from router import h2engine as ev
-from router.errors import Answer
+from router.errors import Answer, render_body
 from router.h2engine import ErrorCode, ProtocolError, make_engine
 from router.request import HeadCache, Plan, decide
 from router.stats import UNROUTED
@@ -36,9 +34,8 @@ if TYPE_CHECKING:
 
 from router.h2upstream import H2StreamOwner
 
-__all__ = ["PREFACE", "Http2Connection", "grpc_timeout"]
+__all__ = ["Http2Connection", "grpc_timeout"]
 
-PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PRI_HEAD: Final = b"PRI * HTTP/2.0\r\n\r\n"
 """What llhttp reads of the preface before it stops (``Pause on PRI/Upgrade``)."""
 
@@ -617,17 +614,13 @@ class _Stream(H2StreamOwner):
             body = b""
         else:
             status = answer.status
-            body = json.dumps(
-                {
-                    "error": HTTPStatus(status).phrase,
-                    "service": decision.service if decision is not None else None,
-                    "key": plan.key,
-                    "target": decision.target.url if decision is not None and decision.target is not None else None,
-                    "reason": answer.reason,
-                    "detail": detail,
-                },
-                separators=(",", ":"),
-            ).encode()
+            body = render_body(
+                answer,
+                detail=detail,
+                service=decision.service if decision is not None else None,
+                key=plan.key,
+                target=decision.target.url if decision is not None and decision.target is not None else None,
+            )
             headers = [
                 (b":status", b"%d" % status),
                 (b"content-type", b"application/json"),

@@ -68,7 +68,7 @@ class ProxyContext:
         self.slot = slot
         self.stats = stats or RouterStats()
         self.pool = UpstreamPool(loop, settings.timeouts, settings.limits, self.stats)
-        self.h2pool = H2Pool(loop, settings.timeouts, settings.limits)
+        self.h2pool = H2Pool(loop, settings.timeouts)
         self.h2pool.engine = settings.http2_engine
         """Multiplexed h2c connections to the upstreams of services with ``protocol: h2c``."""
         self.policy = Policy(settings, key_sources, tracer)
