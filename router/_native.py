@@ -23,7 +23,7 @@ HOT_PATH_MODULES: tuple[str, ...] = (
     "tunnel", "upstream",
 )
 """Typed modules compiled together with mypyc (``router/<name>.py``)."""
-NATIVE_HELPERS: tuple[str, ...] = ("_speedups",)
+NATIVE_HELPERS: tuple[str, ...] = ("_speedups", "_ngrecord")
 """Hand-written C extensions (``router/<name>.c``). Each function in them has a Python original
 that defines its behaviour; they are used only when the hot path runs compiled, so the
 interpreted router is pure Python."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import itertools
 import struct
 import sys
 import weakref
 from typing import Any, Final
 
+from router import COMPILED
 from router.h2engine import (
     ConnectionTerminated,
     DataReceived,
@@ -162,6 +162,7 @@ _ON_INVALID_HEADER = ctypes.CFUNCTYPE(
 _ON_DATA_CHUNK = ctypes.CFUNCTYPE(_INT, _VOIDP, ctypes.c_uint8, ctypes.c_int32, _VOIDP, ctypes.c_size_t, _VOIDP)
 _ON_STREAM_CLOSE = ctypes.CFUNCTYPE(_INT, _VOIDP, ctypes.c_int32, ctypes.c_uint32, _VOIDP)
 _ON_FRAME_NOT_SEND = ctypes.CFUNCTYPE(_INT, _VOIDP, _VOIDP, _INT, _VOIDP)
+_ON_SEND = ctypes.CFUNCTYPE(_c_ssize_t, _VOIDP, _VOIDP, ctypes.c_size_t, _INT, _VOIDP)
 _READ = ctypes.CFUNCTYPE(_c_ssize_t, _VOIDP, ctypes.c_int32, _VOIDP, ctypes.c_size_t, _VOIDP, _VOIDP, _VOIDP)
 
 
@@ -171,11 +172,13 @@ class _DataProvider(ctypes.Structure):
 
 _SIGNATURES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "nghttp2_session_callbacks_new": (_INT, [ctypes.POINTER(_VOIDP)]),
-    "nghttp2_session_callbacks_set_on_begin_headers_callback": (None, [_VOIDP, _ON_FRAME]),
-    "nghttp2_session_callbacks_set_on_header_callback": (None, [_VOIDP, _ON_HEADER]),
+    # (These three take a function's address too: router._ngrecord's callbacks are not ctypes objects.)
+    "nghttp2_session_callbacks_set_on_begin_headers_callback": (None, [_VOIDP, _VOIDP]),
+    "nghttp2_session_callbacks_set_on_header_callback": (None, [_VOIDP, _VOIDP]),
     "nghttp2_session_callbacks_set_on_invalid_header_callback": (None, [_VOIDP, _ON_INVALID_HEADER]),
     "nghttp2_session_callbacks_set_on_frame_recv_callback": (None, [_VOIDP, _ON_FRAME]),
-    "nghttp2_session_callbacks_set_on_data_chunk_recv_callback": (None, [_VOIDP, _ON_DATA_CHUNK]),
+    "nghttp2_session_callbacks_set_on_data_chunk_recv_callback": (None, [_VOIDP, _VOIDP]),
+    "nghttp2_session_callbacks_set_send_callback": (None, [_VOIDP, _VOIDP]),
     "nghttp2_session_callbacks_set_on_stream_close_callback": (None, [_VOIDP, _ON_STREAM_CLOSE]),
     "nghttp2_session_callbacks_set_on_frame_not_send_callback": (None, [_VOIDP, _ON_FRAME_NOT_SEND]),
     "nghttp2_option_new": (_INT, [ctypes.POINTER(_VOIDP)]),
@@ -186,7 +189,7 @@ _SIGNATURES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "nghttp2_session_client_new2": (_INT, [ctypes.POINTER(_VOIDP), _VOIDP, _VOIDP, _VOIDP]),
     "nghttp2_session_del": (None, [_VOIDP]),
     "nghttp2_session_mem_recv": (_c_ssize_t, [_VOIDP, ctypes.c_char_p, ctypes.c_size_t]),
-    "nghttp2_session_mem_send": (_c_ssize_t, [_VOIDP, _VOIDP]),
+    "nghttp2_session_send": (_INT, [_VOIDP]),
     "nghttp2_session_get_outbound_queue_size": (ctypes.c_size_t, [_VOIDP]),
     "nghttp2_session_resume_data": (_INT, [_VOIDP, ctypes.c_int32]),
     "nghttp2_submit_settings": (_INT, [_VOIDP, ctypes.c_uint8, _VOIDP, ctypes.c_size_t]),
@@ -228,12 +231,13 @@ def _load() -> ctypes.CDLL:
     if struct.calcsize(_NV_ROW) != ctypes.sizeof(_Nv):
         raise OSError("nghttp2_nv does not pack as this module expects")
     try:
-        lib = ctypes.CDLL(SONAME)
+        # PyDLL: calls keep the GIL, which every callback needs (no release and take back per call).
+        lib = ctypes.PyDLL(SONAME)
     except OSError:
         found = ctypes.util.find_library("nghttp2")
         if found is None:
             raise OSError(f"{SONAME} not found") from None
-        lib = ctypes.CDLL(found)
+        lib = ctypes.PyDLL(found)
     version = lib.nghttp2_version
     version.restype = ctypes.POINTER(_Info)
     version.argtypes = [_INT]
@@ -278,9 +282,35 @@ class _Stream:
 # -- callbacks: module-level, one set for every session; ``user_data`` names the engine -----------
 
 _ENGINES: dict[int, weakref.ref[NgEngine]] = {}
-"""Live engines by the ``user_data`` their session was created with (weak: a dropped engine's
-``__del__`` deletes its session)."""
-_IDS = itertools.count(1)
+"""Live engines by the ``user_data`` their session was created with, their recorder's address
+(weak: a dropped engine's ``__del__`` deletes its session)."""
+
+
+class _PyRecorder:
+    """What the per-field and per-chunk callbacks collect for one session: the header block being
+    received (one at a time on a connection) and the DATA frame being received, when it spans
+    several ``receive`` calls. The Python definition of ``router._ngrecord.Recorder``, whose C
+    callbacks do what ``_on_begin_headers``, ``_on_header`` and ``_on_data_chunk`` do here."""
+
+    __slots__ = (
+        "block", "cookies", "host", "chunks", "out", "error", "block_size", "max_header_list", "session", "block_sid",
+        "chunks_sid", "client", "oversized_code",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.block: Headers = []
+        self.cookies: list[bytes] | None = None
+        self.host: bytes | None = None
+        self.chunks: list[bytes] = []
+        self.out: list[bytes] = []
+        self.error: BaseException | None = None
+        self.block_size = 0
+        self.max_header_list = 0
+        self.session = 0
+        self.block_sid = 0
+        self.chunks_sid = 0
+        self.client = 0
+        self.oversized_code = int(ErrorCode.PROTOCOL_ERROR)
 
 
 def _callback_failed(user_data: int | None, exc: Exception) -> int:
@@ -296,11 +326,12 @@ def _on_begin_headers(session: int | None, frame: int, user_data: int) -> int:
     try:
         engine = _ENGINES[user_data]()
         assert engine is not None
-        engine._block = []
-        engine._block_sid = _FrameHd.from_address(frame).stream_id
-        engine._block_size = 0
-        engine._cookies = None
-        engine._host = None
+        rec = engine._rec
+        rec.block = []
+        rec.block_sid = _FrameHd.from_address(frame).stream_id
+        rec.block_size = 0
+        rec.cookies = None
+        rec.host = None
         return 0
     except Exception as exc:  # noqa: BLE001 - nothing may cross back into C
         return _callback_failed(user_data, exc)
@@ -319,24 +350,25 @@ def _on_header(
     try:
         engine = _ENGINES[user_data]()
         assert engine is not None
+        rec = engine._rec
         if len(name) != namelen or len(value) != valuelen:  # a NUL inside (nghttp2 rejects them)
             engine._reset_block(ErrorCode.PROTOCOL_ERROR)
             return _ERR_TEMPORAL_CALLBACK_FAILURE
-        size = engine._block_size + namelen + valuelen + 32
-        if size > engine._max_header_list:
-            engine._reset_block(OVERSIZED_HEADERS_RESET)
+        size = rec.block_size + namelen + valuelen + 32
+        if size > rec.max_header_list:
+            engine._reset_block(rec.oversized_code)
             return _ERR_TEMPORAL_CALLBACK_FAILURE
-        engine._block_size = size
-        if name == b"cookie" and not engine.client:
+        rec.block_size = size
+        if name == b"cookie" and not rec.client:
             # As H2Engine (h2's inbound normalisation): crumbs joined, after the other fields.
-            if engine._cookies is None:
-                engine._cookies = [value]
+            if rec.cookies is None:
+                rec.cookies = [value]
             else:
-                engine._cookies.append(value)
+                rec.cookies.append(value)
         else:
             if name == b"host":
-                engine._host = value  # (nghttp2 refuses a second one)
-            engine._block.append((name, value))
+                rec.host = value  # (nghttp2 refuses a second one)
+            rec.block.append((name, value))
         return 0
     except Exception as exc:  # noqa: BLE001 - nothing may cross back into C
         return _callback_failed(user_data, exc)
@@ -367,10 +399,11 @@ def _on_data_chunk(session: int | None, flags: int, stream_id: int, data: int, l
     try:
         engine = _ENGINES[user_data]()
         assert engine is not None
-        if engine._chunks_sid != stream_id:
+        rec = engine._rec
+        if rec.chunks_sid != stream_id:
             engine._drop_chunks()
-            engine._chunks_sid = stream_id
-        engine._chunks.append(ctypes.string_at(data, length))
+            rec.chunks_sid = stream_id
+        rec.chunks.append(ctypes.string_at(data, length))
         return 0
     except Exception as exc:  # noqa: BLE001 - nothing may cross back into C
         return _callback_failed(user_data, exc)
@@ -385,8 +418,8 @@ def _on_frame_recv(session: int | None, frame: int, user_data: int) -> int:
         if kind == _DATA:
             sid = hd.stream_id
             length = hd.length
-            chunks = engine._chunks
-            if chunks and engine._chunks_sid == sid:
+            chunks = engine._rec.chunks
+            if chunks and engine._rec.chunks_sid == sid:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 chunks.clear()
             else:
@@ -431,7 +464,7 @@ def _on_stream_close(session: int | None, stream_id: int, error_code: int, user_
     try:
         engine = _ENGINES[user_data]()
         assert engine is not None
-        if engine._chunks_sid == stream_id:
+        if engine._rec.chunks_sid == stream_id:
             engine._drop_chunks()
         engine._forget(stream_id, error_code)
         return 0
@@ -449,6 +482,17 @@ def _on_frame_not_send(session: int | None, frame: int, lib_error_code: int, use
         if headers.hd.type == _HEADERS and headers.cat == _HCAT_REQUEST:
             engine._forget(headers.hd.stream_id, ErrorCode.REFUSED_STREAM)
         return 0
+    except Exception as exc:  # noqa: BLE001 - nothing may cross back into C
+        return _callback_failed(user_data, exc)
+
+
+def _on_send(session: int | None, data: int, length: int, flags: int, user_data: int) -> int:
+    """What ``nghttp2_session_send`` serializes (``_drain``), kept until ``output`` takes it."""
+    try:
+        engine = _ENGINES[user_data]()
+        assert engine is not None
+        engine._rec.out.append(ctypes.string_at(data, length))
+        return length
     except Exception as exc:  # noqa: BLE001 - nothing may cross back into C
         return _callback_failed(user_data, exc)
 
@@ -503,9 +547,10 @@ def _read_data(
         return _callback_failed(user_data, exc)
 
 
-def _make_callbacks(lib: ctypes.CDLL) -> tuple[int, int, int, list[object]]:
+def _make_callbacks(lib: ctypes.CDLL, native: dict[str, int] | None) -> tuple[int, int, int, list[object]]:
     """The callbacks object, the session options, the data provider's address, and everything
-    C holds a pointer into (kept for the life of the process)."""
+    C holds a pointer into (kept for the life of the process). ``native``: router._ngrecord's
+    callbacks by name, in place of their Python originals."""
     thunks: dict[str, object] = {
         "on_begin_headers": _ON_FRAME(_on_begin_headers),
         "on_header": _ON_HEADER(_on_header),
@@ -514,12 +559,14 @@ def _make_callbacks(lib: ctypes.CDLL) -> tuple[int, int, int, list[object]]:
         "on_data_chunk_recv": _ON_DATA_CHUNK(_on_data_chunk),
         "on_stream_close": _ON_STREAM_CLOSE(_on_stream_close),
         "on_frame_not_send": _ON_FRAME_NOT_SEND(_on_frame_not_send),
+        "send": _ON_SEND(_on_send),
     }
     callbacks = _VOIDP()
     if lib.nghttp2_session_callbacks_new(ctypes.byref(callbacks)):
         raise MemoryError("nghttp2_session_callbacks_new")
     for name, thunk in thunks.items():
-        getattr(lib, f"nghttp2_session_callbacks_set_{name}_callback")(callbacks, thunk)
+        chosen = native.get(name, thunk) if native is not None else thunk
+        getattr(lib, f"nghttp2_session_callbacks_set_{name}_callback")(callbacks, chosen)
     option = _VOIDP()
     if lib.nghttp2_option_new(ctypes.byref(option)):
         raise MemoryError("nghttp2_option_new")
@@ -532,16 +579,48 @@ def _make_callbacks(lib: ctypes.CDLL) -> tuple[int, int, int, list[object]]:
     return callbacks.value, option.value, ctypes.addressof(provider), keep
 
 
+if COMPILED:
+    try:
+        from router import _ngrecord
+    except ImportError:  # an install without the C helpers
+        _ngrecord = None  # type: ignore[assignment]
+else:
+    _ngrecord = None  # type: ignore[assignment]
+
+
+def _native_callbacks(lib: ctypes.CDLL) -> dict[str, int] | None:
+    """router._ngrecord's callbacks, bound to this library, when the hot path runs compiled (as
+    every C helper of the router's: the interpreted router is pure Python)."""
+    if _ngrecord is None:
+        return None
+
+    def address(function: str) -> int:
+        value = ctypes.cast(getattr(lib, function), _VOIDP).value
+        assert value is not None
+        return value
+
+    _ngrecord.bind(address("nghttp2_submit_rst_stream"), address("nghttp2_session_consume_connection"))
+    return _ngrecord.callbacks()
+
+
 try:
     _lib = _load()
-    _CALLBACKS, _OPTION, _PROVIDER, _KEEP = _make_callbacks(_lib)
+    _CALLBACKS, _OPTION, _PROVIDER, _KEEP = _make_callbacks(_lib, None)
+    _NATIVE = _native_callbacks(_lib)
+    if _NATIVE is not None:
+        _NATIVE_CALLBACKS, _, _, _NATIVE_KEEP = _make_callbacks(_lib, _NATIVE)
+    else:
+        _NATIVE_CALLBACKS = 0
 except (OSError, AttributeError, ValueError, MemoryError) as exc:
     AVAILABLE = False
     MISSING = str(exc) or type(exc).__name__
-    _CALLBACKS = _OPTION = _PROVIDER = 0
+    _CALLBACKS = _OPTION = _PROVIDER = _NATIVE_CALLBACKS = 0
+    _NATIVE = None
 else:
     AVAILABLE = True
     MISSING = ""
+NATIVE: Final = _NATIVE is not None
+"""The per-field callbacks run in C (router._ngrecord): the default where it is built."""
 
 _NV_PACKERS: dict[int, struct.Struct] = {}
 
@@ -596,7 +675,14 @@ class NgEngine(Engine):
     """
 
     def __init__(
-        self, client: bool, *, max_streams: int, max_header_list: int, stream_window: int, connection_window: int
+        self,
+        client: bool,
+        *,
+        max_streams: int,
+        max_header_list: int,
+        stream_window: int,
+        connection_window: int,
+        native: bool = NATIVE,
     ) -> None:
         self._session = 0
         """The ``nghttp2_session *``; 0 once deleted (closed, or broken by a fatal error)."""
@@ -604,17 +690,20 @@ class NgEngine(Engine):
             raise RuntimeError(f"libnghttp2 is not available: {MISSING}")
         self.client = client
         # Per connection.
-        self._user_data = next(_IDS)
-        self._max_header_list = max_header_list
+        if native and not NATIVE:
+            raise RuntimeError("router._ngrecord is not in use (the hot path is not compiled)")
+        rec = self._rec = _ngrecord.Recorder() if native else _PyRecorder()
+        rec.max_header_list = max_header_list
+        rec.client = int(client)
+        rec.oversized_code = OVERSIZED_HEADERS_RESET
+        self._user_data = id(rec)
+        """The session's user_data: the recorder's address, which the C callbacks use as is."""
         self._max_streams = max_streams
         self._events: list[Event] = []
         """What callbacks reported since ``receive`` last returned (a stream nghttp2 resets while
         ``output`` runs is reported by the next ``receive``)."""
-        self._out: list[bytes] = []
-        """Frames serialized and not yet taken by ``output``."""
-        self._out_pointer = ctypes.c_size_t()
-        """Where ``mem_send`` stores the address of what it serialized (an integer, never None)."""
-        self._out_reference = ctypes.byref(self._out_pointer)
+        self._out = rec.out
+        """Frames serialized and not yet taken by ``output`` (the send callback's list)."""
         self._nv = (_Nv * 32)()
         self._nv_address = ctypes.addressof(self._nv)
         self._error: ProtocolError | None = None
@@ -639,15 +728,6 @@ class NgEngine(Engine):
         self._streams: dict[int, _Stream] = {}
         self._queued = 0
         """Bytes queued on all streams, not yet serialized (they count against the windows)."""
-        self._block: Headers = []
-        self._block_sid = 0
-        self._block_size = 0
-        self._cookies: list[bytes] | None = None
-        self._host: bytes | None = None
-        """The header block being received (one at a time on a connection)."""
-        self._chunks: list[bytes] = []
-        self._chunks_sid = 0
-        """The DATA frame being received, when it spans several ``receive`` calls."""
 
         self._session_del = _lib.nghttp2_session_del
         self._registry = _ENGINES
@@ -655,10 +735,11 @@ class NgEngine(Engine):
         _ENGINES[self._user_data] = weakref.ref(self)
         session = _VOIDP()
         new = _lib.nghttp2_session_client_new2 if client else _lib.nghttp2_session_server_new2
-        if new(ctypes.byref(session), _CALLBACKS, self._user_data, _OPTION) or not session.value:
+        callbacks = _NATIVE_CALLBACKS if native else _CALLBACKS
+        if new(ctypes.byref(session), callbacks, self._user_data, _OPTION) or not session.value:
             _ENGINES.pop(self._user_data, None)
             raise MemoryError("nghttp2_session_new")
-        self._session = session.value
+        self._session = rec.session = session.value
         entries = [
             (_SETTINGS_MAX_HEADER_LIST_SIZE, max_header_list),
             (_SETTINGS_INITIAL_WINDOW_SIZE, stream_window),
@@ -680,7 +761,7 @@ class NgEngine(Engine):
         """Delete the nghttp2 session (safe to call again; the engine does nothing afterwards)."""
         session = self._session
         if session:
-            self._session = 0
+            self._session = self._rec.session = 0
             self._out.clear()
             self._registry.pop(self._user_data, None)
             self._session_del(session)
@@ -869,17 +950,18 @@ class NgEngine(Engine):
 
     def _on_headers(self, stream_id: int, ended: bool) -> None:
         """A whole header block (``_on_frame_recv``): a request, a final response, or trailers."""
-        headers = self._block if self._block_sid == stream_id else []
-        self._block = []
-        if self._cookies is not None:
-            headers.append((b"cookie", b"; ".join(self._cookies)))
-            self._cookies = None
+        rec = self._rec
+        headers = rec.block if rec.block_sid == stream_id else []
+        rec.block = []
+        if rec.cookies is not None:
+            headers.append((b"cookie", b"; ".join(rec.cookies)))
+            rec.cookies = None
         # nghttp2 has checked the block (no_http_messaging off): a request or response starts
         # with its pseudo-fields, trailers have none.
         pseudo = bool(headers) and headers[0][0][:1] == b":"
         if not self.client:
             if pseudo:
-                if self._host is not None and _authority(headers) not in (None, self._host):
+                if rec.host is not None and _authority(headers) not in (None, rec.host):
                     # RFC 9113 8.3.1 (nghttp2 1.52 does not check it; h2 does): malformed.
                     _lib.nghttp2_submit_rst_stream(self._session, 0, stream_id, ErrorCode.PROTOCOL_ERROR)
                     return
@@ -900,9 +982,10 @@ class NgEngine(Engine):
     def _reset_block(self, code: int) -> None:
         """Refuse the header block being received (``_on_header``): nghttp2 decodes the rest for
         HPACK's sake, reports none of it, and, seeing our RST_STREAM queued, adds none of its own."""
-        _lib.nghttp2_submit_rst_stream(self._session, 0, self._block_sid, code)
-        self._block = []
-        self._cookies = None
+        rec = self._rec
+        _lib.nghttp2_submit_rst_stream(self._session, 0, rec.block_sid, code)
+        rec.block = []
+        rec.cookies = None
 
     def _forget(self, stream_id: int, code: int) -> None:
         """The stream is closed (or, a request of ours, never opened). Closed with an error code
@@ -935,25 +1018,17 @@ class NgEngine(Engine):
     def _drop_chunks(self) -> None:
         """DATA bytes of a frame nghttp2 abandoned (the stream reset in mid-frame): never reported,
         so never consumed by the caller; the connection's window gets them back here."""
-        chunks = self._chunks
+        chunks = self._rec.chunks
         if chunks:
             _lib.nghttp2_session_consume_connection(self._session, sum(map(len, chunks)))
             chunks.clear()
 
     def _drain(self) -> None:
-        """Serialize everything nghttp2 has queued into ``self._out``."""
-        send = _lib.nghttp2_session_mem_send
-        session = self._session
-        reference = self._out_reference
-        pointer = self._out_pointer
-        append = self._out.append
-        while True:
-            size = send(session, reference)
-            if size <= 0:
-                break
-            append(ctypes.string_at(pointer.value, size))
-        if size < 0:
-            self._break(size, raise_=False)
+        """Serialize everything nghttp2 has queued into ``self._out`` (through the send callback:
+        one call for all the frames, where ``mem_send`` takes a call and a copy per frame)."""
+        result = _lib.nghttp2_session_send(self._session)
+        if result < 0:
+            self._break(result, raise_=False)
 
     def _break(self, result: int, *, raise_: bool = True) -> None:
         """A fatal nghttp2 error: the session is deleted, a GOAWAY built here is queued, and
@@ -962,7 +1037,7 @@ class NgEngine(Engine):
         code = _FATAL_CODES.get(result, ErrorCode.INTERNAL_ERROR)
         last_stream_id = int(_lib.nghttp2_session_get_last_proc_stream_id(session)) if session else 0
         message = f"nghttp2: {_lib.nghttp2_strerror(result).decode()}"
-        cause = self._callback_error
+        cause = self._callback_error or self._rec.error
         if cause is not None:
             message = f"{message} ({cause!r})"
         self.close()

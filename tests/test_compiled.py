@@ -40,12 +40,18 @@ def test_the_suite_runs_the_mode_it_was_asked_for() -> None:
 
         assert router.upstream._scan_response_head is _speedups.scan_response_head
         assert router.request._join is _speedups.join_bytes
+        from router import nghttp2
+
+        assert nghttp2.NATIVE or not nghttp2.AVAILABLE, "the nghttp2 engine's C callbacks (router._ngrecord) unused"
     elif os.environ.get("DEVSTACK_INTERPRETED") == "1":
         assert not router.COMPILED
         assert router.HOT_PATH_MODE in {"DEVSTACK_INTERPRETED=1", "not compiled"}
         assert router.proxy.__file__.endswith(".py")
         assert router.upstream._scan_response_head is router.http.scan_response_head
         assert router.request._join == b"".join
+        from router import nghttp2
+
+        assert not nghttp2.NATIVE
     else:
         assert router.proxy.__file__.endswith(SUFFIX if router.COMPILED else ".py")
 

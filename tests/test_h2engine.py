@@ -10,6 +10,10 @@ purpose (a malformed request is a stream error for nghttp2 and a connection erro
 is stricter about some values and floods), the test states both behaviours. Then the engines talk
 to each other in all four pairings, and Hypothesis sends random frame sequences to both servers.
 Known bugs of H2Engine are strict-xfail parameters, each naming what goes wrong.
+
+Where the compiled build has put NgEngine's per-field callbacks in C (``router._ngrecord``), every
+conversation also runs with their Python originals (kind ``nghttp2-py``), and the two must agree
+exactly: the C helper's differential test.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ from tests.support import (
 
 pytestmark = pytest.mark.skipif(not nghttp2.AVAILABLE, reason=f"libnghttp2: {nghttp2.MISSING}")
 
-KINDS = ("h2", "nghttp2")
+KINDS = ("h2", "nghttp2", *(("nghttp2-py",) if nghttp2.NATIVE else ()))
 LIMITS = {"max_streams": 100, "max_header_list": 1 << 16, "stream_window": 1 << 20, "connection_window": 4 << 20}
 GET = h2_request_fields(b"a", b"/")
 POST = h2_request_fields(b"a", b"/upload", b"POST")
@@ -77,8 +81,10 @@ GRPC_OK = [(b"grpc-status", b"0"), (b"grpc-message", b"")]
 
 
 def make(kind: str, client: bool = False, **limits: int) -> Engine:
-    engine = H2Engine if kind == "h2" else nghttp2.NgEngine
-    return engine(client, **{**LIMITS, **limits})
+    if kind == "h2":
+        return H2Engine(client, **{**LIMITS, **limits})
+    # nghttp2: the per-field callbacks in C where built; nghttp2-py: always their Python originals.
+    return nghttp2.NgEngine(client, native=kind == "nghttp2" and nghttp2.NATIVE, **{**LIMITS, **limits})
 
 
 def h2_kind_xfail(reason: str) -> list[object]:
@@ -273,7 +279,10 @@ def converse(kind: str, chunks: Sequence[bytes], app: App | None = None, **limit
             app(engine, batch)
         wire.feed(engine.output())
     wire.feed(engine.output())
-    return Outcome(norm(events), error, wire, engine)
+    outcome = Outcome(norm(events), error, wire, engine)
+    if kind == "nghttp2" and nghttp2.NATIVE:
+        converse("nghttp2-py", chunks, app, **limits).same_as(outcome)  # the C callbacks against their originals
+    return outcome
 
 
 def both(chunks: Sequence[bytes], app: App | None = None, **options: int) -> Outcome:
@@ -950,7 +959,10 @@ def client_converse(
             app(engine, batch)
         wire.feed(engine.output())
     wire.feed(engine.output())
-    return Outcome(norm(events), error, wire, engine)
+    outcome = Outcome(norm(events), error, wire, engine)
+    if kind == "nghttp2" and nghttp2.NATIVE:
+        client_converse("nghttp2-py", script, app, **limits).same_as(outcome)
+    return outcome
 
 
 def client_both(script: Callable[[Engine, Peer], list[bytes]], app: App | None = None) -> Outcome:
@@ -1201,7 +1213,7 @@ def test_without_the_library_the_module_says_why_and_h2_serves() -> None:
         "import ctypes, ctypes.util\n"
         "def absent(*args, **kwargs):\n"
         "    raise OSError('no such library (simulated)')\n"
-        "ctypes.CDLL = absent\n"
+        "ctypes.CDLL = ctypes.PyDLL = absent\n"
         "ctypes.util.find_library = lambda name: None\n"
         "from router import h2engine, nghttp2\n"
         "print(nghttp2.AVAILABLE, nghttp2.MISSING, type(h2engine.make_engine(False)).__name__, sep='|')\n"

@@ -1,0 +1,404 @@
+/* router._ngrecord: the three nghttp2 callbacks that run for every header field and every DATA
+   chunk, in C, equal in behaviour to their Python originals in router/nghttp2.py
+   (_on_begin_headers, _on_header, _on_data_chunk and _on_send over a _PyRecorder).
+
+   Through ctypes, each callback from libnghttp2 into Python costs a trampoline that converts
+   every argument to an object before any work starts; a small gRPC call makes about fifteen such
+   calls for its header fields alone, which measured as a third of the router's CPU per HTTP/2
+   stream. These callbacks do the same work (collect a header block, bound its size, refuse a
+   field with a NUL, join cookie crumbs later, collect a DATA frame's chunks) straight into a
+   Recorder's lists, which router/nghttp2.py reads as it reads a _PyRecorder's; and they keep
+   what nghttp2 serializes (send), so one nghttp2_session_send call replaces a ctypes call and a
+   copy per frame. The other callbacks, which run once a frame rather than once a field, stay in
+   Python.
+
+   libnghttp2 is not linked: router/nghttp2.py loads it with ctypes and hands this module the
+   addresses of the two functions it calls (bind), and installs the callbacks by their addresses
+   (callbacks). The session's user_data is the Recorder's address. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <string.h>
+
+/* nghttp2.h (1.52, soname 14): the head of every nghttp2_frame. */
+typedef struct {
+    size_t length;
+    int32_t stream_id;
+    uint8_t type;
+    uint8_t flags;
+    uint8_t reserved;
+} frame_hd;
+
+#define ERR_TEMPORAL_CALLBACK_FAILURE (-521)
+#define ERR_CALLBACK_FAILURE (-902)
+#define PROTOCOL_ERROR 0x1
+
+typedef int (*submit_rst_stream_fn)(void *session, uint8_t flags, int32_t stream_id, uint32_t error_code);
+typedef int (*consume_connection_fn)(void *session, size_t size);
+
+static submit_rst_stream_fn submit_rst_stream = NULL;
+static consume_connection_fn consume_connection = NULL;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *block;        /* list of (name, value): the header block being received */
+    PyObject *cookies;      /* list of crumbs, or None */
+    PyObject *host;         /* bytes, or None */
+    PyObject *chunks;       /* list of bytes: the DATA frame being received */
+    PyObject *out;          /* list of bytes: frames serialized, not yet taken */
+    PyObject *error;        /* what a callback failed with, or None */
+    Py_ssize_t block_size;
+    Py_ssize_t max_header_list;
+    Py_ssize_t session;     /* the nghttp2_session *, 0 once deleted */
+    int block_sid;
+    int chunks_sid;
+    int client;
+    int oversized_code;     /* RST_STREAM code for a header list over max_header_list */
+} Recorder;
+
+static int
+Recorder_init(Recorder *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *block = PyList_New(0);
+    PyObject *chunks = PyList_New(0);
+    PyObject *out = PyList_New(0);
+    if (block == NULL || chunks == NULL || out == NULL) {
+        Py_XDECREF(block);
+        Py_XDECREF(chunks);
+        Py_XDECREF(out);
+        return -1;
+    }
+    Py_XSETREF(self->block, block);
+    Py_XSETREF(self->chunks, chunks);
+    Py_XSETREF(self->out, out);
+    Py_XSETREF(self->cookies, Py_NewRef(Py_None));
+    Py_XSETREF(self->host, Py_NewRef(Py_None));
+    Py_XSETREF(self->error, Py_NewRef(Py_None));
+    self->block_size = 0;
+    self->max_header_list = 0;
+    self->session = 0;
+    self->block_sid = 0;
+    self->chunks_sid = 0;
+    self->client = 0;
+    self->oversized_code = PROTOCOL_ERROR;
+    return 0;
+}
+
+static int
+Recorder_traverse(Recorder *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->block);
+    Py_VISIT(self->cookies);
+    Py_VISIT(self->host);
+    Py_VISIT(self->chunks);
+    Py_VISIT(self->out);
+    Py_VISIT(self->error);
+    return 0;
+}
+
+static int
+Recorder_clear(Recorder *self)
+{
+    Py_CLEAR(self->block);
+    Py_CLEAR(self->cookies);
+    Py_CLEAR(self->host);
+    Py_CLEAR(self->chunks);
+    Py_CLEAR(self->out);
+    Py_CLEAR(self->error);
+    return 0;
+}
+
+static void
+Recorder_dealloc(Recorder *self)
+{
+    PyObject_GC_UnTrack(self);
+    Recorder_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef Recorder_members[] = {
+    {"block", T_OBJECT, offsetof(Recorder, block), 0, NULL},
+    {"cookies", T_OBJECT, offsetof(Recorder, cookies), 0, NULL},
+    {"host", T_OBJECT, offsetof(Recorder, host), 0, NULL},
+    {"chunks", T_OBJECT, offsetof(Recorder, chunks), 0, NULL},
+    {"out", T_OBJECT, offsetof(Recorder, out), 0, NULL},
+    {"error", T_OBJECT, offsetof(Recorder, error), 0, NULL},
+    {"block_size", T_PYSSIZET, offsetof(Recorder, block_size), 0, NULL},
+    {"max_header_list", T_PYSSIZET, offsetof(Recorder, max_header_list), 0, NULL},
+    {"session", T_PYSSIZET, offsetof(Recorder, session), 0, NULL},
+    {"block_sid", T_INT, offsetof(Recorder, block_sid), 0, NULL},
+    {"chunks_sid", T_INT, offsetof(Recorder, chunks_sid), 0, NULL},
+    {"client", T_INT, offsetof(Recorder, client), 0, NULL},
+    {"oversized_code", T_INT, offsetof(Recorder, oversized_code), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject RecorderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "router._ngrecord.Recorder",
+    .tp_doc = "One nghttp2 session's header block and DATA chunks being received (see _PyRecorder).",
+    .tp_basicsize = sizeof(Recorder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Recorder_init,
+    .tp_traverse = (traverseproc)Recorder_traverse,
+    .tp_clear = (inquiry)Recorder_clear,
+    .tp_dealloc = (destructor)Recorder_dealloc,
+    .tp_members = Recorder_members,
+};
+
+/* A callback could not do its work (out of memory): the exception is kept for the engine to
+   report, and nghttp2 fails the call (the connection breaks, as with a Python callback). */
+static int
+failed(Recorder *rec)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (rec->error == Py_None && value != NULL) {
+        Py_XSETREF(rec->error, Py_NewRef(value));
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return ERR_CALLBACK_FAILURE;
+}
+
+/* _PyRecorder's begin_headers: a new block for the frame's stream. */
+static int
+on_begin_headers(void *session, const frame_hd *frame, void *user_data)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Recorder *rec = (Recorder *)user_data;
+    int result = 0;
+    PyObject *block = PyList_New(0);
+    if (block == NULL) {
+        result = failed(rec);
+    } else {
+        Py_XSETREF(rec->block, block);
+        rec->block_sid = frame->stream_id;
+        rec->block_size = 0;
+        Py_XSETREF(rec->cookies, Py_NewRef(Py_None));
+        Py_XSETREF(rec->host, Py_NewRef(Py_None));
+    }
+    PyGILState_Release(gil);
+    return result;
+}
+
+/* _PyRecorder.reset_block: refuse the block being received. */
+static int
+reset_block(Recorder *rec, uint32_t code)
+{
+    if (rec->session && submit_rst_stream != NULL) {
+        submit_rst_stream((void *)rec->session, 0, rec->block_sid, code);
+    }
+    PyObject *block = PyList_New(0);
+    if (block == NULL) {
+        return failed(rec);
+    }
+    Py_XSETREF(rec->block, block);
+    Py_XSETREF(rec->cookies, Py_NewRef(Py_None));
+    return ERR_TEMPORAL_CALLBACK_FAILURE;
+}
+
+static int
+append_new(PyObject *list, PyObject *item)
+{
+    if (item == NULL) {
+        return -1;
+    }
+    int result = PyList_Append(list, item);
+    Py_DECREF(item);
+    return result;
+}
+
+/* _on_header: one field of the block, bounded, cookies apart (server side), host remembered. */
+static int
+on_header(void *session, const frame_hd *frame, const uint8_t *name, size_t namelen, const uint8_t *value,
+          size_t valuelen, uint8_t flags, void *user_data)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Recorder *rec = (Recorder *)user_data;
+    int result = 0;
+    if (rec->block == NULL || !PyList_CheckExact(rec->block)
+        || (rec->cookies != Py_None && (rec->cookies == NULL || !PyList_CheckExact(rec->cookies)))) {
+        PyErr_SetString(PyExc_TypeError, "Recorder.block and .cookies must be lists (cookies: or None)");
+        result = failed(rec);
+        goto done;
+    }
+    if (memchr(name, 0, namelen) != NULL || memchr(value, 0, valuelen) != NULL) {
+        result = reset_block(rec, PROTOCOL_ERROR);
+        goto done;
+    }
+    Py_ssize_t size = rec->block_size + (Py_ssize_t)namelen + (Py_ssize_t)valuelen + 32;
+    if (size > rec->max_header_list) {
+        result = reset_block(rec, (uint32_t)rec->oversized_code);
+        goto done;
+    }
+    rec->block_size = size;
+    PyObject *value_obj = PyBytes_FromStringAndSize((const char *)value, (Py_ssize_t)valuelen);
+    if (value_obj == NULL) {
+        result = failed(rec);
+        goto done;
+    }
+    if (!rec->client && namelen == 6 && memcmp(name, "cookie", 6) == 0) {
+        if (rec->cookies == Py_None) {
+            PyObject *cookies = PyList_New(1);
+            if (cookies == NULL) {
+                Py_DECREF(value_obj);
+                result = failed(rec);
+                goto done;
+            }
+            PyList_SET_ITEM(cookies, 0, value_obj);
+            Py_XSETREF(rec->cookies, cookies);
+        } else if (append_new(rec->cookies, value_obj) < 0) {
+            result = failed(rec);
+        }
+        goto done;
+    }
+    PyObject *name_obj = PyBytes_FromStringAndSize((const char *)name, (Py_ssize_t)namelen);
+    if (name_obj == NULL) {
+        Py_DECREF(value_obj);
+        result = failed(rec);
+        goto done;
+    }
+    if (namelen == 4 && memcmp(name, "host", 4) == 0) {
+        Py_XSETREF(rec->host, Py_NewRef(value_obj));
+    }
+    PyObject *field = PyTuple_New(2);
+    if (field == NULL) {
+        Py_DECREF(name_obj);
+        Py_DECREF(value_obj);
+        result = failed(rec);
+        goto done;
+    }
+    PyTuple_SET_ITEM(field, 0, name_obj);
+    PyTuple_SET_ITEM(field, 1, value_obj);
+    if (append_new(rec->block, field) < 0) {
+        result = failed(rec);
+    }
+done:
+    PyGILState_Release(gil);
+    return result;
+}
+
+/* _PyRecorder.drop_chunks: a DATA frame abandoned mid-way gives its bytes back to the connection. */
+static void
+drop_chunks(Recorder *rec)
+{
+    Py_ssize_t count = PyList_GET_SIZE(rec->chunks);
+    if (!count) {
+        return;
+    }
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        total += (size_t)PyBytes_GET_SIZE(PyList_GET_ITEM(rec->chunks, i));
+    }
+    if (rec->session && consume_connection != NULL) {
+        consume_connection((void *)rec->session, total);
+    }
+    PyList_SetSlice(rec->chunks, 0, count, NULL);
+}
+
+/* _on_data_chunk: a piece of the DATA frame being received. */
+static int
+on_data_chunk(void *session, uint8_t flags, int32_t stream_id, const uint8_t *data, size_t len, void *user_data)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Recorder *rec = (Recorder *)user_data;
+    int result = 0;
+    if (rec->chunks == NULL || !PyList_CheckExact(rec->chunks)) {
+        PyErr_SetString(PyExc_TypeError, "Recorder.chunks must be a list");
+        result = failed(rec);
+        goto done;
+    }
+    if (rec->chunks_sid != stream_id) {
+        drop_chunks(rec);
+        rec->chunks_sid = stream_id;
+    }
+    if (append_new(rec->chunks, PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)len)) < 0) {
+        result = failed(rec);
+    }
+done:
+    PyGILState_Release(gil);
+    return result;
+}
+
+/* _on_send: what nghttp2_session_send serializes, kept for the engine's output(). */
+static Py_ssize_t
+on_send(void *session, const uint8_t *data, size_t length, int flags, void *user_data)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Recorder *rec = (Recorder *)user_data;
+    Py_ssize_t result = (Py_ssize_t)length;
+    if (rec->out == NULL || !PyList_CheckExact(rec->out)) {
+        PyErr_SetString(PyExc_TypeError, "Recorder.out must be a list");
+        result = failed(rec);
+    } else if (append_new(rec->out, PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)length)) < 0) {
+        result = failed(rec);
+    }
+    PyGILState_Release(gil);
+    return result;
+}
+
+static PyObject *
+bind(PyObject *module, PyObject *args)
+{
+    Py_ssize_t rst, consume;
+    if (!PyArg_ParseTuple(args, "nn:bind", &rst, &consume)) {
+        return NULL;
+    }
+    if (!rst || !consume) {
+        PyErr_SetString(PyExc_ValueError, "bind: a function address is 0");
+        return NULL;
+    }
+    submit_rst_stream = (submit_rst_stream_fn)rst;
+    consume_connection = (consume_connection_fn)consume;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+callbacks(PyObject *module, PyObject *unused)
+{
+    return Py_BuildValue(
+        "{s:n,s:n,s:n,s:n}",
+        "send", (Py_ssize_t)on_send,
+        "on_begin_headers", (Py_ssize_t)on_begin_headers,
+        "on_header", (Py_ssize_t)on_header,
+        "on_data_chunk_recv", (Py_ssize_t)on_data_chunk);
+}
+
+static PyMethodDef module_methods[] = {
+    {"bind", bind, METH_VARARGS,
+     "bind(submit_rst_stream, consume_connection): the addresses of libnghttp2's functions of those names."},
+    {"callbacks", callbacks, METH_NOARGS,
+     "The callbacks' addresses by nghttp2 setter name (nghttp2_session_callbacks_set_<name>_callback)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "router._ngrecord",
+    .m_doc = "nghttp2's per-field and per-chunk callbacks in C (originals: router.nghttp2._PyRecorder).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__ngrecord(void)
+{
+    if (PyType_Ready(&RecorderType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "Recorder", (PyObject *)&RecorderType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,20 @@
+# nghttp2's per-field and per-chunk callbacks in C (router/_ngrecord.c); the Python originals are
+# router.nghttp2._PyRecorder and the callbacks that fill it.
+
+class Recorder:
+    block: list[tuple[bytes, bytes]]
+    cookies: list[bytes] | None
+    host: bytes | None
+    chunks: list[bytes]
+    out: list[bytes]
+    error: BaseException | None
+    block_size: int
+    max_header_list: int
+    session: int
+    block_sid: int
+    chunks_sid: int
+    client: int
+    oversized_code: int
+
+def bind(submit_rst_stream: int, consume_connection: int, /) -> None: ...
+def callbacks() -> dict[str, int]: ...
