@@ -1,16 +1,15 @@
 /* router._ngrecord: the three nghttp2 callbacks that run for every header field and every DATA
    chunk, in C, equal in behaviour to their Python originals in router/nghttp2.py
-   (_on_begin_headers, _on_header, _on_data_chunk and _on_send over a _PyRecorder).
+   (_on_begin_headers, _on_header, _on_data_chunk over a _PyRecorder), and NgEngine._drain's loop.
 
    Through ctypes, each callback from libnghttp2 into Python costs a trampoline that converts
    every argument to an object before any work starts; a small gRPC call makes about fifteen such
    calls for its header fields alone, which measured as a third of the router's CPU per HTTP/2
    stream. These callbacks do the same work (collect a header block, bound its size, refuse a
    field with a NUL, join cookie crumbs later, collect a DATA frame's chunks) straight into a
-   Recorder's lists, which router/nghttp2.py reads as it reads a _PyRecorder's; and they keep
-   what nghttp2 serializes (send), so one nghttp2_session_send call replaces a ctypes call and a
-   copy per frame. The other callbacks, which run once a frame rather than once a field, stay in
-   Python.
+   Recorder's lists, which router/nghttp2.py reads as it reads a _PyRecorder's; and drain runs
+   the mem_send loop without a ctypes call and a copy through ctypes.string_at per frame. The
+   other callbacks, which run once a frame rather than once a field, stay in Python.
 
    libnghttp2 is not linked: router/nghttp2.py loads it with ctypes and hands this module the
    addresses of the two functions it calls (bind), and installs the callbacks by their addresses
@@ -37,9 +36,11 @@ typedef struct {
 
 typedef int (*submit_rst_stream_fn)(void *session, uint8_t flags, int32_t stream_id, uint32_t error_code);
 typedef int (*consume_connection_fn)(void *session, size_t size);
+typedef Py_ssize_t (*mem_send_fn)(void *session, const uint8_t **data);
 
 static submit_rst_stream_fn submit_rst_stream = NULL;
 static consume_connection_fn consume_connection = NULL;
+static mem_send_fn mem_send = NULL;
 
 typedef struct {
     PyObject_HEAD
@@ -326,36 +327,50 @@ done:
     return result;
 }
 
-/* _on_send: what nghttp2_session_send serializes, kept for the engine's output(). */
-static Py_ssize_t
-on_send(void *session, const uint8_t *data, size_t length, int flags, void *user_data)
+/* NgEngine._drain's loop: every frame nghttp2 has queued, serialized with nghttp2_session_mem_send
+   (one call a frame) and kept in rec.out. Returns 0, or mem_send's negative error. (Not
+   nghttp2_session_send with a send callback: measured, it delayed responses by tens of ms.) */
+static PyObject *
+drain(PyObject *module, PyObject *arg)
 {
-    PyGILState_STATE gil = PyGILState_Ensure();
-    Recorder *rec = (Recorder *)user_data;
-    Py_ssize_t result = (Py_ssize_t)length;
+    if (!PyObject_TypeCheck(arg, &RecorderType)) {
+        PyErr_SetString(PyExc_TypeError, "drain: a Recorder");
+        return NULL;
+    }
+    Recorder *rec = (Recorder *)arg;
     if (rec->out == NULL || !PyList_CheckExact(rec->out)) {
         PyErr_SetString(PyExc_TypeError, "Recorder.out must be a list");
-        result = failed(rec);
-    } else if (append_new(rec->out, PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)length)) < 0) {
-        result = failed(rec);
+        return NULL;
     }
-    PyGILState_Release(gil);
-    return result;
+    if (!rec->session || mem_send == NULL) {
+        return PyLong_FromLong(0);
+    }
+    for (;;) {
+        const uint8_t *data = NULL;
+        Py_ssize_t size = mem_send((void *)rec->session, &data);
+        if (size <= 0) {
+            return PyLong_FromSsize_t(size);
+        }
+        if (append_new(rec->out, PyBytes_FromStringAndSize((const char *)data, size)) < 0) {
+            return NULL;
+        }
+    }
 }
 
 static PyObject *
 bind(PyObject *module, PyObject *args)
 {
-    Py_ssize_t rst, consume;
-    if (!PyArg_ParseTuple(args, "nn:bind", &rst, &consume)) {
+    Py_ssize_t rst, consume, send;
+    if (!PyArg_ParseTuple(args, "nnn:bind", &rst, &consume, &send)) {
         return NULL;
     }
-    if (!rst || !consume) {
+    if (!rst || !consume || !send) {
         PyErr_SetString(PyExc_ValueError, "bind: a function address is 0");
         return NULL;
     }
     submit_rst_stream = (submit_rst_stream_fn)rst;
     consume_connection = (consume_connection_fn)consume;
+    mem_send = (mem_send_fn)send;
     Py_RETURN_NONE;
 }
 
@@ -363,8 +378,7 @@ static PyObject *
 callbacks(PyObject *module, PyObject *unused)
 {
     return Py_BuildValue(
-        "{s:n,s:n,s:n,s:n}",
-        "send", (Py_ssize_t)on_send,
+        "{s:n,s:n,s:n}",
         "on_begin_headers", (Py_ssize_t)on_begin_headers,
         "on_header", (Py_ssize_t)on_header,
         "on_data_chunk_recv", (Py_ssize_t)on_data_chunk);
@@ -372,7 +386,9 @@ callbacks(PyObject *module, PyObject *unused)
 
 static PyMethodDef module_methods[] = {
     {"bind", bind, METH_VARARGS,
-     "bind(submit_rst_stream, consume_connection): the addresses of libnghttp2's functions of those names."},
+     "bind(submit_rst_stream, consume_connection, mem_send): the addresses of libnghttp2's functions "
+     "of those names (nghttp2_session_ prefixes left out)."},
+    {"drain", drain, METH_O, "drain(recorder): NgEngine._drain's loop in C; 0 or mem_send's error."},
     {"callbacks", callbacks, METH_NOARGS,
      "The callbacks' addresses by nghttp2 setter name (nghttp2_session_callbacks_set_<name>_callback)."},
     {NULL, NULL, 0, NULL},

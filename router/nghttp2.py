@@ -162,7 +162,6 @@ _ON_INVALID_HEADER = ctypes.CFUNCTYPE(
 _ON_DATA_CHUNK = ctypes.CFUNCTYPE(_INT, _VOIDP, ctypes.c_uint8, ctypes.c_int32, _VOIDP, ctypes.c_size_t, _VOIDP)
 _ON_STREAM_CLOSE = ctypes.CFUNCTYPE(_INT, _VOIDP, ctypes.c_int32, ctypes.c_uint32, _VOIDP)
 _ON_FRAME_NOT_SEND = ctypes.CFUNCTYPE(_INT, _VOIDP, _VOIDP, _INT, _VOIDP)
-_ON_SEND = ctypes.CFUNCTYPE(_c_ssize_t, _VOIDP, _VOIDP, ctypes.c_size_t, _INT, _VOIDP)
 _READ = ctypes.CFUNCTYPE(_c_ssize_t, _VOIDP, ctypes.c_int32, _VOIDP, ctypes.c_size_t, _VOIDP, _VOIDP, _VOIDP)
 
 
@@ -178,7 +177,6 @@ _SIGNATURES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "nghttp2_session_callbacks_set_on_invalid_header_callback": (None, [_VOIDP, _ON_INVALID_HEADER]),
     "nghttp2_session_callbacks_set_on_frame_recv_callback": (None, [_VOIDP, _ON_FRAME]),
     "nghttp2_session_callbacks_set_on_data_chunk_recv_callback": (None, [_VOIDP, _VOIDP]),
-    "nghttp2_session_callbacks_set_send_callback": (None, [_VOIDP, _VOIDP]),
     "nghttp2_session_callbacks_set_on_stream_close_callback": (None, [_VOIDP, _ON_STREAM_CLOSE]),
     "nghttp2_session_callbacks_set_on_frame_not_send_callback": (None, [_VOIDP, _ON_FRAME_NOT_SEND]),
     "nghttp2_option_new": (_INT, [ctypes.POINTER(_VOIDP)]),
@@ -189,7 +187,7 @@ _SIGNATURES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "nghttp2_session_client_new2": (_INT, [ctypes.POINTER(_VOIDP), _VOIDP, _VOIDP, _VOIDP]),
     "nghttp2_session_del": (None, [_VOIDP]),
     "nghttp2_session_mem_recv": (_c_ssize_t, [_VOIDP, ctypes.c_char_p, ctypes.c_size_t]),
-    "nghttp2_session_send": (_INT, [_VOIDP]),
+    "nghttp2_session_mem_send": (_c_ssize_t, [_VOIDP, _VOIDP]),
     "nghttp2_session_get_outbound_queue_size": (ctypes.c_size_t, [_VOIDP]),
     "nghttp2_session_resume_data": (_INT, [_VOIDP, ctypes.c_int32]),
     "nghttp2_submit_settings": (_INT, [_VOIDP, ctypes.c_uint8, _VOIDP, ctypes.c_size_t]),
@@ -486,17 +484,6 @@ def _on_frame_not_send(session: int | None, frame: int, lib_error_code: int, use
         return _callback_failed(user_data, exc)
 
 
-def _on_send(session: int | None, data: int, length: int, flags: int, user_data: int) -> int:
-    """What ``nghttp2_session_send`` serializes (``_drain``), kept until ``output`` takes it."""
-    try:
-        engine = _ENGINES[user_data]()
-        assert engine is not None
-        engine._rec.out.append(ctypes.string_at(data, length))
-        return length
-    except Exception as exc:  # noqa: BLE001 - nothing may cross back into C
-        return _callback_failed(user_data, exc)
-
-
 def _read_data(
     session: int | None,
     stream_id: int,
@@ -559,7 +546,6 @@ def _make_callbacks(lib: ctypes.CDLL, native: dict[str, int] | None) -> tuple[in
         "on_data_chunk_recv": _ON_DATA_CHUNK(_on_data_chunk),
         "on_stream_close": _ON_STREAM_CLOSE(_on_stream_close),
         "on_frame_not_send": _ON_FRAME_NOT_SEND(_on_frame_not_send),
-        "send": _ON_SEND(_on_send),
     }
     callbacks = _VOIDP()
     if lib.nghttp2_session_callbacks_new(ctypes.byref(callbacks)):
@@ -599,7 +585,11 @@ def _native_callbacks(lib: ctypes.CDLL) -> dict[str, int] | None:
         assert value is not None
         return value
 
-    _ngrecord.bind(address("nghttp2_submit_rst_stream"), address("nghttp2_session_consume_connection"))
+    _ngrecord.bind(
+        address("nghttp2_submit_rst_stream"),
+        address("nghttp2_session_consume_connection"),
+        address("nghttp2_session_mem_send"),
+    )
     return _ngrecord.callbacks()
 
 
@@ -703,7 +693,10 @@ class NgEngine(Engine):
         """What callbacks reported since ``receive`` last returned (a stream nghttp2 resets while
         ``output`` runs is reported by the next ``receive``)."""
         self._out = rec.out
-        """Frames serialized and not yet taken by ``output`` (the send callback's list)."""
+        """Frames serialized and not yet taken by ``output`` (the recorder's: C's drain fills it)."""
+        self._out_pointer = ctypes.c_size_t()
+        """Where ``mem_send`` stores the address of what it serialized (an integer, never None)."""
+        self._out_reference = ctypes.byref(self._out_pointer)
         self._nv = (_Nv * 32)()
         self._nv_address = ctypes.addressof(self._nv)
         self._error: ProtocolError | None = None
@@ -1024,11 +1017,24 @@ class NgEngine(Engine):
             chunks.clear()
 
     def _drain(self) -> None:
-        """Serialize everything nghttp2 has queued into ``self._out`` (through the send callback:
-        one call for all the frames, where ``mem_send`` takes a call and a copy per frame)."""
-        result = _lib.nghttp2_session_send(self._session)
-        if result < 0:
-            self._break(result, raise_=False)
+        """Serialize everything nghttp2 has queued into ``self._out`` (``_ngrecord.drain`` is this
+        loop in C)."""
+        rec = self._rec
+        if isinstance(rec, _PyRecorder):
+            send = _lib.nghttp2_session_mem_send
+            session = self._session
+            reference = self._out_reference
+            pointer = self._out_pointer
+            append = self._out.append
+            while True:
+                size = send(session, reference)
+                if size <= 0:
+                    break
+                append(ctypes.string_at(pointer.value, size))
+        else:
+            size = _ngrecord.drain(rec)
+        if size < 0:
+            self._break(size, raise_=False)
 
     def _break(self, result: int, *, raise_: bool = True) -> None:
         """A fatal nghttp2 error: the session is deleted, a GOAWAY built here is queued, and
