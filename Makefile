@@ -9,10 +9,11 @@ INTERPRETED_TESTS ?= tests/test_keys.py tests/test_table.py tests/test_proxy.py 
 	tests/test_tracing.py tests/test_fuzz.py tests/test_demo.py tests/test_compiled.py \
 	tests/test_tunnels.py tests/test_slow_bodies.py tests/test_request_policy.py tests/test_errors.py \
 	tests/test_access_log.py tests/test_failure_log.py tests/test_edge_keys.py tests/test_route_groups.py \
-	tests/test_http2.py
+	tests/test_http2.py tests/test_h1_to_h2c.py
 
 # The HTTP/2 tests again with the pure-Python h2 engine (the fallback where libnghttp2 is missing).
-H2_ENGINE_TESTS ?= tests/test_http2.py tests/test_grpc_chain.py tests/test_http2_abuse.py tests/test_fuzz_http2.py
+H2_ENGINE_TESTS ?= tests/test_http2.py tests/test_grpc_chain.py tests/test_http2_abuse.py tests/test_fuzz_http2.py \
+	tests/test_h1_to_h2c.py tests/test_tls_clients.py
 
 # router/_native.py owns the list of compiled sources (setup.py and router/__init__.py read it too).
 HOT_PATH_SOURCES := $(shell python3 router/_native.py sources)

@@ -63,8 +63,9 @@ class Answer(enum.Enum):
                           "(without `fallback: baseline`)")  # fmt: skip
     OVERRIDE_EXPIRED = (503, "override-expired", False, "the key's override is past its TTL "
                         "(without `fallback: baseline`)")  # fmt: skip
-    HTTP1_TO_H2C = (502, "upstream-h2c-only", False, "an HTTP/1.1 request to a service whose upstreams speak "
-                    "only h2c (`protocol: h2c`): send it over HTTP/2")  # fmt: skip
+    HTTP1_TO_H2C = (502, "grpc-over-http1", False, "a gRPC call over HTTP/1.1 to a service whose upstreams "
+                    "speak h2c (`protocol: h2c`): gRPC needs HTTP/2 end to end (its trailers), so send it over HTTP/2 "
+                    "(other HTTP/1.1 requests are carried to h2c upstreams)")  # fmt: skip
     GRPC_NEEDS_H2C = (502, "upstream-not-h2c", False, "a gRPC call to a service whose upstream speaks HTTP/1.1, "
                       "which cannot carry trailers (give the service `protocol: h2c`)")  # fmt: skip
     # -- the upstream: nothing of a response had reached the client yet

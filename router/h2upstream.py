@@ -16,17 +16,46 @@ import asyncio
 import collections
 import socket
 from collections.abc import Hashable
-from typing import cast
+from typing import Final, cast
 
 from router import h2engine as ev
 from router.errors import Answer
 from router.h2engine import ErrorCode, ProtocolError, make_engine
+from router.request import Plan
 from router.settings import Timeouts
 from router.table import Target
 
-__all__ = ["H2Pool", "H2StreamOwner", "H2Upstream"]
+__all__ = ["HOP_BY_HOP", "H2Pool", "H2StreamOwner", "H2Upstream", "request_fields"]
 
 Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"http2-settings"}
+)
+"""Fields HTTP/2 forbids (RFC 9113 8.2.2): never sent on a stream, whichever side they came from."""
+
+
+def request_fields(plan: Plan, te_trailers: bool) -> Headers:
+    """The plan's HTTP/1.1 head (every forwarding rule applied) as an h2c request's fields;
+    ``te_trailers``: the client said ``te: trailers``, which gRPC servers require."""
+    lines = plan.head.split(b"\r\n")
+    headers: Headers = [
+        (b":method", plan.method),
+        (b":scheme", b"http"),
+        (b":authority", plan.authority),
+        (b":path", lines[0].split(b" ", 2)[1]),
+    ]
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        if name == b"host" or name in HOP_BY_HOP:
+            continue
+        headers.append((name, value.strip(b" \t")))
+    if te_trailers:
+        headers.append((b"te", b"trailers"))
+    return headers
 
 _WINDOW = 1 << 20
 """Our receive window per upstream stream and for the connection (the default 64 KiB would

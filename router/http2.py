@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from router.proxy import ProxyContext
     from router.table import Target
 
-from router.h2upstream import H2StreamOwner
+from router.h2upstream import HOP_BY_HOP as _HOP_BY_HOP
+from router.h2upstream import H2StreamOwner, request_fields
 
 __all__ = ["Http2Connection", "grpc_timeout"]
 
@@ -61,9 +62,6 @@ _CONTROL_BUDGET: Final = 200
 _EMPTY_DATA_BUDGET: Final = 1000
 """DATA frames without payload or END_STREAM per ten seconds."""
 
-_HOP_BY_HOP: Final = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"http2-settings"}
-)
 _GRPC_UNITS: Final = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
 
@@ -496,7 +494,7 @@ class _Stream(H2StreamOwner):
         target = self.target = decision.target
         if target.protocol == "h2c":
             self.waiting = True
-            ctx.h2pool.open(target, self, self._upstream_headers(), ended)
+            ctx.h2pool.open(target, self, request_fields(plan, self.te_trailers), ended)
         elif self.grpc:
             self.refuse(Answer.GRPC_NEEDS_H2C)
         else:
@@ -510,29 +508,6 @@ class _Stream(H2StreamOwner):
             if conn is not None:
                 self.waiting = False
                 self._attach_h1(conn)
-
-    def _upstream_headers(self) -> Headers:
-        """The plan's HTTP/1.1 head (every forwarding rule applied) as HTTP/2 fields."""
-        plan = self.plan
-        lines = plan.head.split(b"\r\n")
-        authority = plan.authority
-        headers: Headers = [
-            (b":method", plan.method),
-            (b":scheme", b"http"),
-            (b":authority", authority),
-            (b":path", lines[0].split(b" ", 2)[1]),
-        ]
-        for line in lines[1:]:
-            if not line:
-                continue
-            name, _, value = line.partition(b":")
-            name = name.lower()
-            if name == b"host" or name in _HOP_BY_HOP:
-                continue
-            headers.append((name, value.strip(b" \t")))
-        if self.te_trailers:
-            headers.append((b"te", b"trailers"))  # gRPC servers require it; it is ours to pass
-        return headers
 
     def client_data(self, data: bytes, flow_length: int) -> None:
         if self.finished:

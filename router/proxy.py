@@ -26,6 +26,7 @@ from router.accesslog import AccessLog
 from router.errors import Answer, render
 from router.failures import FailureLog
 from router.flow import BUFFER, DONE, PIPELINE, UPGRADE, UPSTREAM, FlowControl
+from router.h1bridge import H1Bridge, make_bridge
 from router.h2upstream import H2Pool
 from router.http2 import PRI_HEAD, Http2Connection
 from router.keys import KeySource
@@ -188,6 +189,8 @@ class ClientConnection(ExchangeOwner):
         self._active: _Request | None = None
         self._queue: collections.deque[_Request] = collections.deque()
         self._upstream: UpstreamConnection | None = None
+        self._bridge: H1Bridge | None = None
+        """The active exchange's h2c stream, when its service speaks h2c (instead of _upstream)."""
         self._awaiting_body = False
         """A small body is being read whole before an upstream connection is taken."""
         self._linger_left = 0
@@ -333,10 +336,13 @@ class ClientConnection(ExchangeOwner):
             tunnel.open = False
             self.ctx.stats.tunnels_open -= 1
         upstream, self._upstream = self._upstream, None
+        bridge, self._bridge = self._bridge, None
         if upstream is not None:
             # Mid-exchange: the upstream's framing state is unknown, so it is not reused. A
             # tunnel's upstream goes at once too: a client reset ends both.
             upstream.detach()
+        elif bridge is not None:
+            bridge.cancel()
         else:
             req = self._active
             decision = req.decision if req is not None else None
@@ -356,11 +362,15 @@ class ClientConnection(ExchangeOwner):
         self._flow.write_paused = True
         if self._upstream is not None:
             self._upstream.pause_reading()
+        elif self._bridge is not None:
+            self._bridge.pause()
 
     def resume_writing(self) -> None:
         self._flow.write_paused = False
         if self._upstream is not None:
             self._upstream.resume_reading()
+        elif self._bridge is not None:
+            self._bridge.resume()
 
     # -- httptools callbacks --------------------------------------------------------------------
 
@@ -450,6 +460,10 @@ class ClientConnection(ExchangeOwner):
             else:
                 upstream.write(body)
             return
+        bridge = self._bridge
+        if req is self._active and bridge is not None:
+            bridge.body(body)
+            return
         req.body.append(body)
         req.body_buffered += len(body)
         if req.body_buffered > _BUFFER_LIMIT:
@@ -475,6 +489,9 @@ class ClientConnection(ExchangeOwner):
             if req.chunked:
                 upstream.write(_CHUNK_END)
             upstream.request_sent()
+        bridge = self._bridge
+        if req is self._active and bridge is not None and req.refusal is None:
+            bridge.end()
         if not req.keep_alive:
             # Nothing after a request that closes the connection is read, let alone forwarded.
             self._flow.pause(DONE)
@@ -510,7 +527,19 @@ class ClientConnection(ExchangeOwner):
         decision = req.decision
         assert decision is not None and decision.target is not None
         if decision.target.protocol == "h2c":
-            self._answer(Answer.HTTP1_TO_H2C)  # (HTTP/2 clients reach it through router.http2)
+            # (HTTP/2 clients reach it through router.http2.)
+            bridge = make_bridge(self, self.ctx.h2pool, decision.target, req)
+            if bridge is None:
+                self._answer(Answer.HTTP1_TO_H2C)  # gRPC needs HTTP/2 end to end
+                return
+            self._bridge = bridge
+            if self._flow.write_paused:
+                bridge.pause()
+            body, req.body = req.body, []
+            if body:
+                req.body_buffered = 0
+                self._flow.resume(BUFFER)
+            bridge.start(body, req.complete, req.has_body)
             return
         try:
             conn = self.ctx.pool.acquire(decision.target, self, fresh=fresh)
@@ -653,6 +682,9 @@ class ClientConnection(ExchangeOwner):
             upstream, self._upstream = self._upstream, None
             if upstream is not None:
                 upstream.detach()
+            bridge, self._bridge = self._bridge, None
+            if bridge is not None:
+                bridge.cancel()
             if self._relay.head_sent:
                 self.abort()
                 return
@@ -721,6 +753,7 @@ class ClientConnection(ExchangeOwner):
 
     def upstream_complete(self, reusable: bool) -> None:
         upstream, self._upstream = self._upstream, None
+        self._bridge = None
         if self._state == _TUNNEL:
             self._end_tunnel()  # the upstream closed the tunnel cleanly: the client's side goes too
             return
@@ -737,6 +770,7 @@ class ClientConnection(ExchangeOwner):
 
     def upstream_failed(self, failure: Answer, response_started: bool) -> None:
         conn, self._upstream = self._upstream, None
+        self._bridge = None
         req = self._active
         if failure.upstream:  # a body too slow is the client's failure, not the upstream's
             self._upstream_failure(failure)
