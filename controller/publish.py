@@ -1,11 +1,14 @@
-"""Serves the controller's current route table: ``GET /v1/routes``, long-poll and NDJSON stream.
+"""Serves the controller's current route table: ``GET /v1/routes``, long-poll and NDJSON stream, and
+the delta feed ``GET /v2/routes`` whose lines ``controller.feed`` encodes.
 
 This module owns the wire format routers subscribe to (one ``RouteTable.to_json()`` document per
-line, plus the controller's ``instance`` and status) and the controller's health endpoints
-(``/healthz``, ``/readyz``, ``/metrics``), and the dashboard page at ``/`` (rendered by the pure
-``router.dashboard``, live through ``/dashboard/events``). It only reads the latest published table and status;
+line, plus the controller's ``instance`` and status), the HTTP side of the delta feed, the
+controller's health endpoints (``/healthz``, ``/readyz``, ``/metrics``), and the dashboard page at
+``/`` (rendered by the pure ``router.dashboard``, live through ``/dashboard/events``). It only
+reads the latest published table and status;
 it never builds or changes a table, and never queues tables for a slow subscriber: each stream
-sends the newest table when it can, skipping any it was too slow to see (level-triggered).
+sends the newest table (or on ``/v2``, one delta to it) when it can, skipping any it was too slow
+to see (level-triggered).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from controller.feed import HEARTBEAT, GzipFraming, RouteFeed
 from router import dashboard
 from router.table import EMPTY_TABLE, RouteTable
 
@@ -59,6 +63,15 @@ class RoutePublisher:
         self._gzipped = b""
         self.serializations = 0
         """Tables encoded so far: one per version however many subscribers follow the feed."""
+        self.feed = RouteFeed(self.instance)
+        """``/v2/routes``: the history of changes and each version's lines, encoded once."""
+        self.feed_streams: set[asyncio.Transport] = set()
+        """Open ``/v2/routes`` streams' connections, for what they hold unsent (a metric)."""
+
+    def feed_buffered(self) -> int:
+        """The most bytes any ``/v2`` stream holds in user space unsent: bounded by about one line
+        however slow its reader, because each stream writes only after its last write drained."""
+        return max((transport.get_write_buffer_size() for transport in self.feed_streams), default=0)
 
     def encoded(self, status: StatusCallback) -> bytes:
         """The current table as one JSON line, encoded once per table and shared by every
@@ -83,6 +96,7 @@ class RoutePublisher:
     def publish(self, table: RouteTable) -> None:
         """The aggregator's publish callback: make ``table`` current and wake every waiter."""
         self.table = table
+        self.feed.publish(table)
         self._wake()
 
     def close(self) -> None:
@@ -126,6 +140,14 @@ class _ControllerCollector(Collector):
         yield GaugeMetricFamily("devstack_controller_overrides", "Overrides in the published table.", overrides)
         yield GaugeMetricFamily(
             "devstack_controller_subscribers", "Open /v1/routes streams.", self._publisher.subscribers
+        )
+        yield GaugeMetricFamily(
+            "devstack_controller_feed_subscribers", "Open /v2/routes streams.", len(self._publisher.feed_streams)
+        )
+        yield GaugeMetricFamily(
+            "devstack_controller_feed_buffered_bytes",
+            "Most bytes any /v2/routes stream holds unsent in the controller (about one line at most).",
+            self._publisher.feed_buffered(),
         )
         for key, help_text in (
             ("conflicts", "Conflicting Deployments or route groups (none of the claimants is routed)."),
@@ -212,8 +234,8 @@ def make_publish_app(
     confirmed: Mapping[str, float] | None = None,
     failures: Mapping[str, int] | None = None,
 ) -> web.Application:
-    """``/v1/routes`` (plain, ``?since=`` long-poll, ``?watch=1&since=`` stream), health endpoints
-    and the dashboard.
+    """``/v1/routes`` (plain, ``?since=`` long-poll, ``?watch=1&since=`` stream), ``/v2/routes``
+    (``?since=&instance=``: a snapshot or a delta, then deltas), health endpoints and the dashboard.
 
     The dashboard's preview links need ``links`` (the ingress's preview domain and port; without
     it they are left out); ``confirmed`` and ``failures`` are the aggregator's per-source
@@ -274,6 +296,45 @@ def make_publish_app(
             publisher.subscribers -= 1
         return response
 
+    async def delta_stream(request: web.Request) -> web.StreamResponse:
+        """``/v2/routes``: a snapshot unless the subscriber's (instance, since) is remembered, then one
+        line per wake-up bringing it from what it holds to the current version (a delta spanning
+        every version it was too slow to see), heartbeats when idle; gzip as shared segments."""
+        try:
+            since = int(request.query["since"]) if "since" in request.query else None
+        except ValueError:
+            return web.json_response({"error": "since must be an integer version"}, status=400)
+        feed = publisher.feed
+        held = since if feed.remembers(request.query.get("instance"), since) else None
+        framing = GzipFraming() if "gzip" in request.headers.get("Accept-Encoding", "") else None
+        headers = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"}
+        if framing is not None:
+            headers |= {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        transport = request.transport
+        if transport is not None:
+            publisher.feed_streams.add(transport)
+        try:
+            while not publisher.closed:
+                version = feed.version
+                if version > 0 and held != version:  # version 0 is the empty table before the first snapshot
+                    frame = feed.frame(held)
+                    # Awaited: the next line is chosen only after this one drained, so however slow the
+                    # reader, the stream holds one line and the next skips to the newest version.
+                    await response.write(frame.line if framing is None else framing.wrap(frame))
+                    held = frame.version
+                if not await publisher.wait_change(version, settings.heartbeat):
+                    await response.write(HEARTBEAT.line if framing is None else framing.wrap(HEARTBEAT))
+            if framing is not None:
+                await response.write(framing.trailer())  # a whole gzip stream, CRC and length included
+        except ConnectionResetError:
+            pass  # The subscriber went away.
+        finally:
+            if transport is not None:
+                publisher.feed_streams.discard(transport)
+        return response
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -327,6 +388,7 @@ def make_publish_app(
     app.router.add_get("/", page)
     app.router.add_get("/dashboard/events", events)
     app.router.add_get("/v1/routes", routes)
+    app.router.add_get("/v2/routes", delta_stream)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -1,13 +1,17 @@
-"""The remote source: follow a devstack controller's ``/v1/routes`` stream and republish its tables.
+"""The remote source: follow a devstack controller's route feed and republish its tables.
 
 This module owns the subscriber side of the controller feed, so hundreds of routers (sidecars)
-need one API-server watch between them instead of one each. It holds one streaming GET open,
-rebuilds ``Routes`` from each JSON line with the pure ``routes_from_json``, and reconnects with
-backoff when the controller goes away. It never drops the last good table because the controller
-is unreachable or sent something invalid: the router keeps serving it, and the staleness is
-reported (``connected``, ``last_update``, and an error through ``on_error`` for ``/readyz``).
-An outage is logged once when it begins, with the retry schedule, and once when it ends, with
-how long it lasted; the retries in between are logged at DEBUG only.
+need one API-server watch between them instead of one each. It holds one streaming GET open:
+``/v2/routes`` (a snapshot, then deltas applied with ``RouteTable.with_changes``, so a one-service
+change rebuilds one service and shares every other ``Routes`` object), or ``/v1/routes`` (whole
+tables, rebuilt with the pure ``routes_from_json``) from a controller without ``/v2``. It
+reconnects with backoff when the controller goes away. A delta is applied only to the version it
+says it starts from; any other delta makes it resubscribe for a snapshot, never guess. It never
+drops the last good table because the controller is unreachable or sent something invalid: the
+router keeps serving it, and the staleness is reported (``connected``, ``last_update``, and an
+error through ``on_error`` for ``/readyz``). An outage is logged once when it begins, with the
+retry schedule, and once when it ends, with how long it lasted; the retries in between are logged
+at DEBUG only.
 """
 
 from __future__ import annotations
@@ -26,16 +30,29 @@ import aiohttp
 from controller.aggregator import SourceDown
 from controller.backoff import Backoff
 from controller.build import BuildError, routes_from_spec
-from router.table import Routes
+from router.table import Routes, RouteTable, TableError
 
 if TYPE_CHECKING:
     from controller.aggregator import Aggregator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RemoteSettings", "RemoteSource", "feed_url", "remote_source", "routes_from_json"]
+__all__ = [
+    "DELTA_PATH",
+    "ROUTES_PATH",
+    "RemoteSettings",
+    "RemoteSource",
+    "apply_delta",
+    "feed_url",
+    "pinned_path",
+    "remote_source",
+    "routes_from_json",
+]
 
 ROUTES_PATH = "/v1/routes"
+"""Whole tables, one per line: what every controller offers."""
+DELTA_PATH = "/v2/routes"
+"""A snapshot, then deltas (``controller.feed``): what a router follows when the controller offers it."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,24 +97,84 @@ def routes_from_json(document: object, *, origin: str = "") -> tuple[int, dict[s
     return version, routes_from_spec(spec, origin=origin)
 
 
-def feed_url(base: str, *, since: int | None = None, instance: str | None = None) -> str:
-    """``http://controller:9902`` (or a URL already ending in /v1/routes) → the watch URL."""
+def pinned_path(base: str) -> str | None:
+    """The feed a ``--routes-from`` URL names explicitly (``…/v1/routes`` or ``…/v2/routes``), if any:
+    an operator who wrote the path gets that feed only; a bare controller URL tries /v2, then /v1."""
+    path = urlsplit(base).path.rstrip("/")
+    return next((feed for feed in (ROUTES_PATH, DELTA_PATH) if path.endswith(feed)), None)
+
+
+def feed_url(base: str, *, since: int | None = None, instance: str | None = None, path: str | None = None) -> str:
+    """``http://controller:9902`` (or a URL already ending in a feed's path) → the watch URL of
+    ``path`` (default: the one the URL names, else /v1/routes)."""
     parts = urlsplit(base)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"{base!r} is not an http:// URL of a devstack controller")
-    path = parts.path.rstrip("/")
-    if not path.endswith(ROUTES_PATH):
-        path += ROUTES_PATH
-    query: dict[str, str] = {"watch": "1"}
+    root = parts.path.rstrip("/")
+    named = pinned_path(base)
+    if named is not None:
+        root = root.removesuffix(named)
+    feed = path or named or ROUTES_PATH
+    # /v2 is always a stream; /v1 streams only with watch=1.
+    query: dict[str, str] = {"watch": "1"} if feed == ROUTES_PATH else {}
     if since is not None:
         query["since"] = str(since)
     if instance is not None:
         query["instance"] = instance
-    return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query), ""))
+    return urlunsplit((parts.scheme, parts.netloc, root + feed, urlencode(query), ""))
 
 
 class ControllerUnreachable(SourceDown, ConnectionError):
     """The controller feed is down; the message says since when and what the router still serves."""
+
+
+class _Resubscribe(Exception):
+    """The feed sent a line this router cannot apply to what it holds: subscribe again for a snapshot."""
+
+
+def _table_fields(document: Mapping[str, Any], origin: str) -> tuple[tuple[str, ...], dict[str, object]]:
+    """A /v2 line's ``sources`` and ``groups``, checked."""
+    sources = document.get("sources", [])
+    if not isinstance(sources, list) or not all(isinstance(source, str) for source in sources):
+        raise BuildError("'sources' must be a list of names", origin=origin)
+    groups = document.get("groups") or {}
+    if not isinstance(groups, Mapping):
+        raise BuildError("'groups' must be an object", origin=origin)
+    return tuple(sources), dict(groups)
+
+
+def apply_delta(
+    table: RouteTable, groups: Mapping[str, object], document: Mapping[str, Any], *, origin: str = ""
+) -> tuple[RouteTable, dict[str, object]]:
+    """A /v2 delta applied to ``table`` (whose route groups, as the feed wrote them, are ``groups``)
+    → the new table and its groups; pure. Only the services the delta sets are built; every other
+    ``Routes`` is shared with ``table``, unless the route groups changed, which every service
+    carries. Raises BuildError for a delta that is invalid or does not fit ``table``.
+    """
+    version = document.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version <= table.version:
+        raise BuildError(f"'version' must be an integer above v{table.version}", origin=origin)
+    sources, new_groups = _table_fields(document, origin)
+    changed_raw = document.get("set", {})
+    removed = document.get("removed", [])
+    if not isinstance(changed_raw, Mapping):
+        raise BuildError("'set' must be an object", origin=origin)
+    if not isinstance(removed, list) or not all(isinstance(name, str) for name in removed):
+        raise BuildError("'removed' must be a list of service names", origin=origin)
+    spec: dict[str, object] = {"services": changed_raw}
+    if new_groups:
+        spec["groups"] = new_groups
+    changed: dict[str, Routes] = routes_from_spec(spec, origin=origin)
+    try:
+        if new_groups != groups:
+            # Rare (a route group edited): each service resolves groups itself, so each is rebuilt.
+            regrouped = {group: tuple(keys) for group, keys in new_groups.items() if isinstance(keys, list)}
+            for name, routes in table.services.items():
+                if name not in changed and name not in removed:
+                    changed[name] = dataclasses.replace(routes, groups=regrouped)
+        return table.with_changes(changed, removed, version=version, sources=sources), new_groups
+    except TableError as exc:
+        raise BuildError(str(exc), origin=origin) from None
 
 
 SnapshotCallback = Callable[[str, Mapping[str, Routes]], object]
@@ -132,11 +209,22 @@ class RemoteSource:
         """The controller's version of the table we serve (the router's aggregator renumbers)."""
         self.instance: str | None = None
         self._services: Mapping[str, Routes] | None = None
+        self.table: RouteTable | None = None
+        """The controller's table as this router holds it (the controller's version, sources and
+        services): what the next /v2 delta applies to. None until a first table arrives."""
+        self._groups: dict[str, object] = {}
+        """``table``'s route groups as the feed wrote them: a delta carrying others regroups every service."""
+        self._synced = False
+        """True while ``table`` is exactly the controller's ``version``, so a resubscription may ask
+        for a delta from it; False after a line was rejected or did not fit, so it asks for a snapshot."""
+        self.feed_path: str | None = None
+        """The feed the current (or last) connection follows: /v2/routes, or /v1/routes."""
         self.disconnected_since: float | None = None
         self.failures = 0
         """Failed connections in the current outage (0 while connected)."""
         self._outage_began: float | None = None  # monotonic: the outage's length survives clock steps
         self._ever_connected = False
+        self._lines_on_subscription = 0
 
     async def run(self, *, _iterations: int | None = None) -> None:
         """Follow the feed forever (or for ``_iterations`` connections, for tests)."""
@@ -223,34 +311,116 @@ class RemoteSource:
         )
 
     async def _follow(self, session: aiohttp.ClientSession) -> None:
-        url = feed_url(self.url, since=self.version, instance=self.instance)
+        """Follow one connection; resubscribe at once (for a snapshot) when a /v2 line does not fit
+        what we hold, unless it was the subscription's first line (then the controller is broken,
+        and the caller's backoff applies)."""
+        while True:
+            try:
+                await self._subscribe(session)
+                return
+            except _Resubscribe as exc:
+                if self._lines_on_subscription <= 1:
+                    raise ValueError(str(exc)) from None
+                log.warning("controller feed %s: %s; subscribing again for a snapshot", self.url, exc)
+                self._synced = False
+
+    async def _subscribe(self, session: aiohttp.ClientSession) -> None:
+        pinned = pinned_path(self.url)
+        path = pinned or DELTA_PATH
+        # A /v1 table's version is a /v2 version too (one controller, one numbering): either feed
+        # may continue from what the other delivered.
+        since, instance = (self.version, self.instance) if self._synced else (None, None)
+        url = feed_url(self.url, since=since, instance=instance, path=path)
+        self._lines_on_subscription = 0
         async with session.get(url, headers={"Accept": "application/x-ndjson"}) as response:
-            if response.status != 200:
-                raise ConnectionError(f"HTTP {response.status} from {url}")
-            self.connected = True
-            self.disconnected_since = None
-            self._log_connected()
-            if self._services is not None:
-                # Re-affirm the table we hold: clears the staleness error even if nothing changed.
-                self._on_snapshot(self.name, self._services)
-            alive = self._on_alive
-            async for line in _lines(response.content, self.settings.max_line_bytes, alive, self.name):
-                self._receive(line)
+            if response.status == 404 and pinned is None:
+                # A controller that predates /v2; asked again on every new connection, so a router
+                # starts following deltas once the controller is upgraded.
+                response.release()
+                path = ROUTES_PATH
+                url = feed_url(self.url, since=self.version, instance=self.instance, path=path)
+                async with session.get(url, headers={"Accept": "application/x-ndjson"}) as fallback:
+                    await self._read(fallback, url, path)
+                return
+            await self._read(response, url, path)
+
+    async def _read(self, response: aiohttp.ClientResponse, url: str, path: str) -> None:
+        if response.status != 200:
+            raise ConnectionError(f"HTTP {response.status} from {url}")
+        if path != self.feed_path:
+            fallback = path == ROUTES_PATH and pinned_path(self.url) is None
+            log.log(
+                logging.INFO if fallback else logging.DEBUG,
+                "controller feed %s: following %s%s",
+                self.url,
+                path,
+                f" (the controller has no {DELTA_PATH})" if fallback else "",
+            )
+            self.feed_path = path
+        self.connected = True
+        self.disconnected_since = None
+        self._log_connected()
+        if self._services is not None:
+            # Re-affirm the table we hold: clears the staleness error even if nothing changed.
+            self._on_snapshot(self.name, self._services)
+        alive = self._on_alive
+        receive = self._receive if path == ROUTES_PATH else self._receive_v2
+        async for line in _lines(response.content, self.settings.max_line_bytes, alive, self.name):
+            self._lines_on_subscription += 1
+            receive(line)
 
     def _receive(self, line: bytes) -> None:
+        """A /v1 line: a whole table."""
         try:
             document: Any = json.loads(line)
             version, services = routes_from_json(document, origin=self.url)
+            sources, groups = _table_fields(document, self.url)
+            table = RouteTable(services, version, sources)
         except (ValueError, BuildError) as exc:
             # Keep the last good table: a bad line from a buggy controller must not blank routing.
             self._on_error(self.name, BuildError(f"rejected table: {exc}", origin=self.url))
             return
-        self.version = version
+        self._accept(table, groups, document)
+
+    def _receive_v2(self, line: bytes) -> None:
+        """A /v2 line: a snapshot, or a delta applied to the table we hold if it starts from it."""
+        try:
+            document: Any = json.loads(line)
+            if not isinstance(document, Mapping):
+                raise BuildError("a feed line must be a JSON object", origin=self.url)
+            kind = document.get("kind")
+            if kind == "snapshot":
+                version, services = routes_from_json(document, origin=self.url)
+                sources, groups = _table_fields(document, self.url)
+                table = RouteTable(services, version, sources)
+            elif kind == "delta":
+                start = document.get("from")
+                held = self.table if self._synced else None
+                if held is None or start != self.version or document.get("instance") != self.instance:
+                    raise _Resubscribe(
+                        f"a delta from v{start} of {document.get('instance')}, but this router holds "
+                        + (f"v{self.version} of {self.instance}" if held is not None else "no usable table")
+                    )
+                table, groups = apply_delta(held, self._groups, document, origin=self.url)
+            else:
+                raise BuildError(f"unknown line kind {kind!r}", origin=self.url)
+        except (ValueError, BuildError, TableError) as exc:
+            # Keep the last good table; later deltas cannot apply to it, so the next one resubscribes.
+            self._synced = False
+            self._on_error(self.name, BuildError(f"rejected table: {exc}", origin=self.url))
+            return
+        self._accept(table, groups, document)
+
+    def _accept(self, table: RouteTable, groups: dict[str, object], document: Mapping[str, Any]) -> None:
+        self.table = table
+        self._groups = groups
+        self._synced = True
+        self.version = table.version
         instance = document.get("instance")
         self.instance = instance if isinstance(instance, str) else None
         self.last_update = time.time()
-        self._services = services
-        self._on_snapshot(self.name, services)
+        self._services = table.services
+        self._on_snapshot(self.name, table.services)
 
 
 async def _lines(
