@@ -361,9 +361,103 @@ join_bytes(PyObject *module, PyObject *pieces)
     return joined;
 }
 
+PyDoc_STRVAR(head_fields_h2_doc,
+"head_fields_h2(head, skip, /)\n--\n\n"
+"router.h2upstream.head_fields_h2 in C: (request target, [(lower-cased name, value without\n"
+"surrounding spaces and tabs)]) of an HTTP/1.1 request head, fields named in skip left out.");
+
+static PyObject *
+head_fields_h2(PyObject *module, PyObject *args)
+{
+    PyObject *head_obj, *skip;
+    if (!PyArg_ParseTuple(args, "SO!:head_fields_h2", &head_obj, &PyFrozenSet_Type, &skip)) {
+        return NULL;
+    }
+    const char *s = PyBytes_AS_STRING(head_obj);
+    Py_ssize_t n = PyBytes_GET_SIZE(head_obj);
+    Py_ssize_t line_end = find_crlf(s, 0, n);
+    if (line_end < 0) {
+        line_end = n;
+    }
+    /* The request line's second space-separated piece (bytes.split(b" ", 2)[1]), or b"". */
+    PyObject *target = NULL;
+    const char *sp1 = memchr(s, ' ', (size_t)line_end);
+    if (sp1 == NULL) {
+        target = PyBytes_FromStringAndSize(NULL, 0);
+    } else {
+        const char *from = sp1 + 1;
+        const char *sp2 = memchr(from, ' ', (size_t)(s + line_end - from));
+        target = PyBytes_FromStringAndSize(from, (sp2 != NULL ? sp2 : s + line_end) - from);
+    }
+    PyObject *fields = PyList_New(0);
+    if (target == NULL || fields == NULL) {
+        goto fail;
+    }
+    Py_ssize_t at = line_end + 2;
+    while (at < n) {
+        Py_ssize_t end = find_crlf(s, at, n);
+        if (end < 0) {
+            end = n;
+        }
+        if (end > at) {
+            const char *line = s + at;
+            Py_ssize_t size = end - at;
+            const char *colon = memchr(line, ':', (size_t)size);
+            Py_ssize_t name_size = colon != NULL ? colon - line : size;
+            PyObject *name = PyBytes_FromStringAndSize(NULL, name_size);
+            if (name == NULL) {
+                goto fail;
+            }
+            char *lowered = PyBytes_AS_STRING(name);
+            for (Py_ssize_t i = 0; i < name_size; i++) {
+                lowered[i] = (char)ascii_lower((unsigned char)line[i]);
+            }
+            int skipped = PySet_Contains(skip, name);
+            if (skipped < 0) {
+                Py_DECREF(name);
+                goto fail;
+            }
+            if (skipped) {
+                Py_DECREF(name);
+            } else {
+                const char *v = colon != NULL ? colon + 1 : line + size;
+                const char *v_end = line + size;
+                while (v < v_end && (*v == ' ' || *v == '\t')) {
+                    v++;
+                }
+                while (v_end > v && (v_end[-1] == ' ' || v_end[-1] == '\t')) {
+                    v_end--;
+                }
+                PyObject *value = PyBytes_FromStringAndSize(v, v_end - v);
+                PyObject *pair = value != NULL ? PyTuple_Pack(2, name, value) : NULL;
+                Py_DECREF(name);
+                Py_XDECREF(value);
+                if (pair == NULL) {
+                    goto fail;
+                }
+                int appended = PyList_Append(fields, pair);
+                Py_DECREF(pair);
+                if (appended < 0) {
+                    goto fail;
+                }
+            }
+        }
+        at = end + 2;
+    }
+    PyObject *result = PyTuple_Pack(2, target, fields);
+    Py_DECREF(target);
+    Py_DECREF(fields);
+    return result;
+fail:
+    Py_XDECREF(target);
+    Py_XDECREF(fields);
+    return NULL;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"scan_response_head", scan_response_head, METH_O, scan_response_head_doc},
     {"join_bytes", join_bytes, METH_O, join_bytes_doc},
+    {"head_fields_h2", head_fields_h2, METH_VARARGS, head_fields_h2_doc},
     {NULL, NULL, 0, NULL},
 };
 

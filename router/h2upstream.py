@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Final, cast
 
+from router import COMPILED
 from router import h2engine as ev
 from router.errors import Answer
 from router.h2engine import ErrorCode, ProtocolError, make_engine
@@ -35,27 +36,50 @@ HOP_BY_HOP: Final = frozenset(
 """Fields HTTP/2 forbids (RFC 9113 8.2.2): never sent on a stream, whichever side they came from."""
 
 
-def request_fields(plan: Plan, te_trailers: bool) -> Headers:
-    """The plan's HTTP/1.1 head (every forwarding rule applied) as an h2c request's fields;
-    ``te_trailers``: the client said ``te: trailers``, which gRPC servers require."""
-    lines = plan.head.split(b"\r\n")
-    headers: Headers = [
-        (b":method", plan.method),
-        (b":scheme", b"http"),
-        (b":authority", plan.authority),
-        (b":path", lines[0].split(b" ", 2)[1]),
-    ]
+_NOT_FORWARDED: Final = HOP_BY_HOP | {b"host"}
+"""Left out of an HTTP/1.1 head made into HTTP/2 fields: ``:authority`` stands for ``host``."""
+
+
+def head_fields_h2(head: bytes, skip: frozenset[bytes]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """An HTTP/1.1 request head's target and fields, names lower-cased as HTTP/2 wants them and
+    values without surrounding spaces and tabs, those named in ``skip`` left out. The Python
+    original of ``router._speedups.head_fields_h2``."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    target = parts[1] if len(parts) > 1 else b""
+    fields: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
         if not line:
             continue
         name, _, value = line.partition(b":")
         name = name.lower()
-        if name == b"host" or name in HOP_BY_HOP:
-            continue
-        headers.append((name, value.strip(b" \t")))
+        if name not in skip:
+            fields.append((name, value.strip(b" \t")))
+    return target, fields
+
+
+_head_fields_h2: Callable[[bytes, frozenset[bytes]], tuple[bytes, list[tuple[bytes, bytes]]]] = head_fields_h2
+if COMPILED:
+    from router import _speedups
+
+    _head_fields_h2 = _speedups.head_fields_h2
+
+
+def request_fields(plan: Plan, te_trailers: bool) -> Headers:
+    """The plan's HTTP/1.1 head (every forwarding rule applied) as an h2c request's fields;
+    ``te_trailers``: the client said ``te: trailers``, which gRPC servers require."""
+    target, fields = _head_fields_h2(plan.head, _NOT_FORWARDED)
+    headers: Headers = [
+        (b":method", plan.method),
+        (b":scheme", b"http"),
+        (b":authority", plan.authority),
+        (b":path", target),
+        *fields,
+    ]
     if te_trailers:
         headers.append((b"te", b"trailers"))
     return headers
+
 
 _WINDOW = 1 << 20
 """Our receive window per upstream stream and for the connection (the default 64 KiB would
