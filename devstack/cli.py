@@ -14,9 +14,11 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -31,6 +33,8 @@ from controller.startup import StartupError, parse_listen, start_router
 from router.keys import DEFAULT_MEMBER
 from router.server import RouterServer
 from router.settings import Limits, Mode, RouterSettings, Timeouts
+from router.table import RouteTable
+from router.workers import WorkerPool
 
 if TYPE_CHECKING:
     from router.tracing import RequestTracer
@@ -47,6 +51,7 @@ OTLP_EXTRA: Final = "pip install 'devstack-router[otlp]'"
 KUBERNETES_EXTRA: Final = "pip install 'devstack-router[kubernetes]'"
 ACCESS_LOG_NAMED: Final[dict[str, str | None]] = {"off": None, "stdout": "-"}
 """``--access-log`` words that are not file paths → ``RouterSettings.access_log``."""
+LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def version() -> str:
@@ -91,6 +96,14 @@ def _log_level(value: str) -> str:
     return value.upper()
 
 
+def _worker_count(value: str) -> int:
+    if value == "auto":
+        return len(os.sched_getaffinity(0))  # the CPUs this process may run on, not the host's
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number or auto")
+    return int(value)
+
+
 def _add_log_level(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level",
@@ -123,6 +136,14 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
         type=_host_port,
         default=DEFAULT_ADMIN,
         help="admin listener (/healthz, /readyz, /metrics, /routes)",
+    )
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        type=_worker_count,
+        default=1,
+        help="proxy processes accepting on --listen together, for more than one core; auto: one per CPU this "
+        "process may use. One parent still follows the route source and serves the admin listener",
     )
     p.add_argument(
         "--mode",
@@ -199,15 +220,13 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
         help="HTTP/2 protocol engine: nghttp2 (libnghttp2, the default where it loads) or h2 (pure Python, "
         "about 4x the CPU per stream)",
     )
-    edge = p.add_argument_group("keys from browsers (ingress mode; see the README's \"From a browser\")")
+    edge = p.add_argument_group('keys from browsers (ingress mode; see the README\'s "From a browser")')
     edge.add_argument(
         "--preview-domain",
         metavar="DOMAIN",
         help="KEY--SERVICE.DOMAIN names a service and a key (e.g. preview.example.com, or localhost)",
     )
-    edge.add_argument(
-        "--key-header", action="store_true", help="honour the browser extension's x-devstack-key header"
-    )
+    edge.add_argument("--key-header", action="store_true", help="honour the browser extension's x-devstack-key header")
     edge.add_argument(
         "--key-cookie",
         action="store_true",
@@ -392,7 +411,7 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
     except ValueError as exc:  # a flag out of range (e.g. --upgrade h2c): the message names it
         raise StartupError(str(exc)) from None
     tracer = _make_tracer() if args.trace else None
-    server: RouterServer
+    server: RouterServer | WorkerPool
     aggregator: Aggregator
     file_source: FileSource | None = None
     sources: list[tuple[str, Any]] = []
@@ -400,7 +419,19 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
     def readiness() -> tuple[bool, dict[str, Any]]:
         return (aggregator.ready and server.table.version > 0, {"errors": dict(aggregator.errors)})
 
-    server = RouterServer(settings, readiness=readiness, tracer=tracer)
+    if args.workers > 1:
+        if tracer is not None:
+            tracer.shutdown()  # made only to report a bad configuration here: each worker makes its own
+        server = WorkerPool(
+            settings,
+            workers=args.workers,
+            decode=_table_from_json,
+            readiness=readiness,
+            prepare=functools.partial(_prepare_router_worker, args.log_level),
+            trace=tracer is not None,
+        )
+    else:
+        server = RouterServer(settings, readiness=readiness, tracer=tracer)
     if args.routes:
         aggregator = Aggregator([FileSource.name], server.swap)
         file_source = FileSource(args.routes, aggregator.update, aggregator.report_error)
@@ -422,12 +453,13 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
     for name, factory in sources:
         tasks.append(asyncio.create_task(factory(aggregator), name=f"{name}-source"))
     log.info(
-        "devstack router (%s mode) on %s:%d, admin on %s:%d, table v%d, hot path %s",
+        "devstack router (%s mode) on %s:%d, admin on %s:%d, table v%d, hot path %s%s",
         settings.mode.value,
         *server.address,
         *server.admin_address,
         server.table.version,
         router.HOT_PATH_MODE,
+        f", {args.workers} workers" if args.workers > 1 else "",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -443,6 +475,22 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
         task.cancel()
     await server.close()
     return 0
+
+
+def _table_from_json(document: Any) -> RouteTable:
+    """A ``--workers`` process's copy of its parent's table (``RouteTable.to_json``), read back
+    by the remote feed's validator."""
+    from controller.sources.remote import routes_from_json  # noqa: PLC0415 - as in _external_sources
+
+    version, services = routes_from_json(document)
+    return RouteTable(services, version, tuple(document.get("sources", ())))
+
+
+def _prepare_router_worker(log_level: str) -> None:
+    """A ``--workers`` process, set up as ``main`` sets up the router's own."""
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    _install_uvloop()
+    _keep_freed_memory()
 
 
 def _external_sources(args: argparse.Namespace) -> list[tuple[str, Any]]:
@@ -715,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     if args.command == "check":
         return _check_routes(args.routes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
 
 from aiohttp import web
@@ -46,14 +46,27 @@ class AdminState:
         readiness: ReadinessCheck,
         access_log: AccessLog | None = None,
         links: dashboard.Links | None = None,
+        *,
+        refresh: Callable[[], Awaitable[None]] | None = None,
+        collectors: Sequence[Collector] = (),
     ) -> None:
         self.table = table
         self.stats = stats
+        """Read afresh at every scrape, so ``refresh`` may replace it."""
         self.readiness = readiness
         self.access_log = access_log
         self.links = links or dashboard.Links()
         """How the dashboard links to previews and to "use this key": give
         ``dashboard.Links.for_router(settings.preview_domain, proxy_address)``."""
+        self.refresh = refresh
+        """Awaited before ``/metrics`` and the dashboard read ``stats``: counters kept elsewhere
+        (``router.workers`` gathers its worker processes' here) are brought in only when asked."""
+        self.collectors = collectors
+        """More metric families for ``/metrics`` (the worker pool's per-worker ones)."""
+
+    async def refreshed(self) -> None:
+        if self.refresh is not None:
+            await self.refresh()
 
     def snapshot(self) -> dashboard.Snapshot:
         """What the dashboard shows now."""
@@ -191,6 +204,8 @@ def _buckets(histogram: Histogram) -> list[tuple[str, float]]:
 def make_admin_app(state: AdminState) -> web.Application:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_RouterCollector(state))
+    for collector in state.collectors:
+        registry.register(collector)
     # CPU seconds, resident memory, open and maximum file descriptors, start time (process_*).
     ProcessCollector(registry=registry)
 
@@ -205,6 +220,7 @@ def make_admin_app(state: AdminState) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         # OpenMetrics for scrapers that ask for it (Prometheus does), the classic text otherwise.
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        await state.refreshed()
         return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
 
     async def routes(_: web.Request) -> web.Response:
@@ -234,6 +250,7 @@ def make_admin_app(state: AdminState) -> web.Application:
     closing = asyncio.Event()
 
     async def page(request: web.Request) -> web.Response:
+        await state.refreshed()
         html = dashboard.render_page(
             state.snapshot(), query=request.query.get("q", ""), status=request.query.get("status", "")
         )
@@ -253,6 +270,7 @@ def make_admin_app(state: AdminState) -> web.Application:
         try:
             while not closing.is_set():
                 if state.table().version != version or loop.time() >= due:
+                    await state.refreshed()
                     snap = state.snapshot()
                     await response.write(dashboard.event(dashboard.fragments(snap), sent, snap.now))
                     version, due = snap.table.version, loop.time() + DASHBOARD_TICK

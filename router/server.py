@@ -29,7 +29,7 @@ from router.table import EMPTY_TABLE, RouteTable
 if TYPE_CHECKING:
     from router.tracing import RequestTracer
 
-__all__ = ["RouterServer", "TlsFiles"]
+__all__ = ["RouterServer", "TlsFiles", "start_admin_listener"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,21 @@ class TlsFiles:
             self.check()
 
 
+async def start_admin_listener(state: AdminState, address: tuple[str, int]) -> tuple[web.AppRunner, tuple[str, int]]:
+    """Serve the admin app for ``state`` on ``address``; its runner (to clean up) and bound address."""
+    runner = web.AppRunner(make_admin_app(state), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, address[0], address[1], reuse_address=True)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    server: Any = site._server
+    bound: tuple[str, int] = server.sockets[0].getsockname()[:2]
+    return runner, bound
+
+
 class RouterServer:
     def __init__(
         self,
@@ -118,7 +133,11 @@ class RouterServer:
             return self._readiness()
         return (self.slot.table.version > 0, {})
 
-    async def start(self, listen: tuple[str, int], admin: tuple[str, int] | None = None) -> None:
+    async def start(
+        self, listen: tuple[str, int], admin: tuple[str, int] | None = None, *, reuse_port: bool = False
+    ) -> None:
+        """Bind the proxy listener (and the admin one if ``admin``). ``reuse_port``: join the other
+        processes accepting on ``listen`` (``router.workers``), the kernel spreading connections."""
         loop = asyncio.get_running_loop()
         settings = self.settings
         if settings.access_log is not None and self.access_log is None:
@@ -137,6 +156,7 @@ class RouterServer:
             listen[0],
             listen[1],
             reuse_address=True,
+            reuse_port=reuse_port,
             backlog=4096,
             ssl=self.tls.context if self.tls is not None else None,
         )
@@ -145,13 +165,7 @@ class RouterServer:
         if admin is not None:
             links = dashboard.Links.for_router(self.settings.preview_domain, self.address)
             state = AdminState(lambda: self.slot.table, self.stats, self.readiness, self.access_log, links=links)
-            app = make_admin_app(state)
-            self._admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
-            await self._admin_runner.setup()
-            site = web.TCPSite(self._admin_runner, admin[0], admin[1], reuse_address=True)
-            await site.start()
-            server: Any = site._server
-            self.admin_address = server.sockets[0].getsockname()[:2]
+            self._admin_runner, self.admin_address = await start_admin_listener(state, admin)
 
     async def close(self, drain: float | None = None) -> None:
         """Stop accepting, let in-flight exchanges finish for ``drain`` seconds, close all."""
