@@ -9,7 +9,9 @@
    field with a NUL, join cookie crumbs later, collect a DATA frame's chunks) straight into a
    Recorder's lists, which router/nghttp2.py reads as it reads a _PyRecorder's; and drain runs
    the mem_send loop without a ctypes call and a copy through ctypes.string_at per frame. The
-   other callbacks, which run once a frame rather than once a field, stay in Python.
+   frame and stream-close callbacks read the frame's head here and call their Python halves
+   (router.nghttp2._frame_received, _stream_closed) with plain integers, skipping ctypes'
+   conversions; the rest stay ctypes callbacks.
 
    libnghttp2 is not linked: router/nghttp2.py loads it with ctypes and hands this module the
    addresses of the two functions it calls (bind), and installs the callbacks by their addresses
@@ -41,6 +43,10 @@ typedef Py_ssize_t (*mem_send_fn)(void *session, const uint8_t **data);
 static submit_rst_stream_fn submit_rst_stream = NULL;
 static consume_connection_fn consume_connection = NULL;
 static mem_send_fn mem_send = NULL;
+/* router.nghttp2._frame_received and _stream_closed: what a frame or a stream's close means is
+   decided in Python; these callbacks only call them without ctypes' per-argument conversions. */
+static PyObject *frame_received = NULL;
+static PyObject *stream_closed = NULL;
 
 typedef struct {
     PyObject_HEAD
@@ -357,11 +363,73 @@ drain(PyObject *module, PyObject *arg)
     }
 }
 
+/* Call a Python callback with integer arguments; its int result goes back to nghttp2. */
+static int
+call_python(Recorder *rec, PyObject *function, Py_ssize_t *values, Py_ssize_t count)
+{
+    PyObject *args[6];
+    Py_ssize_t made = 0;
+    int result = ERR_CALLBACK_FAILURE;
+    for (; made < count; made++) {
+        args[made] = PyLong_FromSsize_t(values[made]);
+        if (args[made] == NULL) {
+            break;
+        }
+    }
+    if (made == count) {
+        PyObject *returned = PyObject_Vectorcall(function, args, (size_t)count, NULL);
+        if (returned != NULL) {
+            long value = PyLong_AsLong(returned);
+            Py_DECREF(returned);
+            if (!(value == -1 && PyErr_Occurred())) {
+                result = (int)value;
+            }
+        }
+    }
+    for (Py_ssize_t i = 0; i < made; i++) {
+        Py_DECREF(args[i]);
+    }
+    if (PyErr_Occurred()) {
+        result = failed(rec);
+    }
+    return result;
+}
+
+/* _on_frame_recv: the frame's head read here, the rest in router.nghttp2._frame_received. */
+static int
+on_frame_recv(void *session, const frame_hd *frame, void *user_data)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_ssize_t values[6] = {
+        (Py_ssize_t)user_data, frame->type, frame->stream_id, frame->flags, (Py_ssize_t)frame->length,
+        (Py_ssize_t)frame,
+    };
+    int result = call_python((Recorder *)user_data, frame_received, values, 6);
+    PyGILState_Release(gil);
+    return result;
+}
+
+/* _on_stream_close: router.nghttp2._stream_closed, called without ctypes. */
+static int
+on_stream_close(void *session, int32_t stream_id, uint32_t error_code, void *user_data)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_ssize_t values[3] = {(Py_ssize_t)user_data, stream_id, (Py_ssize_t)error_code};
+    int result = call_python((Recorder *)user_data, stream_closed, values, 3);
+    PyGILState_Release(gil);
+    return result;
+}
+
 static PyObject *
 bind(PyObject *module, PyObject *args)
 {
     Py_ssize_t rst, consume, send;
-    if (!PyArg_ParseTuple(args, "nnn:bind", &rst, &consume, &send)) {
+    PyObject *on_frame, *on_close;
+    if (!PyArg_ParseTuple(args, "nnnOO:bind", &rst, &consume, &send, &on_frame, &on_close)) {
+        return NULL;
+    }
+    if (!PyCallable_Check(on_frame) || !PyCallable_Check(on_close)) {
+        PyErr_SetString(PyExc_TypeError, "bind: the frame and close handlers must be callable");
         return NULL;
     }
     if (!rst || !consume || !send) {
@@ -371,6 +439,8 @@ bind(PyObject *module, PyObject *args)
     submit_rst_stream = (submit_rst_stream_fn)rst;
     consume_connection = (consume_connection_fn)consume;
     mem_send = (mem_send_fn)send;
+    Py_XSETREF(frame_received, Py_NewRef(on_frame));
+    Py_XSETREF(stream_closed, Py_NewRef(on_close));
     Py_RETURN_NONE;
 }
 
@@ -378,7 +448,9 @@ static PyObject *
 callbacks(PyObject *module, PyObject *unused)
 {
     return Py_BuildValue(
-        "{s:n,s:n,s:n}",
+        "{s:n,s:n,s:n,s:n,s:n}",
+        "on_frame_recv", (Py_ssize_t)on_frame_recv,
+        "on_stream_close", (Py_ssize_t)on_stream_close,
         "on_begin_headers", (Py_ssize_t)on_begin_headers,
         "on_header", (Py_ssize_t)on_header,
         "on_data_chunk_recv", (Py_ssize_t)on_data_chunk);
@@ -386,8 +458,9 @@ callbacks(PyObject *module, PyObject *unused)
 
 static PyMethodDef module_methods[] = {
     {"bind", bind, METH_VARARGS,
-     "bind(submit_rst_stream, consume_connection, mem_send): the addresses of libnghttp2's functions "
-     "of those names (nghttp2_session_ prefixes left out)."},
+     "bind(submit_rst_stream, consume_connection, mem_send, frame_received, stream_closed): the addresses "
+     "of libnghttp2's functions of those names (nghttp2_session_ prefixes left out), and the Python "
+     "functions the frame and stream-close callbacks call."},
     {"drain", drain, METH_O, "drain(recorder): NgEngine._drain's loop in C; 0 or mem_send's error."},
     {"callbacks", callbacks, METH_NOARGS,
      "The callbacks' addresses by nghttp2 setter name (nghttp2_session_callbacks_set_<name>_callback)."},

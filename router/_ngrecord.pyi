@@ -1,6 +1,8 @@
 # nghttp2's per-field and per-chunk callbacks in C (router/_ngrecord.c); the Python originals are
 # router.nghttp2._PyRecorder and the callbacks that fill it.
 
+from collections.abc import Callable
+
 class Recorder:
     block: list[tuple[bytes, bytes]]
     cookies: list[bytes] | None
@@ -16,6 +18,13 @@ class Recorder:
     client: int
     oversized_code: int
 
-def bind(submit_rst_stream: int, consume_connection: int, mem_send: int, /) -> None: ...
+def bind(
+    submit_rst_stream: int,
+    consume_connection: int,
+    mem_send: int,
+    frame_received: Callable[[int, int, int, int, int, int], int],
+    stream_closed: Callable[[int, int, int], int],
+    /,
+) -> None: ...
 def drain(recorder: Recorder, /) -> int: ...
 def callbacks() -> dict[str, int]: ...

@@ -171,13 +171,13 @@ class _DataProvider(ctypes.Structure):
 
 _SIGNATURES: Final[dict[str, tuple[Any, list[Any]]]] = {
     "nghttp2_session_callbacks_new": (_INT, [ctypes.POINTER(_VOIDP)]),
-    # (These three take a function's address too: router._ngrecord's callbacks are not ctypes objects.)
+    # (Setters given _VOIDP take a function's address too: router._ngrecord's callbacks are not ctypes objects.)
     "nghttp2_session_callbacks_set_on_begin_headers_callback": (None, [_VOIDP, _VOIDP]),
     "nghttp2_session_callbacks_set_on_header_callback": (None, [_VOIDP, _VOIDP]),
     "nghttp2_session_callbacks_set_on_invalid_header_callback": (None, [_VOIDP, _ON_INVALID_HEADER]),
-    "nghttp2_session_callbacks_set_on_frame_recv_callback": (None, [_VOIDP, _ON_FRAME]),
+    "nghttp2_session_callbacks_set_on_frame_recv_callback": (None, [_VOIDP, _VOIDP]),
     "nghttp2_session_callbacks_set_on_data_chunk_recv_callback": (None, [_VOIDP, _VOIDP]),
-    "nghttp2_session_callbacks_set_on_stream_close_callback": (None, [_VOIDP, _ON_STREAM_CLOSE]),
+    "nghttp2_session_callbacks_set_on_stream_close_callback": (None, [_VOIDP, _VOIDP]),
     "nghttp2_session_callbacks_set_on_frame_not_send_callback": (None, [_VOIDP, _ON_FRAME_NOT_SEND]),
     "nghttp2_option_new": (_INT, [ctypes.POINTER(_VOIDP)]),
     "nghttp2_option_set_no_auto_window_update": (None, [_VOIDP, _INT]),
@@ -408,14 +408,17 @@ def _on_data_chunk(session: int | None, flags: int, stream_id: int, data: int, l
 
 
 def _on_frame_recv(session: int | None, frame: int, user_data: int) -> int:
+    hd = _FrameHd.from_address(frame)
+    return _frame_received(user_data, hd.type, hd.stream_id, hd.flags, hd.length, frame)
+
+
+def _frame_received(user_data: int, kind: int, sid: int, flags: int, length: int, frame: int) -> int:
+    """A whole frame was received: what ``_on_frame_recv`` reports, from the frame's head (C's
+    ``on_frame_recv`` in router._ngrecord calls this with the head read in C)."""
     try:
         engine = _ENGINES[user_data]()
         assert engine is not None
-        hd = _FrameHd.from_address(frame)
-        kind = hd.type
         if kind == _DATA:
-            sid = hd.stream_id
-            length = hd.length
             chunks = engine._rec.chunks
             if chunks and engine._rec.chunks_sid == sid:
                 data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -428,26 +431,26 @@ def _on_frame_recv(session: int | None, frame: int, user_data: int) -> int:
                 # Length octet and the padding itself); ``consume`` subtracts it.
                 prepaid = engine._prepaid
                 prepaid[sid] = prepaid.get(sid, 0) + length - len(data)
-            if not length and hd.flags & _FLAG_END_STREAM:
+            if not length and flags & _FLAG_END_STREAM:
                 engine._events.append(StreamEnded(sid))
             else:
-                engine._events.append(DataReceived(sid, data, length, bool(hd.flags & _FLAG_END_STREAM)))
+                engine._events.append(DataReceived(sid, data, length, bool(flags & _FLAG_END_STREAM)))
         elif kind == _HEADERS:
-            engine._on_headers(hd.stream_id, bool(hd.flags & _FLAG_END_STREAM))
+            engine._on_headers(sid, bool(flags & _FLAG_END_STREAM))
         elif kind == _RST_STREAM:
-            sid = engine._peer_reset = hd.stream_id  # (nghttp2 closes the stream next)
+            engine._peer_reset = sid  # (nghttp2 closes the stream next)
             stream = engine._streams.pop(sid, None)
             if stream is not None:
                 engine._queued -= stream.queued
                 engine._events.append(StreamReset(sid, _RstStream.from_address(frame).error_code))
         elif kind == _WINDOW_UPDATE:
-            engine._events.append(WindowUpdated(hd.stream_id))
+            engine._events.append(WindowUpdated(sid))
         elif kind == _SETTINGS:
-            if not hd.flags & _FLAG_ACK:
-                engine._max_frame = _lib.nghttp2_session_get_remote_settings(session, _SETTINGS_MAX_FRAME_SIZE)
+            if not flags & _FLAG_ACK:
+                engine._max_frame = _lib.nghttp2_session_get_remote_settings(engine._session, _SETTINGS_MAX_FRAME_SIZE)
                 engine._events.append(RemoteSettingsChanged())
         elif kind == _PING:
-            if not hd.flags & _FLAG_ACK:
+            if not flags & _FLAG_ACK:
                 engine._events.append(PingReceived())
         elif kind == _GOAWAY:
             goaway = _GoAway.from_address(frame)
@@ -459,6 +462,11 @@ def _on_frame_recv(session: int | None, frame: int, user_data: int) -> int:
 
 
 def _on_stream_close(session: int | None, stream_id: int, error_code: int, user_data: int) -> int:
+    return _stream_closed(user_data, stream_id, error_code)
+
+
+def _stream_closed(user_data: int, stream_id: int, error_code: int) -> int:
+    """What ``_on_stream_close`` does (C's ``on_stream_close`` calls this directly)."""
     try:
         engine = _ENGINES[user_data]()
         assert engine is not None
@@ -589,6 +597,8 @@ def _native_callbacks(lib: ctypes.CDLL) -> dict[str, int] | None:
         address("nghttp2_submit_rst_stream"),
         address("nghttp2_session_consume_connection"),
         address("nghttp2_session_mem_send"),
+        _frame_received,
+        _stream_closed,
     )
     return _ngrecord.callbacks()
 
