@@ -11,7 +11,7 @@
    the mem_send loop without a ctypes call and a copy through ctypes.string_at per frame. The
    frame and stream-close callbacks read the frame's head here and call their Python halves
    (router.nghttp2._frame_received, _stream_closed) with plain integers, skipping ctypes'
-   conversions; the rest stay ctypes callbacks.
+   conversions, as the data provider's read callback calls _read_data.
 
    libnghttp2 is not linked: router/nghttp2.py loads it with ctypes and hands this module the
    addresses of the two functions it calls (bind), and installs the callbacks by their addresses
@@ -47,6 +47,7 @@ static mem_send_fn mem_send = NULL;
    decided in Python; these callbacks only call them without ctypes' per-argument conversions. */
 static PyObject *frame_received = NULL;
 static PyObject *stream_closed = NULL;
+static PyObject *read_data = NULL;
 
 typedef struct {
     PyObject_HEAD
@@ -367,7 +368,7 @@ drain(PyObject *module, PyObject *arg)
 static int
 call_python(Recorder *rec, PyObject *function, Py_ssize_t *values, Py_ssize_t count)
 {
-    PyObject *args[6];
+    PyObject *args[7];
     Py_ssize_t made = 0;
     int result = ERR_CALLBACK_FAILURE;
     for (; made < count; made++) {
@@ -420,15 +421,30 @@ on_stream_close(void *session, int32_t stream_id, uint32_t error_code, void *use
     return result;
 }
 
+/* The data provider: router.nghttp2._read_data, called without ctypes. */
+static Py_ssize_t
+on_read(void *session, int32_t stream_id, uint8_t *buf, size_t length, uint32_t *data_flags, void *source,
+        void *user_data)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_ssize_t values[7] = {
+        (Py_ssize_t)session, stream_id, (Py_ssize_t)buf, (Py_ssize_t)length, (Py_ssize_t)data_flags,
+        (Py_ssize_t)source, (Py_ssize_t)user_data,
+    };
+    int result = call_python((Recorder *)user_data, read_data, values, 7);
+    PyGILState_Release(gil);
+    return result;
+}
+
 static PyObject *
 bind(PyObject *module, PyObject *args)
 {
     Py_ssize_t rst, consume, send;
-    PyObject *on_frame, *on_close;
-    if (!PyArg_ParseTuple(args, "nnnOO:bind", &rst, &consume, &send, &on_frame, &on_close)) {
+    PyObject *on_frame, *on_close, *on_read_data;
+    if (!PyArg_ParseTuple(args, "nnnOOO:bind", &rst, &consume, &send, &on_frame, &on_close, &on_read_data)) {
         return NULL;
     }
-    if (!PyCallable_Check(on_frame) || !PyCallable_Check(on_close)) {
+    if (!PyCallable_Check(on_frame) || !PyCallable_Check(on_close) || !PyCallable_Check(on_read_data)) {
         PyErr_SetString(PyExc_TypeError, "bind: the frame and close handlers must be callable");
         return NULL;
     }
@@ -441,6 +457,7 @@ bind(PyObject *module, PyObject *args)
     mem_send = (mem_send_fn)send;
     Py_XSETREF(frame_received, Py_NewRef(on_frame));
     Py_XSETREF(stream_closed, Py_NewRef(on_close));
+    Py_XSETREF(read_data, Py_NewRef(on_read_data));
     Py_RETURN_NONE;
 }
 
@@ -448,7 +465,8 @@ static PyObject *
 callbacks(PyObject *module, PyObject *unused)
 {
     return Py_BuildValue(
-        "{s:n,s:n,s:n,s:n,s:n}",
+        "{s:n,s:n,s:n,s:n,s:n,s:n}",
+        "read", (Py_ssize_t)on_read,
         "on_frame_recv", (Py_ssize_t)on_frame_recv,
         "on_stream_close", (Py_ssize_t)on_stream_close,
         "on_begin_headers", (Py_ssize_t)on_begin_headers,
@@ -458,7 +476,7 @@ callbacks(PyObject *module, PyObject *unused)
 
 static PyMethodDef module_methods[] = {
     {"bind", bind, METH_VARARGS,
-     "bind(submit_rst_stream, consume_connection, mem_send, frame_received, stream_closed): the addresses "
+     "bind(submit_rst_stream, consume_connection, mem_send, frame_received, stream_closed, read_data): the addresses "
      "of libnghttp2's functions of those names (nghttp2_session_ prefixes left out), and the Python "
      "functions the frame and stream-close callbacks call."},
     {"drain", drain, METH_O, "drain(recorder): NgEngine._drain's loop in C; 0 or mem_send's error."},

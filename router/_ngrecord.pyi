@@ -24,6 +24,7 @@ def bind(
     mem_send: int,
     frame_received: Callable[[int, int, int, int, int, int], int],
     stream_closed: Callable[[int, int, int], int],
+    read_data: Callable[[int, int, int, int, int, int, int], int],
     /,
 ) -> None: ...
 def drain(recorder: Recorder, /) -> int: ...

@@ -567,7 +567,8 @@ def _make_callbacks(lib: ctypes.CDLL, native: dict[str, int] | None) -> tuple[in
     lib.nghttp2_option_set_no_auto_window_update(option, 1)  # the caller gives bytes back: consume()
     lib.nghttp2_option_set_no_http_messaging(option, 0)  # keep RFC 9113 message validation
     lib.nghttp2_option_set_no_closed_streams(option, 1)  # no RFC 7540 priority tree to keep them for
-    provider = _DataProvider(None, _READ(_read_data))
+    read = native.get("read") if native is not None else None
+    provider = _DataProvider(None, _READ(read) if read is not None else _READ(_read_data))
     keep: list[object] = [*thunks.values(), provider]
     assert callbacks.value is not None and option.value is not None
     return callbacks.value, option.value, ctypes.addressof(provider), keep
@@ -599,6 +600,7 @@ def _native_callbacks(lib: ctypes.CDLL) -> dict[str, int] | None:
         address("nghttp2_session_mem_send"),
         _frame_received,
         _stream_closed,
+        _read_data,
     )
     return _ngrecord.callbacks()
 
@@ -608,13 +610,13 @@ try:
     _CALLBACKS, _OPTION, _PROVIDER, _KEEP = _make_callbacks(_lib, None)
     _NATIVE = _native_callbacks(_lib)
     if _NATIVE is not None:
-        _NATIVE_CALLBACKS, _, _, _NATIVE_KEEP = _make_callbacks(_lib, _NATIVE)
+        _NATIVE_CALLBACKS, _, _NATIVE_PROVIDER, _NATIVE_KEEP = _make_callbacks(_lib, _NATIVE)
     else:
-        _NATIVE_CALLBACKS = 0
+        _NATIVE_CALLBACKS = _NATIVE_PROVIDER = 0
 except (OSError, AttributeError, ValueError, MemoryError) as exc:
     AVAILABLE = False
     MISSING = str(exc) or type(exc).__name__
-    _CALLBACKS = _OPTION = _PROVIDER = _NATIVE_CALLBACKS = 0
+    _CALLBACKS = _OPTION = _PROVIDER = _NATIVE_CALLBACKS = _NATIVE_PROVIDER = 0
     _NATIVE = None
 else:
     AVAILABLE = True
@@ -739,6 +741,8 @@ class NgEngine(Engine):
         session = _VOIDP()
         new = _lib.nghttp2_session_client_new2 if client else _lib.nghttp2_session_server_new2
         callbacks = _NATIVE_CALLBACKS if native else _CALLBACKS
+        self._provider = _NATIVE_PROVIDER if native else _PROVIDER
+        """The data provider every stream with a body is submitted with (its read callback)."""
         if new(ctypes.byref(session), callbacks, self._user_data, _OPTION) or not session.value:
             _ENGINES.pop(self._user_data, None)
             raise MemoryError("nghttp2_session_new")
@@ -818,7 +822,7 @@ class NgEngine(Engine):
         count = self._pack(headers)
         stream_id = int(
             _lib.nghttp2_submit_request(
-                self._session, None, self._nv_address, count, None if end_stream else _PROVIDER, None
+                self._session, None, self._nv_address, count, None if end_stream else self._provider, None
             )
         )
         if stream_id < 0:
@@ -835,7 +839,7 @@ class NgEngine(Engine):
             # An informational head: HEADERS without a body; the final head follows.
             _lib.nghttp2_submit_headers(self._session, 0, stream_id, None, self._nv_address, count, None)
             return
-        provider = None if end_stream else _PROVIDER
+        provider = None if end_stream else self._provider
         if _lib.nghttp2_submit_response(self._session, stream_id, self._nv_address, count, provider) == 0:
             stream.head = True
             stream.ended = end_stream
