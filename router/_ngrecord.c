@@ -436,6 +436,77 @@ on_read(void *session, int32_t stream_id, uint8_t *buf, size_t length, uint32_t 
     return result;
 }
 
+/* nghttp2.h: one header field handed to a submit call, which copies it. */
+typedef struct {
+    uint8_t *name;
+    uint8_t *value;
+    size_t namelen;
+    size_t valuelen;
+    uint8_t flags;
+} nv;
+
+/* NgEngine._pack: fill an nghttp2_nv array with (name, value) pairs of exact bytes. */
+static PyObject *
+pack(PyObject *module, PyObject *args)
+{
+    Py_ssize_t address, capacity;
+    PyObject *headers;
+    if (!PyArg_ParseTuple(args, "nnO:pack", &address, &capacity, &headers)) {
+        return NULL;
+    }
+    PyObject *fast = PySequence_Fast(headers, "pack: headers must be a sequence");
+    if (fast == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(fast);
+    if (count > capacity) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "pack: more header fields than the array holds");
+        return NULL;
+    }
+    nv *out = (nv *)address;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *field = PySequence_Fast_GET_ITEM(fast, i);
+        PyObject *name, *value;
+        if (!PyTuple_CheckExact(field) || PyTuple_GET_SIZE(field) != 2) {
+            /* As the Python original unpacks it: anything else but a pair fails there. */
+            PyObject *pair = PySequence_Tuple(field);
+            if (pair == NULL) {
+                Py_DECREF(fast);
+                return NULL;
+            }
+            if (PyTuple_GET_SIZE(pair) != 2) {
+                PyErr_Format(PyExc_ValueError, "header field %R is not a (name, value) pair", field);
+                Py_DECREF(pair);
+                Py_DECREF(fast);
+                return NULL;
+            }
+            name = PyTuple_GET_ITEM(pair, 0);
+            value = PyTuple_GET_ITEM(pair, 1);
+            Py_DECREF(pair);  /* (the items stay alive in field) */
+        } else {
+            name = PyTuple_GET_ITEM(field, 0);
+            value = PyTuple_GET_ITEM(field, 1);
+        }
+        if (!PyBytes_CheckExact(name) || !PyBytes_CheckExact(value)) {
+            PyObject *pair = PyTuple_Pack(2, name, value);
+            if (pair != NULL) {
+                PyErr_Format(PyExc_TypeError, "header fields must be bytes: %R", pair);
+                Py_DECREF(pair);
+            }
+            Py_DECREF(fast);
+            return NULL;
+        }
+        out[i].name = (uint8_t *)PyBytes_AS_STRING(name);
+        out[i].value = (uint8_t *)PyBytes_AS_STRING(value);
+        out[i].namelen = (size_t)PyBytes_GET_SIZE(name);
+        out[i].valuelen = (size_t)PyBytes_GET_SIZE(value);
+        out[i].flags = 0;
+    }
+    Py_DECREF(fast);
+    return PyLong_FromSsize_t(count);
+}
+
 static PyObject *
 bind(PyObject *module, PyObject *args)
 {
@@ -479,6 +550,8 @@ static PyMethodDef module_methods[] = {
      "bind(submit_rst_stream, consume_connection, mem_send, frame_received, stream_closed, read_data): the addresses "
      "of libnghttp2's functions of those names (nghttp2_session_ prefixes left out), and the Python "
      "functions the frame and stream-close callbacks call."},
+    {"pack", pack, METH_VARARGS,
+     "pack(nv_address, capacity, headers): NgEngine._pack's loop in C; the number of fields packed."},
     {"drain", drain, METH_O, "drain(recorder): NgEngine._drain's loop in C; 0 or mem_send's error."},
     {"callbacks", callbacks, METH_NOARGS,
      "The callbacks' addresses by nghttp2 setter name (nghttp2_session_callbacks_set_<name>_callback)."},

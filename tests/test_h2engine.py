@@ -1268,10 +1268,13 @@ def test_an_exception_in_a_callback_becomes_a_protocol_error(monkeypatch: pytest
         engine.receive(h2_ping())
 
 
-def test_header_fields_must_be_bytes() -> None:
-    engine = nghttp2.NgEngine(True, **LIMITS)
-    with pytest.raises(TypeError):
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "h2"])
+def test_header_fields_must_be_bytes(kind: str) -> None:
+    engine = make(kind, client=True)
+    with pytest.raises(TypeError, match=r"header fields must be bytes: \(b':method', 'GET'\)"):
         engine.request([(b":method", "GET")], True)  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        engine.request([(b":method", bytearray(b"GET"))], True)  # type: ignore[list-item]
 
 
 # -- random frame sequences ------------------------------------------------------------------------------
