@@ -96,6 +96,8 @@ class H1Bridge(H2StreamOwner):
         self.saturated = False
         self.bodiless = False
         self.timer: asyncio.TimerHandle | None = None
+        self.heard = 0.0
+        """When the upstream last sent something of the response (or the request ended)."""
         self.timeout = pool.timeouts.upstream_response
 
     def start(self, body: list[bytes], complete: bool, has_body: bool) -> None:
@@ -135,6 +137,7 @@ class H1Bridge(H2StreamOwner):
 
     def resume(self) -> None:
         self.paused = False
+        self.heard = self.pool.loop.time()  # the upstream's silence counts from here again
         acks, self.acks = self.acks, 0
         if acks and self.conn is not None:
             self.conn.ack(self.stream_id, acks)
@@ -181,16 +184,19 @@ class H1Bridge(H2StreamOwner):
             if name == b":status":
                 status = int(value)
                 break
-        self._disarm()
         self.responded = True
+        self.heard = self.pool.loop.time()
         head, framing = response_head(status, headers, self.head_only, ended)
         self.owner.upstream_head(status, head, None, framing)
         if ended:
             self._complete()
+        else:
+            self._arm()  # now between pieces of the body
 
     def h2_data(self, data: bytes, flow_length: int) -> None:
         if self.done:
             return
+        self.heard = self.pool.loop.time()
         if data and not self.head_only:
             self.owner.upstream_body(data)
         conn = self.conn
@@ -239,8 +245,10 @@ class H1Bridge(H2StreamOwner):
             self.owner.upstream_resume()
 
     def _arm(self) -> None:
-        """The request is sent: its response head must come within the response timeout."""
-        if self.timer is None and not self.responded:
+        """The response head must come within the response timeout of the request's end, and
+        each piece of its body within the same time of the one before (as for HTTP/1.1 upstreams)."""
+        if self.timer is None and not self.done:
+            self.heard = self.pool.loop.time()
             self.timer = self.pool.loop.call_later(self.timeout, self._timed_out)
 
     def _disarm(self) -> None:
@@ -250,7 +258,14 @@ class H1Bridge(H2StreamOwner):
 
     def _timed_out(self) -> None:
         self.timer = None
-        if self.done or self.responded:
+        if self.done:
+            return
+        loop = self.pool.loop
+        quiet = loop.time() - self.heard
+        if quiet < self.timeout or self.paused:
+            # Heard from since the timer was set (one timer per exchange, not one per piece), or
+            # the silence is our client's: it is not reading, so the upstream's window is shut.
+            self.timer = loop.call_later(self.timeout if self.paused else self.timeout - quiet, self._timed_out)
             return
         conn = self.conn
         self._finish()
@@ -258,4 +273,4 @@ class H1Bridge(H2StreamOwner):
             conn.cancel(self.stream_id)
         elif self.waiting:
             self.pool.withdraw(self.target, self)
-        self.owner.upstream_failed(Answer.UPSTREAM_TIMEOUT, False)
+        self.owner.upstream_failed(Answer.UPSTREAM_TIMEOUT, self.responded)

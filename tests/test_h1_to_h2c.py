@@ -13,8 +13,10 @@ refused instead of losing its trailers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
+import socket
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -27,6 +29,17 @@ from router.settings import RouterSettings, Timeouts
 from tests.support import exchange, make_table, reset, running_router, split_responses, status_of
 
 BIG = 2 * 1024 * 1024 + 7
+HUGE = 16 * 1024 * 1024
+
+
+@functools.cache
+def _payload(size: int) -> bytes:
+    return bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+
+@functools.cache
+def _digest(size: int) -> bytes:
+    return hashlib.sha256(_payload(size)).hexdigest().encode()
 
 
 class H2Origin(asyncio.Protocol):
@@ -38,7 +51,7 @@ class H2Origin(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.heads: dict[int, dict[bytes, bytes]] = {}
         self.bodies: dict[int, bytearray] = {}
-        self.pending: dict[int, tuple[bytes, list[tuple[bytes, bytes]] | None]] = {}
+        self.pending: dict[int, tuple[bytes | memoryview, list[tuple[bytes, bytes]] | None]] = {}
         """Response bytes waiting for the window, and the trailers to send after them."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,13 +84,18 @@ class H2Origin(asyncio.Protocol):
         self.server.seen.append((method.decode(), path.decode(), {k.decode(): v.decode() for k, v in head.items()}))
         if path == b"/silent":
             return
+        if path == b"/stall":  # a head and a first piece of body, then nothing
+            self.conn.send_headers(stream_id, [(b":status", b"200"), (b"content-length", b"100")])
+            self.conn.send_data(stream_id, b"x" * 10)
+            return
         if path == b"/reset":
             self.conn.reset_stream(stream_id, 2)  # INTERNAL_ERROR
             return
         if path.startswith(b"/big"):
-            payload = bytes(range(256)) * (BIG // 256) + b"x" * (BIG % 256)
+            size = HUGE if path == b"/big16" else BIG
+            payload = _payload(size)
             self.conn.send_headers(stream_id, [(b":status", b"200"), (b"x-origin", self.server.name.encode())])
-            self.pending[stream_id] = (payload, [(b"x-digest", hashlib.sha256(payload).hexdigest().encode())])
+            self.pending[stream_id] = (payload, [(b"x-digest", _digest(size))])
             self._send(stream_id)
             return
         answer = json.dumps({
@@ -101,13 +119,14 @@ class H2Origin(asyncio.Protocol):
 
     def _send(self, stream_id: int) -> None:
         data, trailers = self.pending[stream_id]
-        while data:
+        view = memoryview(data)  # (slicing the bytes themselves would copy the rest every frame)
+        while view:
             window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
             if window <= 0:
-                self.pending[stream_id] = (data, trailers)
+                self.pending[stream_id] = (view, trailers)
                 return
-            self.conn.send_data(stream_id, data[:window])
-            data = data[window:]
+            self.conn.send_data(stream_id, bytes(view[:window]))
+            view = view[window:]
         del self.pending[stream_id]
         if trailers is not None:
             self.conn.send_headers(stream_id, trailers, end_stream=True)
@@ -217,7 +236,7 @@ async def test_bodies_of_every_framing_cross_both_ways_whole(
     assert sized[0] == 201 and (sized[1]["body_len"], sized[1]["sha"]) == (len(upload), digest)
     assert chunked[0] == 201 and chunked[1] is None and chunked[2]["sha"] == digest
     assert big_head == (200, "chunked", "base")
-    assert big == bytes(range(256)) * (BIG // 256) + b"x" * (BIG % 256)
+    assert big == _payload(BIG)
     assert unsized[:2] == (200, "chunked") and unsized[2]["path"] == "/unsized"
     assert [path for _, path, _ in base.seen] == ["/sized", "/chunked", "/big", "/unsized"]
 
@@ -261,12 +280,16 @@ async def test_upstream_reset_silence_and_absence_are_the_routers_own_answers(
         alice = b"GET / HTTP/1.1\r\nHost: web\r\nbaggage: devstack=alice\r\nConnection: close\r\n\r\n"
         absent, _ = await exchange(port, alice, timeout=5)
         after, _ = await exchange(port, b"GET /fine HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n", timeout=5)
+        stalled, stalled_closed = await exchange(port, b"GET /stall HTTP/1.1\r\nHost: web\r\n\r\n", timeout=5)
     assert (status_of(was_reset), json.loads(was_reset.split(b"\r\n\r\n", 1)[1])["reason"]) == (502, "reset")
     assert (status_of(silent), json.loads(silent.split(b"\r\n\r\n", 1)[1])["reason"]) == (504, "timeout")
     assert (status_of(absent), json.loads(absent.split(b"\r\n\r\n", 1)[1])["reason"]) == (502, "connect")
     assert status_of(after) == 200
-    # The silent stream was cancelled upstream when the router gave up on it.
-    assert len(base.resets) == 1
+    # Mid-body silence: the client gets the head and what came, then the connection is cut (a
+    # truncated body is never passed off as whole), well before its own 5 s wait.
+    assert status_of(stalled) == 200 and stalled.endswith(b"\r\n\r\n" + b"x" * 10) and stalled_closed
+    # The silent and the stalled streams were cancelled upstream when the router gave up on them.
+    assert len(base.resets) == 2
 
 
 async def test_a_grpc_call_over_http1_is_refused_not_stripped_of_its_trailers(
@@ -307,3 +330,37 @@ async def test_a_client_that_leaves_cancels_its_upstream_stream(
         # The connection to the upstream is still good for the next client.
         again, _ = await exchange(router.address[1], b"GET /x HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
     assert status_of(again) == 200 and base.connections == 1
+
+
+async def test_a_client_slower_than_the_response_timeout_still_gets_the_whole_body(
+    h2_origins: tuple[H2Server, H2Server, dict[str, str]],
+) -> None:
+    _, _, urls = h2_origins
+    _digest(HUGE)  # (made before the clock runs: the origin answers at once)
+    settings = RouterSettings(timeouts=Timeouts(upstream_response=0.5))
+    async with running_router(_table(urls), settings) as router:  # type: ignore[arg-type]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # (before connecting: no autotuning)
+        sock.connect(("127.0.0.1", router.address[1]))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+        writer.transport.pause_reading()  # type: ignore[attr-defined]
+        writer.write(b"GET /big16 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        # The slowness under test: nothing read for several response timeouts, while the
+        # router's socket and the upstream's window fill up and the upstream falls silent.
+        await asyncio.sleep(1.5)
+        writer.transport.resume_reading()  # type: ignore[attr-defined]
+        data = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert status_of(head) == 200 and b"transfer-encoding: chunked" in head.lower()
+    chunks, at = bytearray(), 0
+    while True:
+        end = body.index(b"\r\n", at)
+        size = int(body[at:end], 16)
+        if not size:
+            break
+        chunks += body[end + 2 : end + 2 + size]
+        at = end + 4 + size
+    assert bytes(chunks) == _payload(HUGE)
