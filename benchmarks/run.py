@@ -5,7 +5,9 @@ Modes (one per invocation):
               then the gRPC rows (unary calls over h2c, h2load; ``grpc_rows``)
   --quick     CI smoke: correctness + c50 alice for direct, nginx, router; fails on regressions;
               then, if h2load is installed, a one-repetition gRPC smoke for nginx and the router
-  --scale     router only: 10k-service table, table swaps every 100 ms, 10k idle connections
+  --scale     router only: 10k-service table, table swaps every 100 ms, 10k idle connections;
+              the controller's feed fanned out to 1,000 subscribers, a router following it under changes
+              (``--scale-only ROWS`` runs some of these rows only)
   --profile   py-spy profile of the router under c50 alice load
 
 Results go to ``benchmarks/results/<date>[-mode].{json,md}``. This module plans and reports;
@@ -38,7 +40,7 @@ from types import FrameType
 from typing import Any, Final, TypeVar
 
 import router
-from benchmarks import configs, grpc_rows, profiling, scale, scenarios
+from benchmarks import configs, feed, grpc_rows, profiling, scale, scenarios
 from benchmarks.correctness import RoutingError, check_direct, check_proxy
 from benchmarks.grpc_rows import GrpcRows, run_grpc_rows
 from benchmarks.processes import INSTALL_HINT, Processes, ProcSample, StartError, missing_tools, raise_fd_limit
@@ -52,6 +54,8 @@ QUICK_FLOOR: Final = 0.3
 """--quick fails when the router serves less than this fraction of nginx's req/s in the same run:
 far below the expected ~0.4-0.5x on two cores, so only a real regression (not host noise) trips it."""
 ALL_CANDIDATES: Final = ("direct", "nginx", "haproxy", "router")
+SCALE_ROWS: Final = ("large-table", "swaps", "idle", "feed", "router-feed")
+"""``--scale``'s rows, in run order (``large-table`` includes the reload of that table)."""
 _T = TypeVar("_T")
 
 
@@ -103,8 +107,22 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "candidate router-base, interleaved with this one: how a change compares with the code before it",
     )
     p.add_argument("--idle-connections", type=int, default=scale.IDLE_CONNECTIONS, help="--scale: idle connections")
+    p.add_argument(
+        "--scale-only",
+        metavar="ROWS",
+        help=f"--scale (implied): only these comma-separated rows of {SCALE_ROWS}, e.g. feed,router-feed",
+    )
     p.add_argument("--output-dir", type=Path, default=RESULTS, help=f"where results go (default {RESULTS})")
     args = p.parse_args(argv)
+    if args.scale_only is not None:
+        if args.quick or args.profile:
+            p.error("--scale-only goes with --scale only")
+        args.scale = True
+        args.scale_only = [r.strip() for r in args.scale_only.split(",") if r.strip()]
+        if unknown := set(args.scale_only) - set(SCALE_ROWS):
+            p.error(f"unknown --scale-only rows: {sorted(unknown)} (choose from {SCALE_ROWS})")
+    rows = args.scale_only or SCALE_ROWS
+    args.scale_rows = [r for r in SCALE_ROWS if r in rows]
     args.reps = args.reps or (1 if args.quick or args.profile else 3)
     args.duration = args.duration or (3.0 if args.quick else 20.0 if args.profile else 10.0)
     if args.reps < 1 or args.duration < 1 or args.warmup < 0:
@@ -396,8 +414,9 @@ def run_scale(stack: Stack, args: argparse.Namespace, host: dict[str, Any]) -> i
     document: dict[str, Any] = {
         "mode": "scale",
         "host": host,
-        "settings": {"reps": args.reps, "duration_s": args.duration},
+        "settings": {"reps": args.reps, "duration_s": args.duration, "rows": args.scale_rows},
     }
+    rows = args.scale_rows
 
     def section(title: str, key: str, cells: list[Cell], info: dict[str, Any], reference: str, notes: str) -> None:
         summaries = summarize(cells, {scenarios.GET_ALICE.name: scenarios.GET_ALICE.metric}, references=(reference,))
@@ -406,72 +425,141 @@ def run_scale(stack: Stack, args: argparse.Namespace, host: dict[str, Any]) -> i
         document[key] = {"cells": cells, "summary": summaries, "info": info}
         _log(f"\n## {title}\n{table}{notes}")
 
-    _log(f"large table: {scale.LARGE_SERVICES} services, {scale.LARGE_OVERRIDES} overrides vs one service")
-    cells, info, large = _router_step(lambda: scale.large_table(stack, reps=args.reps, **kw))
-    ready = info["seconds_to_ready"]
-    rss = info["rss_kib_loaded"]
-    section(
-        "route table: 1 service vs 10k services / 100k overrides (c50 devstack=alice)",
-        "large_table",
-        cells,
-        info,
-        "router-1-service",
-        f"Route file {info['yaml_bytes'] / 1e6:.1f} MB; start to ready: "
-        + ", ".join(f"{k} {v:.1f}s" for k, v in ready.items())
-        + "; RSS once loaded: "
-        + ", ".join(f"{k} {v / 1024:.1f} MiB" for k, v in rss.items())
-        + ".\n",
-    )
-    _log("reload of the large table (SIGHUP) during c50")
-    cells, info = _router_step(lambda: scale.large_table_reload(stack, large, warmup=args.warmup, log=_log))
-    stack.procs.stop(large.proc)  # type: ignore[arg-type]
-    seconds = info["reload_to_publish_seconds"]
-    section(
-        f"reload of the 10k-service table under c50 devstack=alice ({scale.RELOAD_RUN:g} s runs)",
-        "large_table_reload",
-        cells,
-        info,
-        "no reload",
-        "SIGHUP one second into the timed run; new table published "
-        + (f"{seconds:.1f} s after the signal" if seconds is not None else "NOT within the deadline")
-        + ". The route file is parsed in a worker thread that shares the GIL with the event loop. wrk p99 latency: "
-        + ", ".join(f"{c.candidate} {c.detail['latency_us'].get('99', 0) / 1000:.1f} ms" for c in cells)
-        + ".\n",
-    )
-    _log("table swaps: route file rewritten + SIGHUP every 100 ms during c50 (every body checked)")
-    cells, info = _router_step(lambda: scale.table_swaps(stack, reps=args.reps, **kw))
-    swaps = info["swaps"]
-    section(
-        "table swaps every 100 ms (c50 devstack=alice, every response body checked by wrk Lua)",
-        "table_swaps",
-        cells,
-        info,
-        "no swaps",
-        "SIGHUPs sent / tables published per swapping run: "
-        + ", ".join(f"{s['sighups']}/{s['versions_published']}" for s in swaps)
-        + ". Errors include responses whose body was not `alice`.\n",
-    )
-    _log(f"idle connections: {args.idle_connections} keep-alive connections held open")
-    cells, info = _router_step(
-        lambda: scale.idle_connections(
-            stack, duration=args.duration, warmup=args.warmup, count=args.idle_connections, log=_log
+    if "large-table" in rows:
+        _log(f"large table: {scale.LARGE_SERVICES} services, {scale.LARGE_OVERRIDES} overrides vs one service")
+        cells, info, large = _router_step(lambda: scale.large_table(stack, reps=args.reps, **kw))
+        ready = info["seconds_to_ready"]
+        rss = info["rss_kib_loaded"]
+        section(
+            "route table: 1 service vs 10k services / 100k overrides (c50 devstack=alice)",
+            "large_table",
+            cells,
+            info,
+            "router-1-service",
+            f"Route file {info['yaml_bytes'] / 1e6:.1f} MB; start to ready: "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in ready.items())
+            + "; RSS once loaded: "
+            + ", ".join(f"{k} {v / 1024:.1f} MiB" for k, v in rss.items())
+            + ".\n",
         )
-    )
-    rss = info["rss_kib"]
-    per = info["kib_per_connection"]
-    section(
-        f"{args.idle_connections} idle keep-alive connections (c50 devstack=alice alongside)",
-        "idle_connections",
-        cells,
-        info,
-        "no idle connections",
-        f"Held {info['held']} connections ({info['connect_failures']} connect failures, {info['request_failures']} "
-        f"failed first requests, opened in {info['connect_seconds']:.1f}s). Router RSS: before "
-        f"{rss['before'] / 1024:.1f} MiB, connected {rss['connected'] / 1024:.1f} MiB, after one request each "
-        f"{rss['after_one_request'] / 1024:.1f} MiB, after closing {rss['after_close'] / 1024:.1f} MiB → "
-        f"{per['connected']:.1f} KiB per connected socket, {per['after_one_request']:.1f} KiB per used keep-alive "
-        f"connection. Router's open-connection gauge: {info['router_open_connections']}.\n",
-    )
+        _log("reload of the large table (SIGHUP) during c50")
+        cells, info = _router_step(lambda: scale.large_table_reload(stack, large, warmup=args.warmup, log=_log))
+        stack.procs.stop(large.proc)  # type: ignore[arg-type]
+        seconds = info["reload_to_publish_seconds"]
+        section(
+            f"reload of the 10k-service table under c50 devstack=alice ({scale.RELOAD_RUN:g} s runs)",
+            "large_table_reload",
+            cells,
+            info,
+            "no reload",
+            "SIGHUP one second into the timed run; new table published "
+            + (f"{seconds:.1f} s after the signal" if seconds is not None else "NOT within the deadline")
+            + ". The route file is parsed in a worker thread that shares the GIL with the event loop. wrk p99 latency: "
+            + ", ".join(f"{c.candidate} {c.detail['latency_us'].get('99', 0) / 1000:.1f} ms" for c in cells)
+            + ".\n",
+        )
+    if "swaps" in rows:
+        _log("table swaps: route file rewritten + SIGHUP every 100 ms during c50 (every body checked)")
+        cells, info = _router_step(lambda: scale.table_swaps(stack, reps=args.reps, **kw))
+        swaps = info["swaps"]
+        section(
+            "table swaps every 100 ms (c50 devstack=alice, every response body checked by wrk Lua)",
+            "table_swaps",
+            cells,
+            info,
+            "no swaps",
+            "SIGHUPs sent / tables published per swapping run: "
+            + ", ".join(f"{s['sighups']}/{s['versions_published']}" for s in swaps)
+            + ". Errors include responses whose body was not `alice`.\n",
+        )
+    if "idle" in rows:
+        _log(f"idle connections: {args.idle_connections} keep-alive connections held open")
+        cells, info = _router_step(
+            lambda: scale.idle_connections(
+                stack, duration=args.duration, warmup=args.warmup, count=args.idle_connections, log=_log
+            )
+        )
+        rss = info["rss_kib"]
+        per = info["kib_per_connection"]
+        section(
+            f"{args.idle_connections} idle keep-alive connections (c50 devstack=alice alongside)",
+            "idle_connections",
+            cells,
+            info,
+            "no idle connections",
+            f"Held {info['held']} connections ({info['connect_failures']} connect failures, {info['request_failures']} "
+            f"failed first requests, opened in {info['connect_seconds']:.1f}s). Router RSS: before "
+            f"{rss['before'] / 1024:.1f} MiB, connected {rss['connected'] / 1024:.1f} MiB, after one request each "
+            f"{rss['after_one_request'] / 1024:.1f} MiB, after closing {rss['after_close'] / 1024:.1f} MiB → "
+            f"{per['connected']:.1f} KiB per connected socket, {per['after_one_request']:.1f} KiB per used keep-alive "
+            f"connection. Router's open-connection gauge: {info['router_open_connections']}.\n",
+        )
+    if "feed" in rows:
+        _log(
+            f"route feed fan-out: a controller with {scale.LARGE_SERVICES} services, {feed.FEED_SUBSCRIBERS} /v2 "
+            f"subscribers, {feed.FEED_CHANGES} one-override changes; then {feed.V1_SUBSCRIBERS} /v1 subscribers"
+        )
+        info = _router_step(lambda: feed.feed_fanout(stack, log=_log))
+        title = (
+            f"route feed: one override changed in a {scale.LARGE_SERVICES // 1000}k-service controller, "
+            f"{feed.FEED_SUBSCRIBERS} /v2 subscribers"
+        )
+        v2 = info["v2"]
+        notes = (
+            f"The controller (`devstack controller --routes`, {info['yaml_bytes'] / 1e6:.1f} MB route file, ready in "
+            f"{info['seconds_to_ready']:.1f} s) on core {PROXY_CPU}; subscribers on core {LOAD_CPU}: /v2 "
+            f"{v2['connected']} streams in {v2['client_processes']} processes ({v2['gzip_subscribers']} with "
+            f"`Accept-Encoding: gzip`, as routers send it), resumed from v{v2['position']['version']} with "
+            f"`since`/`instance` (the snapshot they skipped: {v2['position']['snapshot_bytes'] / 1e6:.1f} MB, "
+            f"{v2['position']['snapshot_gzip_bytes'] / 1e6:.2f} MB gzip), /v1 {info['v1']['connected']} streams "
+            f"(`watch=1&since=`; each change sends each of them the whole table, so 1,000 would be ~14 GB per "
+            "change). Each change: the route file replaced (one override of one service moved) and SIGHUP, the "
+            'next one once every subscriber had the previous. "published": the controller\'s own log line, once '
+            "the re-read table is built, diffed and current (wall-clock ms mapped onto CLOCK_MONOTONIC); a "
+            "subscriber has a change when the line's last byte is read. Bytes: raw bytes read per subscriber per "
+            "change, chunked framing included (mean; the gzip column is the gzip streams). Controller CPU "
+            "(utime+stime from /proc, sampled every 10 ms) split at the publish: re-reading the file vs fanning "
+            "out. With 10 changes p99 is the largest. Subscribers missing a change: "
+            f"/v2 {v2['missed']}, /v1 {info['v1']['missed']}.\n\n"
+        )
+        table = feed.fanout_markdown(info)
+        sections.append(f"## {title}\n\n{table}\n{notes}")
+        document["feed_fanout"] = info
+        _log(f"\n## {title}\n{table}{notes}")
+    if "router-feed" in rows:
+        _log("router following a controller under c50 while one service changes every 100 ms")
+        cells, info = _router_step(
+            lambda: feed.router_under_changes(stack, duration=args.duration, warmup=args.warmup, log=_log)
+        )
+        p99 = info["p99_us"]
+        ratio = info["p99_ratio"]
+        section(
+            f"router following a controller: a service changing every {feed.CHURN_INTERVAL * 1000:.0f} ms "
+            "(c50 devstack=alice, bodies checked)",
+            "router_feed_changes",
+            cells,
+            info,
+            "no changes",
+            f"`devstack router --routes-from` a controller (route file: bench plus one service whose override is "
+            f"renamed every {feed.CHURN_INTERVAL * 1000:.0f} ms, file replaced + SIGHUP; controller on core "
+            f"{LOAD_CPU} beside wrk and the upstream). p99 (median of {feed.ROUTER_REPS}): no changes "
+            f"{(p99['no changes'] or 0) / 1000:.2f} ms, with changes {(p99['changes'] or 0) / 1000:.2f} ms → "
+            + (f"{ratio:.2f}x" if ratio is not None else "–")
+            + f" (target ≤ {feed.TARGET_P99_RATIO:g}x: "
+            + ("met" if ratio is not None and ratio <= feed.TARGET_P99_RATIO else "NOT met")
+            + f"); errors {info['errors']} (non-2xx, socket, or a body not `alice`). Per changing run, files "
+            "written / versions the controller published / tables the router applied, and seconds until the "
+            "router routed as the controller's last table: "
+            + ", ".join(
+                f"{r['files_written']}/{r['controller_versions']}/{r['router_versions']}, "
+                + (f"{r['router_caught_up_s']:.2f} s" if r["router_caught_up_s"] is not None else "NEVER")
+                for r in info["runs"]
+                if "files_written" in r
+            )
+            + (". Every change applied." if info["all_applied"] else ". NOT every change applied.")
+            + " The controller serves a small table here: re-reading the 10k-service file takes it ~7 s, so a "
+            "change every 100 ms cannot come from a 10k-service route file.\n",
+        )
     markdown = _header("devstack router scale benchmarks", args, host) + "\n".join(sections)
     _finish(args, "scale", document, markdown, echo=False)
     return 0

@@ -29,9 +29,11 @@ __all__ = [
     "IDLE_CONNECTIONS",
     "LARGE_OVERRIDES",
     "LARGE_SERVICES",
+    "Swapper",
     "idle_connections",
     "large_table",
     "large_table_reload",
+    "settled_version",
     "table_swaps",
 ]
 
@@ -141,7 +143,7 @@ def large_table_reload(
     return cells, {"run_seconds": RELOAD_RUN, "reload_to_publish_seconds": seconds}
 
 
-def _settled_version(router: Candidate, *, settle: float = 0.5, limit: float = 10.0) -> int:
+def settled_version(router: Candidate, *, settle: float = 0.5, limit: float = 10.0) -> int:
     """The router's table version once it has stopped changing for ``settle`` seconds: the last
     reload may still be parsing when the swapping stops."""
     version, since = _version(router), time.monotonic()
@@ -156,13 +158,20 @@ def _settled_version(router: Candidate, *, settle: float = 0.5, limit: float = 1
     return version
 
 
-class _Swapper:
-    """Rewrites the route file (atomically) and sends SIGHUP every interval until stopped."""
+class Swapper:
+    """Rewrites the route file (atomically) and sends SIGHUP every interval until stopped.
 
-    def __init__(self, stack: Stack, router: Candidate, interval: float) -> None:
+    ``router`` is whatever reads the file (a router, or a controller for the feed rows);
+    ``render(n)`` is the file's text for the n-th swap (default: the two swap tables, alternating).
+    """
+
+    def __init__(
+        self, stack: Stack, router: Candidate, interval: float, render: Callable[[int], str] | None = None
+    ) -> None:
         self._stack = stack
         self._router = router
         self._interval = interval
+        self._render = render or (lambda n: configs.route_yaml_swap(stack.upstreams, n))
         self._stop = threading.Event()
         self.sent = 0
         self._thread = threading.Thread(target=self._run, name="table-swapper", daemon=True)
@@ -173,14 +182,14 @@ class _Swapper:
         tmp = path.with_suffix(".tmp")
         next_at = time.monotonic()
         while not self._stop.is_set():
-            tmp.write_text(configs.route_yaml_swap(self._stack.upstreams, self.sent + 1))
+            tmp.write_text(self._render(self.sent + 1))
             os.replace(tmp, path)
             os.kill(self._router.pid, signal.SIGHUP)
             self.sent += 1
             next_at += self._interval
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
-    def __enter__(self) -> _Swapper:
+    def __enter__(self) -> Swapper:
         self._thread.start()
         return self
 
@@ -204,7 +213,7 @@ def table_swaps(
             if swapping and stack.quiet is not None:
                 # Wait for a quiet host before swapping starts: the swaps' own reloads are load.
                 stack.quiet.wait()
-            swapper = _Swapper(stack, router, SWAP_INTERVAL) if swapping else None
+            swapper = Swapper(stack, router, SWAP_INTERVAL) if swapping else None
             with swapper if swapper is not None else contextlib.nullcontext():
                 cell = measure(
                     stack,
@@ -218,7 +227,7 @@ def table_swaps(
                     quiet=_NO_WAIT if swapping else None,
                 )
             if swapper is not None:
-                published = _settled_version(router) - version_before
+                published = settled_version(router) - version_before
                 swaps.append({"rep": rep, "sighups": swapper.sent, "versions_published": published})
                 log(f"  rep {rep + 1} {label}: {swapper.sent} SIGHUPs, {published} tables published")
             log(f"  rep {rep + 1} {label}: {cell.value:,.0f} req/s, {cell.errors} errors ({cell.detail})")

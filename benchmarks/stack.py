@@ -189,15 +189,20 @@ class Stack:
         extra: Sequence[str] = (),
         ready_within: float = 60,
         launcher: Sequence[str] | None = None,
+        routes_from: str | None = None,
     ) -> tuple[Candidate, float]:
         """Start the devstack router on the proxy core; returns it and the seconds until ready.
         ``launcher`` (e.g. ``env PYTHONPATH=...``) runs ``python -m devstack`` under it instead
-        of this checkout's command."""
+        of this checkout's command. ``routes_from`` (a controller's URL) makes it follow that
+        controller's feed (``--routes-from``) instead of a route file."""
         port, admin = free_ports(2)
-        path = self._write(f"{name}-routes.yaml", routes if routes is not None else configs.route_yaml(self.upstreams))
+        path: Path | None = None
+        if routes_from is None:
+            text = routes if routes is not None else configs.route_yaml(self.upstreams)
+            path = self._write(f"{name}-routes.yaml", text)
         argv = [
             *(router_command() if launcher is None else [*launcher, sys.executable, "-m", "devstack"]),
-            "router", "--routes", str(path),
+            "router", *(["--routes", str(path)] if routes_from is None else ["--routes-from", routes_from]),
             # Like the nginx and haproxy configs, no access log: what is measured is proxying. (An
             # older checkout given with --against has no such flag, and no access log either.)
             *(["--access-log", "off"] if launcher is None else []),
@@ -207,6 +212,22 @@ class Stack:
         took = wait_http(f"http://127.0.0.1:{admin}/readyz", ready_within, proc, self.procs.log_path(name))
         wait_port(port, 10, proc, self.procs.log_path(name))
         return Candidate(name, port, proc, admin, path), took
+
+    def start_controller(
+        self, name: str, routes: str, *, cpu: int = PROXY_CPU, ready_within: float = 120
+    ) -> tuple[Candidate, float]:
+        """``devstack controller --routes FILE`` (logging at INFO: its "route table vN published"
+        lines time each publish); returns it and the seconds until ready. Its listener serves the
+        feeds and its health endpoints alike, so the candidate's ``port`` and ``admin_port`` are one."""
+        (port,) = free_ports(1)
+        path = self._write(f"{name}-routes.yaml", routes)
+        argv = [
+            *router_command(), "controller", "--routes", str(path),
+            "--listen", f"127.0.0.1:{port}", "--log-level", "INFO",
+        ]  # fmt: skip
+        proc = self.procs.start(name, argv, cpu=cpu)
+        took = wait_http(f"http://127.0.0.1:{port}/readyz", ready_within, proc, self.procs.log_path(name))
+        return Candidate(name, port, proc, port, path), took
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
