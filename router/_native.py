@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 HOT_PATH_MODULES: tuple[str, ...] = (
-    "accesslog", "errors", "flow", "http", "keys", "proxy", "relay", "request", "settings", "stats", "table",
-    "tunnel", "upstream",
+    "accesslog", "errors", "flow", "h1bridge", "h2upstream", "http", "http2", "keys", "proxy", "relay", "request",
+    "settings", "stats", "table", "tunnel", "upstream",
 )
 """Typed modules compiled together with mypyc (``router/<name>.py``)."""
 NATIVE_HELPERS: tuple[str, ...] = ("_speedups", "_ngrecord")
