@@ -39,10 +39,23 @@ typedef struct {
 typedef int (*submit_rst_stream_fn)(void *session, uint8_t flags, int32_t stream_id, uint32_t error_code);
 typedef int (*consume_connection_fn)(void *session, size_t size);
 typedef Py_ssize_t (*mem_send_fn)(void *session, const uint8_t **data);
+typedef Py_ssize_t (*mem_recv_fn)(void *session, const uint8_t *data, size_t length);
+typedef size_t (*queue_size_fn)(void *session);
+typedef int (*consume_fn)(void *session, int32_t stream_id, size_t size);
+typedef int32_t (*stream_window_fn)(void *session, int32_t stream_id);
+typedef int32_t (*window_fn)(void *session);
+typedef uint32_t (*remote_settings_fn)(void *session, int id);
 
 static submit_rst_stream_fn submit_rst_stream = NULL;
 static consume_connection_fn consume_connection = NULL;
 static mem_send_fn mem_send = NULL;
+static mem_recv_fn mem_recv = NULL;
+static queue_size_fn outbound_queue_size = NULL;
+static consume_fn consume = NULL;
+static stream_window_fn stream_remote_window = NULL;
+static window_fn remote_window = NULL;
+static remote_settings_fn remote_settings = NULL;
+#define SETTINGS_INITIAL_WINDOW_SIZE 0x4
 /* router.nghttp2._frame_received and _stream_closed: what a frame or a stream's close means is
    decided in Python; these callbacks only call them without ctypes' per-argument conversions. */
 static PyObject *frame_received = NULL;
@@ -436,6 +449,80 @@ on_read(void *session, int32_t stream_id, uint8_t *buf, size_t length, uint32_t 
     return result;
 }
 
+/* NgEngine.receive's two library calls: (mem_recv's result, whether frames are queued to send). */
+static PyObject *
+receive(PyObject *module, PyObject *args)
+{
+    PyObject *rec_obj;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "O!y*:receive", &RecorderType, &rec_obj, &data)) {
+        return NULL;
+    }
+    Recorder *rec = (Recorder *)rec_obj;
+    if (!rec->session || mem_recv == NULL) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_RuntimeError, "receive: no session");
+        return NULL;
+    }
+    Py_ssize_t result = mem_recv((void *)rec->session, (const uint8_t *)data.buf, (size_t)data.len);
+    PyBuffer_Release(&data);
+    if (PyErr_Occurred()) {
+        return NULL;  /* (a callback cannot leave one; kept from crossing silently all the same) */
+    }
+    /* A fatal result may have deleted nothing yet: the session lives until the engine closes it. */
+    size_t queued = outbound_queue_size((void *)rec->session);
+    return Py_BuildValue("(nO)", result, queued ? Py_True : Py_False);
+}
+
+/* NgEngine.consume's library call. */
+static PyObject *
+consume_bytes(PyObject *module, PyObject *args)
+{
+    PyObject *rec_obj;
+    int stream_id;
+    Py_ssize_t length;
+    if (!PyArg_ParseTuple(args, "O!in:consume", &RecorderType, &rec_obj, &stream_id, &length)) {
+        return NULL;
+    }
+    Recorder *rec = (Recorder *)rec_obj;
+    if (rec->session && length > 0 && consume != NULL) {
+        consume((void *)rec->session, (int32_t)stream_id, (size_t)length);
+    }
+    Py_RETURN_NONE;
+}
+
+/* NgEngine.send_window's library calls: min(the stream's window (the peer's initial one for a
+   stream not yet open) - stream_queued, the connection's - connection_queued, max_frame), >= 0. */
+static PyObject *
+send_window(PyObject *module, PyObject *args)
+{
+    PyObject *rec_obj;
+    int stream_id;
+    Py_ssize_t stream_queued, connection_queued, max_frame;
+    if (!PyArg_ParseTuple(args, "O!innn:send_window", &RecorderType, &rec_obj, &stream_id, &stream_queued,
+                          &connection_queued, &max_frame)) {
+        return NULL;
+    }
+    Recorder *rec = (Recorder *)rec_obj;
+    if (!rec->session || stream_remote_window == NULL) {
+        return PyLong_FromLong(0);
+    }
+    void *session = (void *)rec->session;
+    Py_ssize_t window = stream_remote_window(session, (int32_t)stream_id);
+    if (window < 0) {
+        window = (Py_ssize_t)remote_settings(session, SETTINGS_INITIAL_WINDOW_SIZE);
+    }
+    window -= stream_queued;
+    Py_ssize_t connection = (Py_ssize_t)remote_window(session) - connection_queued;
+    if (connection < window) {
+        window = connection;
+    }
+    if (max_frame < window) {
+        window = max_frame;
+    }
+    return PyLong_FromSsize_t(window > 0 ? window : 0);
+}
+
 /* nghttp2.h: one header field handed to a submit call, which copies it. */
 typedef struct {
     uint8_t *name;
@@ -510,22 +597,41 @@ pack(PyObject *module, PyObject *args)
 static PyObject *
 bind(PyObject *module, PyObject *args)
 {
-    Py_ssize_t rst, consume, send;
-    PyObject *on_frame, *on_close, *on_read_data;
-    if (!PyArg_ParseTuple(args, "nnnOOO:bind", &rst, &consume, &send, &on_frame, &on_close, &on_read_data)) {
+    PyObject *functions, *on_frame, *on_close, *on_read_data;
+    if (!PyArg_ParseTuple(args, "O!OOO:bind", &PyDict_Type, &functions, &on_frame, &on_close, &on_read_data)) {
         return NULL;
+    }
+    static const char *names[] = {
+        "nghttp2_submit_rst_stream", "nghttp2_session_consume_connection", "nghttp2_session_mem_send",
+        "nghttp2_session_mem_recv", "nghttp2_session_get_outbound_queue_size", "nghttp2_session_consume",
+        "nghttp2_session_get_stream_remote_window_size", "nghttp2_session_get_remote_window_size",
+        "nghttp2_session_get_remote_settings",
+    };
+    Py_ssize_t found[9];
+    for (int i = 0; i < 9; i++) {
+        PyObject *address = PyDict_GetItemString(functions, names[i]);
+        found[i] = address != NULL ? PyLong_AsSsize_t(address) : 0;
+        if (found[i] == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (!found[i]) {
+            PyErr_Format(PyExc_ValueError, "bind: no address for %s", names[i]);
+            return NULL;
+        }
     }
     if (!PyCallable_Check(on_frame) || !PyCallable_Check(on_close) || !PyCallable_Check(on_read_data)) {
         PyErr_SetString(PyExc_TypeError, "bind: the frame and close handlers must be callable");
         return NULL;
     }
-    if (!rst || !consume || !send) {
-        PyErr_SetString(PyExc_ValueError, "bind: a function address is 0");
-        return NULL;
-    }
-    submit_rst_stream = (submit_rst_stream_fn)rst;
-    consume_connection = (consume_connection_fn)consume;
-    mem_send = (mem_send_fn)send;
+    submit_rst_stream = (submit_rst_stream_fn)found[0];
+    consume_connection = (consume_connection_fn)found[1];
+    mem_send = (mem_send_fn)found[2];
+    mem_recv = (mem_recv_fn)found[3];
+    outbound_queue_size = (queue_size_fn)found[4];
+    consume = (consume_fn)found[5];
+    stream_remote_window = (stream_window_fn)found[6];
+    remote_window = (window_fn)found[7];
+    remote_settings = (remote_settings_fn)found[8];
     Py_XSETREF(frame_received, Py_NewRef(on_frame));
     Py_XSETREF(stream_closed, Py_NewRef(on_close));
     Py_XSETREF(read_data, Py_NewRef(on_read_data));
@@ -547,9 +653,12 @@ callbacks(PyObject *module, PyObject *unused)
 
 static PyMethodDef module_methods[] = {
     {"bind", bind, METH_VARARGS,
-     "bind(submit_rst_stream, consume_connection, mem_send, frame_received, stream_closed, read_data): the addresses "
-     "of libnghttp2's functions of those names (nghttp2_session_ prefixes left out), and the Python "
-     "functions the frame and stream-close callbacks call."},
+     "bind(functions, frame_received, stream_closed, read_data): the addresses of the libnghttp2 functions "
+     "this module calls, by name, and the Python functions the frame, stream-close and read callbacks call."},
+    {"receive", receive, METH_VARARGS, "receive(recorder, data): NgEngine.receive's library calls."},
+    {"consume", consume_bytes, METH_VARARGS, "consume(recorder, stream_id, length): NgEngine.consume's call."},
+    {"send_window", send_window, METH_VARARGS,
+     "send_window(recorder, stream_id, stream_queued, connection_queued, max_frame): NgEngine.send_window's calls."},
     {"pack", pack, METH_VARARGS,
      "pack(nv_address, capacity, headers): NgEngine._pack's loop in C; the number of fields packed."},
     {"drain", drain, METH_O, "drain(recorder): NgEngine._drain's loop in C; 0 or mem_send's error."},

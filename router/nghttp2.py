@@ -594,14 +594,13 @@ def _native_callbacks(lib: ctypes.CDLL) -> dict[str, int] | None:
         assert value is not None
         return value
 
-    _ngrecord.bind(
-        address("nghttp2_submit_rst_stream"),
-        address("nghttp2_session_consume_connection"),
-        address("nghttp2_session_mem_send"),
-        _frame_received,
-        _stream_closed,
-        _read_data,
-    )
+    called = (
+        "nghttp2_submit_rst_stream", "nghttp2_session_consume_connection", "nghttp2_session_mem_send",
+        "nghttp2_session_mem_recv", "nghttp2_session_get_outbound_queue_size", "nghttp2_session_consume",
+        "nghttp2_session_get_stream_remote_window_size", "nghttp2_session_get_remote_window_size",
+        "nghttp2_session_get_remote_settings",
+    )  # fmt: skip
+    _ngrecord.bind({name: address(name) for name in called}, _frame_received, _stream_closed, _read_data)
     return _ngrecord.callbacks()
 
 
@@ -787,10 +786,15 @@ class NgEngine(Engine):
             return []
         if type(data) is not bytes:
             data = bytes(data)
-        result = _lib.nghttp2_session_mem_recv(session, data, len(data))
+        rec = self._rec
+        if isinstance(rec, _PyRecorder):
+            result = _lib.nghttp2_session_mem_recv(session, data, len(data))
+            queued = result >= 0 and bool(_lib.nghttp2_session_get_outbound_queue_size(session))
+        else:
+            result, queued = _ngrecord.receive(rec, data)  # the same two calls in C
         if result < 0:
             self._break(result)
-        if _lib.nghttp2_session_get_outbound_queue_size(session):
+        if queued:
             # Acknowledgements, resets, or a GOAWAY nghttp2 queued for what it read: written out
             # now, so that resets are reported below and a GOAWAY is seen. Our own GOAWAY never is
             # here (goaway() serializes it at once).
@@ -895,12 +899,19 @@ class NgEngine(Engine):
             if not length:
                 return
         # Both windows, or only the connection's when nghttp2 no longer has the stream.
-        _lib.nghttp2_session_consume(self._session, stream_id, length)
+        rec = self._rec
+        if isinstance(rec, _PyRecorder):
+            _lib.nghttp2_session_consume(self._session, stream_id, length)
+        else:
+            _ngrecord.consume(rec, stream_id, length)
 
     def send_window(self, stream_id: int) -> int:
         stream = self._streams.get(stream_id)
         if stream is None or not self._session:
             return 0
+        rec = self._rec
+        if not isinstance(rec, _PyRecorder):
+            return _ngrecord.send_window(rec, stream_id, stream.queued, self._queued, self._max_frame)
         session = self._session
         window = int(_lib.nghttp2_session_get_stream_remote_window_size(session, stream_id))
         if window < 0:
