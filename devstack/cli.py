@@ -3,9 +3,12 @@
 This is the one place where the router and the controller meet: it builds ``RouterSettings``
 from flags, starts the configured sources, wires their snapshots through the ``Aggregator``
 into the router's table slot, and installs signal handlers (SIGTERM/SIGINT drain and exit,
-SIGHUP re-reads the route file). A mistake the user can fix (a bad flag, a busy port, a route
-file that fails validation, a missing optional package) ends the command with one line,
-``devstack: <what>: <why>``, never a traceback. Nothing here runs per request.
+SIGHUP re-reads the route file). Each route source, admin listener and optional feature is
+imported only when its flag asks for it, so a sidecar following a controller loads no YAML
+parser, HTTP client library, metrics library or Kubernetes client. A mistake the user can fix
+(a bad flag, a busy port, a route file that fails validation, a missing optional package) ends
+the command with one line, ``devstack: <what>: <why>``, never a traceback. Nothing here runs
+per request.
 """
 
 from __future__ import annotations
@@ -15,29 +18,27 @@ import asyncio
 import contextlib
 import ctypes
 import functools
-import importlib.metadata
 import importlib.util
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import router
 from controller.aggregator import Aggregator
 from controller.build import BuildError
-from controller.fork import DEFAULT_TTL
-from controller.sources.file import FileSource, load_route_file
 from controller.startup import StartupError, parse_listen, start_router
 from router.keys import DEFAULT_MEMBER
-from router.server import RouterServer
 from router.settings import Limits, Mode, RouterSettings, Timeouts
 from router.table import RouteTable
-from router.workers import WorkerPool
 
 if TYPE_CHECKING:
+    from controller.sources.file import FileSource
+    from router.server import RouterServer
     from router.tracing import RequestTracer
+    from router.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,15 @@ KUBERNETES_EXTRA: Final = "pip install 'devstack-router[kubernetes]'"
 ACCESS_LOG_NAMED: Final[dict[str, str | None]] = {"off": None, "stdout": "-"}
 """``--access-log`` words that are not file paths → ``RouterSettings.access_log``."""
 LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORK_TTL_DEFAULT: Final = "{controller.fork.DEFAULT_TTL}"
+"""Stands for that value in ``fork --ttl``'s help until help is printed: ``controller.fork`` brings
+the Kubernetes object builders (1.5 MiB resident), which no router or controller needs."""
 
 
 def version() -> str:
     """The installed distribution's version, or ``unknown`` in a checkout that was never installed."""
+    import importlib.metadata  # noqa: PLC0415 - 2 MiB of email and csv parsers, for --version only
+
     for name in DISTRIBUTIONS:
         try:
             return importlib.metadata.version(name)
@@ -71,17 +77,52 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, reading the installed version only when asked (argparse's own wants it up front)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        sys.stdout.write(f"devstack {version()}\n")
+        parser.exit()
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Ends each flag's help with its default, so no help text can forget or misstate it."""
 
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24) -> None:
+        # argparse would ask shutil for the width, and shutil loads bz2 and lzma (0.5 MiB resident)
+        # for its archives: every command builds formatters, only --help prints one.
+        super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
+        if FORK_TTL_DEFAULT in text:
+            from controller.fork import DEFAULT_TTL  # noqa: PLC0415 - see FORK_TTL_DEFAULT
+
+            text = text.replace(FORK_TTL_DEFAULT, DEFAULT_TTL)
         default = action.default
         if "default" in text or default is argparse.SUPPRESS or default is None or default == []:
             return text
         if default is False and action.nargs == 0:
             return f"{text} (default: off)"
         return f"{text} (default: %(default)s)"
+
+
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``: $COLUMNS, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    stdout = sys.__stdout__
+    try:
+        return os.get_terminal_size(stdout.fileno()).columns or 80 if stdout is not None else 80
+    except (ValueError, OSError):
+        return 80
 
 
 def _host_port(value: str) -> str:
@@ -136,6 +177,14 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
         type=_host_port,
         default=DEFAULT_ADMIN,
         help="admin listener (/healthz, /readyz, /metrics, /routes)",
+    )
+    p.add_argument(
+        "--admin-lite",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="an admin listener without aiohttp or prometheus_client (about 16 MiB less memory): /healthz, "
+        "/readyz, /metrics as Prometheus text and /routes, no dashboard; default: on for --mode sidecar "
+        "with --routes-from (the controller shows that table), off otherwise; never with --workers",
     )
     p.add_argument(
         "--workers",
@@ -410,6 +459,7 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
         settings = settings_from_args(args)
     except ValueError as exc:  # a flag out of range (e.g. --upgrade h2c): the message names it
         raise StartupError(str(exc)) from None
+    lite = _admin_lite(args)
     tracer = _make_tracer() if args.trace else None
     server: RouterServer | WorkerPool
     aggregator: Aggregator
@@ -420,6 +470,8 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
         return (aggregator.ready and server.table.version > 0, {"errors": dict(aggregator.errors)})
 
     if args.workers > 1:
+        from router.workers import WorkerPool  # noqa: PLC0415 - aiohttp and prometheus_client: see the docstring
+
         if tracer is not None:
             tracer.shutdown()  # made only to report a bad configuration here: each worker makes its own
         server = WorkerPool(
@@ -431,9 +483,16 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
             trace=tracer is not None,
         )
     else:
-        server = RouterServer(settings, readiness=readiness, tracer=tracer)
+        from router.server import RouterServer  # noqa: PLC0415 - as WorkerPool above
+
+        server = RouterServer(settings, readiness=readiness, tracer=tracer, admin_lite=lite)
+    publish = server.swap
+    if lite:
+        publish = functools.partial(_swap_then_release, server.swap, asyncio.get_running_loop())
     if args.routes:
-        aggregator = Aggregator([FileSource.name], server.swap)
+        from controller.sources.file import FileSource  # noqa: PLC0415 - the YAML parser, for --routes only
+
+        aggregator = Aggregator([FileSource.name], publish)
         file_source = FileSource(args.routes, aggregator.update, aggregator.report_error)
         try:
             file_source.load_first()  # the validation `devstack check` runs; no table, no router
@@ -441,7 +500,7 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
             raise StartupError(str(exc)) from None
     else:
         sources = _external_sources(args)
-        aggregator = Aggregator([name for name, _ in sources], server.swap)
+        aggregator = Aggregator([name for name, _ in sources], publish)
     # The admin listener's route-source metrics read the aggregator's own counts.
     server.stats.table_failures = aggregator.failures
     server.stats.source_confirmed = aggregator.confirmed
@@ -453,9 +512,10 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
     for name, factory in sources:
         tasks.append(asyncio.create_task(factory(aggregator), name=f"{name}-source"))
     log.info(
-        "devstack router (%s mode) on %s:%d, admin on %s:%d, table v%d, hot path %s%s",
+        "devstack router (%s mode) on %s:%d, admin%s on %s:%d, table v%d, hot path %s%s",
         settings.mode.value,
         *server.address,
+        " (lite)" if lite else "",
         *server.admin_address,
         server.table.version,
         router.HOT_PATH_MODE,
@@ -475,6 +535,19 @@ async def run_router(args: argparse.Namespace, *, started: asyncio.Event | None 
         task.cancel()
     await server.close()
     return 0
+
+
+def _admin_lite(args: argparse.Namespace) -> bool:
+    """Whether ``--admin-lite`` applies: asked for, or by default a sidecar following a controller.
+
+    Such a sidecar is the one deployed by the hundred, so its memory counts most, and the
+    controller it follows already serves the dashboard of the same table. The worker pool's
+    admin adds up its workers' counters over aiohttp, so ``--workers`` keeps the full one."""
+    if args.admin_lite is None:
+        return args.mode == Mode.SIDECAR.value and args.routes_from is not None and args.workers == 1
+    if args.admin_lite and args.workers > 1:
+        raise StartupError("--admin-lite: not with --workers; their admin listener is the full one")
+    return bool(args.admin_lite)
 
 
 def _table_from_json(document: Any) -> RouteTable:
@@ -501,7 +574,7 @@ def _external_sources(args: argparse.Namespace) -> list[tuple[str, Any]]:
         except ImportError as exc:
             raise StartupError(f"--kubernetes needs the Kubernetes client ({exc.name}): {KUBERNETES_EXTRA}") from None
         return [("kubernetes", kubernetes_source(namespaces=args.namespace))]
-    from controller.sources.remote import remote_source  # noqa: PLC0415 - loads aiohttp's client only when used
+    from controller.sources.remote import remote_source  # noqa: PLC0415 - as the file source in run_router
 
     try:
         return [("remote", remote_source(args.routes_from))]
@@ -511,6 +584,8 @@ def _external_sources(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 def _check_routes(path: str) -> int:
     """``devstack check``: the router's own validation of a route file (``load_route_file``)."""
+    from controller.sources.file import load_route_file  # noqa: PLC0415 - see run_router
+
     try:
         services = load_route_file(path)
     except BuildError as exc:
@@ -526,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Baggage-routed overrides for shared environments.",
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"devstack {version()}", help="print the version")
+    parser.add_argument("--version", action=_VersionAction, help="print the version")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
@@ -613,7 +688,7 @@ def _add_override_commands(command: Any) -> None:
         "--ttl",
         metavar="DURATION",
         help="the override expires this long from now, e.g. 30m, 8h, 1h30m "
-        f"(default: the baseline's devstack.io/ttl annotation, else {DEFAULT_TTL})",
+        f"(default: the baseline's devstack.io/ttl annotation, else {FORK_TTL_DEFAULT})",
     )
     _add_kube_flags(fork, "namespace of the override (default: the baseline's)")
     fork.add_argument("--replicas", metavar="N", type=int, default=1, help="pods of the override")
@@ -757,6 +832,25 @@ def _keep_freed_memory() -> None:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt(_M_MMAP_THRESHOLD, 1 << 20)
     mallopt(_M_TRIM_THRESHOLD, 32 << 20)
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap's free pages back to the kernel (glibc's ``malloc_trim``); no-op elsewhere."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim(0)
+
+
+def _swap_then_release(swap: Callable[[RouteTable], None], loop: asyncio.AbstractEventLoop, table: RouteTable) -> None:
+    """A lite sidecar's table swap. Start-up's garbage, a feed line's JSON and the table it replaces
+    are the most such a router frees, and ``_keep_freed_memory`` would keep them resident (1.5 MiB
+    after start-up, more for a big table). Released on the next loop turn, once the source that
+    published has dropped its parse; a table changes seldom, so streaming soon regrows its cache."""
+    swap(table)
+    loop.call_soon(_release_freed_memory)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

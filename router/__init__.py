@@ -9,13 +9,8 @@ build never runs.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import sys
 import warnings
-from collections.abc import Sequence
-from types import ModuleType
 
 from router._native import HOT_PATH_MODULES, NATIVE_HELPERS, ROUTER_DIR, compiled_state
 
@@ -24,16 +19,27 @@ __all__ = ["COMPILED", "HOT_PATH_MODE", "HOT_PATH_MODULES", "NATIVE_HELPERS", "_
 __version__ = "0.1.0"
 
 
-class _SourceFirst(importlib.abc.MetaPathFinder):
-    """Imports the hot-path modules from their .py files even where extensions sit beside them."""
+def _import_from_source() -> None:
+    """Import the hot-path modules from their .py files even where extensions sit beside them.
 
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        package, _, name = fullname.rpartition(".")
-        if package != __name__ or name not in HOT_PATH_MODULES:
-            return None
-        return importlib.util.spec_from_file_location(fullname, ROUTER_DIR / f"{name}.py")
+    Defined only when needed: ``importlib.abc`` brings ``importlib.resources`` and the archive
+    modules (about 1 MiB resident), which a router running its compiled build never uses."""
+    import importlib.abc  # noqa: PLC0415
+    import importlib.machinery  # noqa: PLC0415
+    import importlib.util  # noqa: PLC0415
+    from collections.abc import Sequence  # noqa: PLC0415
+    from types import ModuleType  # noqa: PLC0415
+
+    class SourceFirst(importlib.abc.MetaPathFinder):
+        def find_spec(
+            self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+        ) -> importlib.machinery.ModuleSpec | None:
+            package, _, name = fullname.rpartition(".")
+            if package != __name__ or name not in HOT_PATH_MODULES:
+                return None
+            return importlib.util.spec_from_file_location(fullname, ROUTER_DIR / f"{name}.py")
+
+    sys.meta_path.insert(0, SourceFirst())
 
 
 def _compiled_state() -> tuple[bool, str]:
@@ -53,4 +59,4 @@ COMPILED, HOT_PATH_MODE = _compiled_state()
 """Whether the hot path runs as mypyc extensions, and a word on why (for logs and benchmarks)."""
 
 if not COMPILED and HOT_PATH_MODE != "not compiled":
-    sys.meta_path.insert(0, _SourceFirst())
+    _import_from_source()

@@ -23,7 +23,8 @@ import router
 from router import dashboard
 from router.accesslog import AccessLog
 from router.keys import is_valid_key
-from router.stats import LATENCY_BUCKETS, Histogram, RouterStats
+from router.liteadmin import cumulative_buckets, router_families
+from router.stats import RouterStats
 from router.table import RouteTable
 
 __all__ = ["ADMIN_STATE", "AdminState", "make_admin_app"]
@@ -86,99 +87,26 @@ ADMIN_STATE: Final = web.AppKey("admin_state", AdminState)
 
 
 class _RouterCollector(Collector):
+    """The router's own families (``router.liteadmin.router_families``, their one definition) as
+    prometheus_client metric families, so both admin listeners export the same series."""
+
     def __init__(self, state: AdminState) -> None:
         self._state = state
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._state.stats
-        requests = CounterMetricFamily(
-            "devstack_requests", "Requests routed, by service and target kind.", labels=["service", "target"]
-        )
-        for (service, kind), count in sorted(stats.requests.items()):
-            requests.add_metric([service, kind], count)
-        yield requests
-        errors = CounterMetricFamily("devstack_upstream_errors", "Upstream failures by kind.", labels=["kind"])
-        for kind, count in sorted(stats.upstream_errors.items()):
-            errors.add_metric([kind], count)
-        yield errors
-        rejected = CounterMetricFamily(
-            "devstack_rejected_requests",
-            "Requests the router answered itself (not for an upstream's failure), by status and reason.",
-            labels=["status", "reason"],
-        )
-        for answer, count in sorted(stats.rejected.items(), key=lambda item: item[0].value):
-            rejected.add_metric([str(answer.status), answer.reason], count)
-        yield rejected
-        durations = HistogramMetricFamily(
-            "devstack_request_duration_seconds",
-            "Time from request head to the end of the response, by service and target kind "
-            "(service - and target none: refused before routing).",
-            labels=["service", "target"],
-        )
-        for (service, kind), histogram in sorted(stats.durations.items()):
-            durations.add_metric([service, kind], _buckets(histogram), histogram.total)
-        yield durations
-        connect = HistogramMetricFamily(
-            "devstack_upstream_connect_seconds", "Time to open a connection to an upstream."
-        )
-        connect.add_metric([], _buckets(stats.upstream_connect), stats.upstream_connect.total)
-        yield connect
-        head = HistogramMetricFamily(
-            "devstack_upstream_response_head_seconds",
-            "Time from sending a request head upstream to receiving the response head.",
-        )
-        head.add_metric([], _buckets(stats.upstream_head), stats.upstream_head.total)
-        yield head
-        table = self._state.table()
-        yield GaugeMetricFamily("devstack_route_table_version", "Version of the table in use.", value=table.version)
-        yield GaugeMetricFamily("devstack_open_connections", "Open client connections.", value=stats.open_connections)
-        yield GaugeMetricFamily(
-            "devstack_upstream_connections", "Open upstream connections.", value=stats.upstream_connections
-        )
-        yield GaugeMetricFamily(
-            "devstack_tunnels_open", "Upgraded (WebSocket) tunnels not yet ended.", value=stats.tunnels_open
-        )
-        yield CounterMetricFamily(
-            "devstack_http2_connections", "Client connections served as HTTP/2.", value=stats.h2_connections
-        )
-        goaway = CounterMetricFamily(
-            "devstack_http2_goaway",
-            "HTTP/2 client connections cut off for misbehaving, by why (an HTTP/2 error code, a budget).",
-            labels=["reason"],
-        )
-        for reason, count in sorted(stats.h2_goaway.items()):
-            goaway.add_metric([reason], count)
-        yield goaway
-        yield CounterMetricFamily(
-            "devstack_refused_connections", "Client connections refused at the cap.", value=stats.refused_connections
-        )
-        failures = CounterMetricFamily(
-            "devstack_table_rebuild_failures",
-            "Route updates rejected (the last good table kept serving) or sources failing, by source.",
-            labels=["source"],
-        )
-        for source, count in sorted(stats.table_failures.items()):
-            failures.add_metric([source], count)
-        yield failures
-        staleness = GaugeMetricFamily(
-            "devstack_route_source_staleness_seconds",
-            "Seconds since each route source last confirmed its routes (a feed's heartbeats count).",
-            labels=["source"],
-        )
-        now = time.monotonic()
-        for source, confirmed in sorted(stats.source_confirmed.items()):
-            staleness.add_metric([source], max(0.0, now - confirmed))
-        yield staleness
-        access_log = self._state.access_log
-        if access_log is not None:
-            yield CounterMetricFamily(
-                "devstack_access_log_lines", "Access log lines written.", value=access_log.written
-            )
-            yield CounterMetricFamily(
-                "devstack_access_log_dropped",
-                "Access log lines dropped because the destination fell behind.",
-                value=access_log.dropped,
-            )
+        state = self._state
+        for family in router_families(state.stats, state.table(), state.access_log, time.monotonic()):
+            metric: CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
+            if family.kind == "histogram":
+                metric = HistogramMetricFamily(family.name, family.help, labels=family.labels)
+                for values, histogram in family.histograms:
+                    metric.add_metric(list(values), cumulative_buckets(histogram), histogram.total)
+            else:
+                kind = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+                metric = kind(family.name, family.help, labels=family.labels)
+                for values, value in family.values:
+                    metric.add_metric(list(values), value)
+            yield metric
 
 
 _PAGE_HEADERS: Final = {
@@ -188,17 +116,6 @@ _PAGE_HEADERS: Final = {
     "Referrer-Policy": "no-referrer",
 }
 _EVENT_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-
-
-def _buckets(histogram: Histogram) -> list[tuple[str, float]]:
-    """Cumulative buckets, as the exposition format counts them."""
-    buckets: list[tuple[str, float]] = []
-    running = 0
-    for bound, count in zip(LATENCY_BUCKETS, histogram.counts, strict=False):
-        running += count
-        buckets.append((repr(bound), running))
-    buckets.append(("+Inf", running + histogram.counts[-1]))
-    return buckets
 
 
 def make_admin_app(state: AdminState) -> web.Application:

@@ -1,7 +1,8 @@
 """Listeners and lifecycle of one router process: the proxy socket, the admin app, draining.
 
-``RouterServer`` binds the protocol-level proxy and the aiohttp admin listener on the running
-loop, exposes ``swap(table)`` for whatever source feeds it, and shuts down gracefully (stop
+``RouterServer`` binds the protocol-level proxy and the admin listener (the aiohttp app with the
+dashboard, or with ``admin_lite`` the small one of ``router.liteadmin``) on the running loop,
+exposes ``swap(table)`` for whatever source feeds it, and shuts down gracefully (stop
 accepting, finish in-flight exchanges within the drain deadline, close the rest). It knows
 nothing about where tables come from; the CLI composes it with the controller's sources.
 """
@@ -16,17 +17,17 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
-from router import dashboard
 from router.accesslog import AccessLog
-from router.admin import AdminState, make_admin_app
 from router.proxy import ProxyContext, TableSlot
 from router.settings import RouterSettings
 from router.stats import RouterStats
 from router.table import EMPTY_TABLE, RouteTable
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
+    from router.admin import AdminState
+    from router.liteadmin import LiteAdmin
     from router.tracing import RequestTracer
 
 __all__ = ["RouterServer", "TlsFiles", "start_admin_listener"]
@@ -84,6 +85,11 @@ class TlsFiles:
 
 async def start_admin_listener(state: AdminState, address: tuple[str, int]) -> tuple[web.AppRunner, tuple[str, int]]:
     """Serve the admin app for ``state`` on ``address``; its runner (to clean up) and bound address."""
+    # aiohttp and prometheus_client load only for the full admin: a lite sidecar never pays for them.
+    from aiohttp import web  # noqa: PLC0415
+
+    from router.admin import make_admin_app  # noqa: PLC0415
+
     runner = web.AppRunner(make_admin_app(state), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, address[0], address[1], reuse_address=True)
@@ -104,8 +110,12 @@ class RouterServer:
         table: RouteTable = EMPTY_TABLE,
         readiness: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
         tracer: RequestTracer | None = None,
+        *,
+        admin_lite: bool = False,
     ) -> None:
         self.settings = settings or RouterSettings()
+        self.admin_lite = admin_lite
+        """Serve ``router.liteadmin`` (health, readiness, metrics, routes; no aiohttp) on the admin port."""
         self.slot = TableSlot(table)
         self.stats = RouterStats()
         self._readiness = readiness
@@ -114,6 +124,7 @@ class RouterServer:
         """Made at start when ``settings.access_log`` names a destination."""
         self._server: asyncio.AbstractServer | None = None
         self._admin_runner: web.AppRunner | None = None
+        self._lite_admin: LiteAdmin | None = None
         self.ctx: ProxyContext | None = None
         self.address: tuple[str, int] = ("", 0)
         self.admin_address: tuple[str, int] = ("", 0)
@@ -162,10 +173,20 @@ class RouterServer:
         )
         sock: socket.socket = self._server.sockets[0]
         self.address = sock.getsockname()[:2]
-        if admin is not None:
-            links = dashboard.Links.for_router(self.settings.preview_domain, self.address)
-            state = AdminState(lambda: self.slot.table, self.stats, self.readiness, self.access_log, links=links)
-            self._admin_runner, self.admin_address = await start_admin_listener(state, admin)
+        if admin is None:
+            return
+        if self.admin_lite:
+            from router.liteadmin import LiteAdmin  # noqa: PLC0415 - as the full admin below, loaded when chosen
+
+            self._lite_admin = LiteAdmin(lambda: self.slot.table, self.stats, self.readiness, self.access_log)
+            self.admin_address = await self._lite_admin.start(admin)
+            return
+        from router import dashboard  # noqa: PLC0415 - see start_admin_listener
+        from router.admin import AdminState  # noqa: PLC0415
+
+        links = dashboard.Links.for_router(self.settings.preview_domain, self.address)
+        state = AdminState(lambda: self.slot.table, self.stats, self.readiness, self.access_log, links=links)
+        self._admin_runner, self.admin_address = await start_admin_listener(state, admin)
 
     async def close(self, drain: float | None = None) -> None:
         """Stop accepting, let in-flight exchanges finish for ``drain`` seconds, close all."""
@@ -182,6 +203,9 @@ class RouterServer:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
+        if self._lite_admin is not None:
+            await self._lite_admin.close()
+            self._lite_admin = None
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown)  # flushes pending spans
         if self.access_log is not None:

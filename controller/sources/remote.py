@@ -1,7 +1,9 @@
 """The remote source: follow a devstack controller's route feed and republish its tables.
 
 This module owns the subscriber side of the controller feed, so hundreds of routers (sidecars)
-need one API-server watch between them instead of one each. It holds one streaming GET open:
+need one API-server watch between them instead of one each. It holds one streaming GET open
+(through a ``FeedTransport``: by default ``controller.sources.feedhttp``'s plain-asyncio client,
+so a sidecar loads no HTTP client library):
 ``/v2/routes`` (a snapshot, then deltas applied with ``RouteTable.with_changes``, so a one-service
 change rebuilds one service and shares every other ``Routes`` object), or ``/v1/routes`` (whole
 tables, rebuilt with the pure ``routes_from_json``) from a controller without ``/v2``. It
@@ -21,15 +23,14 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlencode, urlsplit, urlunsplit
-
-import aiohttp
 
 from controller.aggregator import SourceDown
 from controller.backoff import Backoff
 from controller.build import BuildError, routes_from_spec
+from controller.sources.feedhttp import FeedClient, FeedResponse, FeedTransport
 from router.table import Routes, RouteTable, TableError
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ ROUTES_PATH = "/v1/routes"
 """Whole tables, one per line: what every controller offers."""
 DELTA_PATH = "/v2/routes"
 """A snapshot, then deltas (``controller.feed``): what a router follows when the controller offers it."""
+FEED_HEADERS: Final = {"Accept": "application/x-ndjson"}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -194,6 +196,7 @@ class RemoteSource:
         *,
         settings: RemoteSettings | None = None,
         on_alive: Callable[[str], object] | None = None,
+        transport: FeedTransport | None = None,
     ) -> None:
         feed_url(url)  # Validate now: a typo in --routes-from must fail at start, not loop forever.
         self.url = url
@@ -202,6 +205,10 @@ class RemoteSource:
         self._on_alive = on_alive
         """Told of every chunk the feed sends, heartbeats included: the routes still hold."""
         self.settings = settings or RemoteSettings()
+        self.transport: FeedTransport = transport or FeedClient(
+            connect_timeout=self.settings.connect_timeout, idle_timeout=self.settings.idle_timeout
+        )
+        """How each GET is made; the default speaks HTTP/1.1 itself (``feedhttp``)."""
         self.connected = False
         self.last_update: float | None = None
         """Unix time the last table arrived; with ``connected`` False, how stale the router is."""
@@ -229,27 +236,25 @@ class RemoteSource:
     async def run(self, *, _iterations: int | None = None) -> None:
         """Follow the feed forever (or for ``_iterations`` connections, for tests)."""
         backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.settings.connect_timeout, sock_read=self.settings.idle_timeout
-        )
         count = 0
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while _iterations is None or count < _iterations:
-                count += 1
-                started = time.monotonic()
-                try:
-                    await self._follow(session)
-                    reason = "stream closed by the controller"
-                except (aiohttp.ClientError, TimeoutError, ValueError, ConnectionError) as exc:
-                    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                self.connected = False
-                if time.monotonic() - started >= self.settings.healthy_after:
-                    backoff.reset()
-                delay = backoff.next_delay()
-                self._report_stale(reason)
-                self._log_failure(reason, delay)
-                if _iterations is None or count < _iterations:
-                    await asyncio.sleep(delay)
+        while _iterations is None or count < _iterations:
+            count += 1
+            started = time.monotonic()
+            try:
+                await self._follow()
+                reason = "stream closed by the controller"
+            # OSError covers refused and reset connections, DNS and TLS failures; TimeoutError a
+            # silent controller; ValueError a malformed response or line.
+            except (OSError, TimeoutError, ValueError) as exc:
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.connected = False
+            if time.monotonic() - started >= self.settings.healthy_after:
+                backoff.reset()
+            delay = backoff.next_delay()
+            self._report_stale(reason)
+            self._log_failure(reason, delay)
+            if _iterations is None or count < _iterations:
+                await asyncio.sleep(delay)
 
     def _log_failure(self, reason: str, delay: float) -> None:
         """WARNING once per outage, with the retry schedule; DEBUG for each retry after that."""
@@ -310,13 +315,13 @@ class RemoteSource:
             ),
         )
 
-    async def _follow(self, session: aiohttp.ClientSession) -> None:
+    async def _follow(self) -> None:
         """Follow one connection; resubscribe at once (for a snapshot) when a /v2 line does not fit
         what we hold, unless it was the subscription's first line (then the controller is broken,
         and the caller's backoff applies)."""
         while True:
             try:
-                await self._subscribe(session)
+                await self._subscribe()
                 return
             except _Resubscribe as exc:
                 if self._lines_on_subscription <= 1:
@@ -324,7 +329,7 @@ class RemoteSource:
                 log.warning("controller feed %s: %s; subscribing again for a snapshot", self.url, exc)
                 self._synced = False
 
-    async def _subscribe(self, session: aiohttp.ClientSession) -> None:
+    async def _subscribe(self) -> None:
         pinned = pinned_path(self.url)
         path = pinned or DELTA_PATH
         # A /v1 table's version is a /v2 version too (one controller, one numbering): either feed
@@ -332,19 +337,18 @@ class RemoteSource:
         since, instance = (self.version, self.instance) if self._synced else (None, None)
         url = feed_url(self.url, since=since, instance=instance, path=path)
         self._lines_on_subscription = 0
-        async with session.get(url, headers={"Accept": "application/x-ndjson"}) as response:
-            if response.status == 404 and pinned is None:
-                # A controller that predates /v2; asked again on every new connection, so a router
-                # starts following deltas once the controller is upgraded.
-                response.release()
-                path = ROUTES_PATH
-                url = feed_url(self.url, since=self.version, instance=self.instance, path=path)
-                async with session.get(url, headers={"Accept": "application/x-ndjson"}) as fallback:
-                    await self._read(fallback, url, path)
+        async with self.transport.get(url, FEED_HEADERS) as response:
+            if response.status != 404 or pinned is not None:
+                await self._read(response, url, path)
                 return
-            await self._read(response, url, path)
+        # A controller that predates /v2; asked again on every new connection, so a router
+        # starts following deltas once the controller is upgraded.
+        path = ROUTES_PATH
+        url = feed_url(self.url, since=self.version, instance=self.instance, path=path)
+        async with self.transport.get(url, FEED_HEADERS) as fallback:
+            await self._read(fallback, url, path)
 
-    async def _read(self, response: aiohttp.ClientResponse, url: str, path: str) -> None:
+    async def _read(self, response: FeedResponse, url: str, path: str) -> None:
         if response.status != 200:
             raise ConnectionError(f"HTTP {response.status} from {url}")
         if path != self.feed_path:
@@ -365,7 +369,7 @@ class RemoteSource:
             self._on_snapshot(self.name, self._services)
         alive = self._on_alive
         receive = self._receive if path == ROUTES_PATH else self._receive_v2
-        async for line in _lines(response.content, self.settings.max_line_bytes, alive, self.name):
+        async for line in _lines(response.body(), self.settings.max_line_bytes, alive, self.name):
             self._lines_on_subscription += 1
             receive(line)
 
@@ -424,12 +428,12 @@ class RemoteSource:
 
 
 async def _lines(
-    stream: aiohttp.StreamReader, limit: int, alive: Callable[[str], object] | None = None, name: str = ""
+    stream: AsyncIterable[bytes], limit: int, alive: Callable[[str], object] | None = None, name: str = ""
 ) -> AsyncIterator[bytes]:
     """Non-empty lines (blank ones are heartbeats); our own splitter, for tables beyond 64 KiB.
     ``alive(name)`` hears of every chunk, so a heartbeat counts as the feed confirming its table."""
     buffer = bytearray()
-    async for chunk in stream.iter_any():
+    async for chunk in stream:
         if alive is not None:
             alive(name)
         buffer += chunk
