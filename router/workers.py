@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import gc
 import json
 import logging
 import multiprocessing
@@ -268,6 +269,7 @@ async def _serve(spec: _WorkerSpec, channel: socket.socket) -> int:
         await server.close(drain=0)
         return 1
     writer.write(_frame({"op": "started", "pid": os.getpid(), "version": server.table.version}))
+    gc.freeze()  # as devstack.cli's run_router: start-up's objects kept out of the GC's full passes
     stopping: asyncio.Future[float] = loop.create_future()
 
     def stop(seconds: float) -> None:
