@@ -741,7 +741,6 @@ class NgEngine(Engine):
         new = _lib.nghttp2_session_client_new2 if client else _lib.nghttp2_session_server_new2
         callbacks = _NATIVE_CALLBACKS if native else _CALLBACKS
         self._provider = _NATIVE_PROVIDER if native else _PROVIDER
-        self._native = native
         """The data provider every stream with a body is submitted with (its read callback)."""
         if new(ctypes.byref(session), callbacks, self._user_data, _OPTION) or not session.value:
             _ENGINES.pop(self._user_data, None)
@@ -949,7 +948,7 @@ class NgEngine(Engine):
         if count > len(self._nv):
             self._nv = (_Nv * max(count, 2 * len(self._nv)))()
             self._nv_address = ctypes.addressof(self._nv)
-        if self._native:
+        if not isinstance(self._rec, _PyRecorder):
             return _ngrecord.pack(self._nv_address, len(self._nv), headers)  # this loop in C
         packer = _NV_PACKERS.get(count)
         if packer is None:

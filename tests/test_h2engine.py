@@ -260,12 +260,9 @@ class Outcome:
         assert self.wire.digest() == other.wire.digest()
 
 
-def converse(kind: str, chunks: Sequence[bytes], app: App | None = None, **limits: int) -> Outcome:
-    """Feed ``chunks`` to a fresh engine, ``app`` reacting to each batch of events; stop at the
-    first ProtocolError."""
-    engine = make(kind, False, **limits)
-    wire = Wire()
-    wire.feed(engine.output())
+def _feed(engine: Engine, wire: Wire, chunks: Sequence[bytes], app: App | None) -> Outcome:
+    """Give ``engine`` the peer's ``chunks`` one by one, ``app`` reacting to each batch of events;
+    stop at the first ProtocolError. ``wire`` decodes what the engine writes."""
     events: list[Event] = []
     error = None
     for chunk in chunks:
@@ -280,6 +277,16 @@ def converse(kind: str, chunks: Sequence[bytes], app: App | None = None, **limit
         wire.feed(engine.output())
     wire.feed(engine.output())
     outcome = Outcome(norm(events), error, wire, engine)
+    return outcome
+
+
+def converse(kind: str, chunks: Sequence[bytes], app: App | None = None, **limits: int) -> Outcome:
+    """Feed ``chunks`` to a fresh engine, ``app`` reacting to each batch of events; stop at the
+    first ProtocolError."""
+    engine = make(kind, False, **limits)
+    wire = Wire()
+    wire.feed(engine.output())
+    outcome = _feed(engine, wire, chunks, app)
     if kind == "nghttp2" and nghttp2.NATIVE:
         converse("nghttp2-py", chunks, app, **limits).same_as(outcome)  # the C callbacks against their originals
     return outcome
@@ -946,20 +953,7 @@ def client_converse(
     peer = Peer()
     chunks = script(engine, peer)
     wire.feed(engine.output())
-    events: list[Event] = []
-    error = None
-    for chunk in chunks:
-        try:
-            batch = engine.receive(chunk)
-        except ProtocolError as exc:
-            error = exc.code
-            break
-        events += batch
-        if app is not None:
-            app(engine, batch)
-        wire.feed(engine.output())
-    wire.feed(engine.output())
-    outcome = Outcome(norm(events), error, wire, engine)
+    outcome = _feed(engine, wire, chunks, app)
     if kind == "nghttp2" and nghttp2.NATIVE:
         client_converse("nghttp2-py", script, app, **limits).same_as(outcome)
     return outcome
