@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import enum
+import functools
 import hashlib
 import itertools
 import json
@@ -19,9 +21,10 @@ import os
 import socket
 import struct
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, ParamSpec, TypeVar, cast
 
 import aiohttp
 from aiohttp import web
@@ -198,6 +201,37 @@ async def exchange(port: int, raw: bytes, timeout: float = 3.0) -> tuple[bytes, 
     finally:
         writer.close()
     return b"".join(chunks), closed
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+async def in_thread(fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    """``asyncio.to_thread`` (the caller's context included) on a daemon thread of its own: a
+    blocking client (grpcio, curl) that hangs fails its test by pytest-timeout instead of also
+    hanging the loop's close, which joins the default executor's threads, and the rest of the run."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_R] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the awaiting test, as to_thread would
+            outcome: Callable[[], None] = functools.partial(future.set_exception, exc)
+        else:
+            outcome = functools.partial(future.set_result, result)
+        with contextlib.suppress(RuntimeError):  # the loop closed: the test has long failed
+            loop.call_soon_threadsafe(settle, outcome)
+
+    context = contextvars.copy_context()  # as to_thread: the caller's context vars go with the call
+    name = f"in_thread:{getattr(fn, '__name__', 'call')}"
+    threading.Thread(target=context.run, args=(run,), name=name, daemon=True).start()
+    return await future
 
 
 def status_of(response: bytes) -> int:

@@ -30,7 +30,7 @@ from propagation.routing import current_routing_key, with_routing_key
 from router.server import RouterServer
 from router.settings import Mode, RouterSettings
 from tests.grpc_support import SERVICE, identity
-from tests.support import make_table, running_router
+from tests.support import in_thread, make_table, running_router
 
 pytestmark = pytest.mark.timeout(120)
 NAME = web.AppKey("name", str)
@@ -174,7 +174,7 @@ async def test_three_service_grpc_chain_routes_every_key_at_every_hop(hops: dict
         hops["b-alice"].next = _proxied_channel("c:50051", sidecar_b_alice)
         channel = _proxied_channel("a:50051", client_side)
         try:
-            results = await asyncio.to_thread(_run_client, channel)
+            results = await in_thread(_run_client, channel)
         finally:
             channel.close()
         # The client's calls all went over one connection to its sidecar, multiplexed.
@@ -240,8 +240,8 @@ async def test_mixed_chain_http1_grpc_http1_keeps_the_key(hops: dict[str, Hop]) 
                 call = mid_channel.unary_unary(
                     f"/{SERVICE}/Unary", request_serializer=identity, response_deserializer=identity
                 )
-                # to_thread copies the context, where the middleware made the caller's key current.
-                reply = await asyncio.to_thread(call, b"go")
+                # in_thread copies the context, where the middleware made the caller's key current.
+                reply = await in_thread(call, b"go")
                 return web.Response(body=reply)
 
             front_runner, front_port = await start_app("front", front)

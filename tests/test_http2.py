@@ -24,7 +24,7 @@ from router.server import RouterServer
 from router.settings import Mode, RouterSettings, Timeouts
 from tests.grpc_support import EchoService, channel, key_metadata, method
 from tests.h2_client import H2Client
-from tests.support import Origin, free_port, make_table, running_router
+from tests.support import Origin, free_port, in_thread, make_table, running_router
 
 
 @pytest.fixture
@@ -121,7 +121,9 @@ def _grpc_calls(port: int, authority: str = "echo", **options: object) -> dict[s
             metadata = key_metadata(key)
             reply, call = unary.with_call(b"hi", metadata=metadata, timeout=10)
             results[f"unary-{key}"] = (reply, dict(call.trailing_metadata()))
-            results[f"server-{key}"] = list(method(ch, "ServerStream", "unary_stream")(b"2", metadata=metadata))
+            results[f"server-{key}"] = list(
+                method(ch, "ServerStream", "unary_stream")(b"2", metadata=metadata, timeout=10)
+            )
             results[f"client-{key}"] = method(ch, "ClientStream", "stream_unary")(
                 iter([b"a" * 10, b"b" * 20]), metadata=metadata, timeout=10
             )
@@ -153,7 +155,7 @@ async def test_grpc_every_call_type_routed_per_call_on_one_connection(
     origins: tuple[Origin, Origin], echo: tuple[EchoService, EchoService]
 ) -> None:
     async with running_router(_table(origins, echo)) as router:  # type: ignore[arg-type]
-        results = await asyncio.to_thread(_grpc_calls, router.address[1])
+        results = await in_thread(_grpc_calls, router.address[1])
         assert router.stats.h2_connections == 1  # every call above shared one connection
     _check_grpc_calls(results)
     # The key reached the services as sent; te: trailers (which gRPC servers insist on) too.
@@ -176,11 +178,11 @@ async def test_grpc_answers_of_the_router_itself(
 ) -> None:
     async with running_router(_table(origins, echo)) as router:  # type: ignore[arg-type]
         port = router.address[1]
-        no_route = await asyncio.to_thread(_status_of, port, "nowhere", None)
-        not_ready = await asyncio.to_thread(_status_of, port, "echo", "carol")
-        down = await asyncio.to_thread(_status_of, port, "echo", "dave")
-        http1_only = await asyncio.to_thread(_status_of, port, "web", None)
-        deadline = await asyncio.to_thread(_status_of, port, "echo", None, "Slow", 0.5)
+        no_route = await in_thread(_status_of, port, "nowhere", None)
+        not_ready = await in_thread(_status_of, port, "echo", "carol")
+        down = await in_thread(_status_of, port, "echo", "dave")
+        http1_only = await in_thread(_status_of, port, "web", None)
+        deadline = await in_thread(_status_of, port, "echo", None, "Slow", 0.5)
     assert no_route == (grpc.StatusCode.UNIMPLEMENTED, "devstack: no-route")
     assert not_ready == (grpc.StatusCode.UNAVAILABLE, "devstack: override-not-ready")
     assert down == (grpc.StatusCode.UNAVAILABLE, "devstack: connect")
@@ -232,8 +234,8 @@ async def test_client_cancel_reaches_the_upstream(
     origins: tuple[Origin, Origin], echo: tuple[EchoService, EchoService]
 ) -> None:
     async with running_router(_table(origins, echo)) as router:  # type: ignore[arg-type]
-        assert await asyncio.to_thread(_cancel_midstream, router.address[1]) == 5
-        assert await asyncio.to_thread(echo[1].cancelled.wait, 5)
+        assert await in_thread(_cancel_midstream, router.address[1]) == 5
+        assert await in_thread(echo[1].cancelled.wait, 5)
 
 
 def _big_unary(port: int, size: int) -> bytes:
@@ -246,7 +248,7 @@ async def test_messages_of_4_mib_and_more(
     origins: tuple[Origin, Origin], echo: tuple[EchoService, EchoService]
 ) -> None:
     async with running_router(_table(origins, echo)) as router:  # type: ignore[arg-type]
-        reply = await asyncio.to_thread(_big_unary, router.address[1], 6 << 20)
+        reply = await in_thread(_big_unary, router.address[1], 6 << 20)
     assert reply.endswith(b"|%d" % (6 << 20)) and reply.startswith(b"alice|")
 
 
@@ -266,7 +268,7 @@ async def test_a_slow_reader_slows_the_upstream(
     """Flow control both ways: a client reading 64 KiB messages slowly holds the upstream back;
     the router buffers a bounded amount (its windows and one stream's limit), not the stream."""
     async with running_router(_table(origins, echo)) as router:  # type: ignore[arg-type]
-        await asyncio.to_thread(_slow_reader, router.address[1], 20)
+        await in_thread(_slow_reader, router.address[1], 20)
     # 20 messages read in ~1 s; an unthrottled upstream produces about 15,000 a second here (GB/s
     # on loopback). What is in flight is bounded by the windows: the client's (grpcio's, several
     # MiB with BDP probing), the router's (1 MiB per stream plus 256 KiB held), and what grpcio's
@@ -300,7 +302,7 @@ async def test_an_upstreams_graceful_goaway_loses_no_call(origins: tuple[Origin,
     # few hundred still waits out its deadline under pytest, not yet explained.
     try:
         async with running_router(table, RouterSettings(http2_engine="nghttp2")) as router:
-            replies = await asyncio.to_thread(many_calls, router.address[1])
+            replies = await in_thread(many_calls, router.address[1])
             errors = dict(router.stats.upstream_errors)
             assert router.ctx is not None
             opened = router.ctx.h2pool.opened
@@ -343,7 +345,7 @@ async def test_sidecar_connect_serves_grpc_streams_by_their_own_keys(
                     for key in ("alice", "bob", "")
                 }
 
-        replies = await asyncio.to_thread(through_proxy)
+        replies = await in_thread(through_proxy)
     assert replies == {"alice": b"alice|p|1", "bob": b"base|p|1", "": b"base|p|1"}
 
 
@@ -395,8 +397,8 @@ def _certificate(directory: Path, name: str) -> tuple[Path, Path]:
 async def test_tls_ingress_alpn_and_certificate_reload(
     tmp_path: Path, origins: tuple[Origin, Origin], echo: tuple[EchoService, EchoService]
 ) -> None:
-    first_cert, first_key = await asyncio.to_thread(_certificate, tmp_path, "first")
-    second_cert, second_key = await asyncio.to_thread(_certificate, tmp_path, "second")
+    first_cert, first_key = await in_thread(_certificate, tmp_path, "first")
+    second_cert, second_key = await in_thread(_certificate, tmp_path, "second")
     live_cert, live_key = tmp_path / "tls.crt", tmp_path / "tls.key"
     live_cert.write_bytes(first_cert.read_bytes())
     live_key.write_bytes(first_key.read_bytes())
@@ -415,7 +417,7 @@ async def test_tls_ingress_alpn_and_certificate_reload(
                 reply: bytes = method(ch, "Unary")(b"t", metadata=key_metadata("alice"), timeout=10)
                 return reply
 
-        assert await asyncio.to_thread(grpc_over_tls) == b"alice|t|1"
+        assert await in_thread(grpc_over_tls) == b"alice|t|1"
         # HTTP/1.1 by ALPN on the same listener.
         plain = ssl.create_default_context(cafile=str(first_cert))
         plain.set_alpn_protocols(["http/1.1"])
@@ -442,7 +444,7 @@ async def test_tls_ingress_alpn_and_certificate_reload(
 
 
 async def test_tls_bad_renewal_keeps_the_last_good_certificate(tmp_path: Path) -> None:
-    cert, key = await asyncio.to_thread(_certificate, tmp_path, "good")
+    cert, key = await in_thread(_certificate, tmp_path, "good")
     settings = RouterSettings(tls_cert=str(cert), tls_key=str(key), timeouts=Timeouts())
     server = RouterServer(settings)
     await server.start(("127.0.0.1", 0))

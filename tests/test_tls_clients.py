@@ -30,7 +30,7 @@ from benchmarks.h2load import parse_h2load
 from router.settings import RouterSettings
 from router.table import RouteTable
 from tests.h2_client import H2Client
-from tests.support import Origin, make_table, running_router
+from tests.support import Origin, in_thread, make_table, running_router
 from tests.test_http2 import _certificate
 
 TOOL_TIMEOUT = 30.0
@@ -57,7 +57,7 @@ async def _curl(port: int, cafile: Path, path: str, *options: str) -> tuple[int,
         "--cacert", str(cafile), "--resolve", f"web:{port}:127.0.0.1",
         "-w", "\n%{http_version} %{http_code}", *options, f"https://web:{port}{path}",
     ]  # fmt: skip
-    done = await asyncio.to_thread(_run, argv)
+    done = await in_thread(_run, argv)
     body, _, tail = done.stdout.rpartition("\n")
     version, _, status = tail.partition(" ")
     return done.returncode, version, status, body + done.stderr
@@ -72,7 +72,7 @@ def _origin_of(body: str) -> str:
 async def test_curl_http2_and_http1_over_tls_reach_the_keys_upstream(
     tmp_path: Path, origins: dict[str, Origin]
 ) -> None:
-    cert, key = await asyncio.to_thread(_certificate, tmp_path, "ingress")
+    cert, key = await in_thread(_certificate, tmp_path, "ingress")
     settings = RouterSettings(tls_cert=str(cert), tls_key=str(key))
     async with running_router(_table(origins), settings) as router:
         port = router.address[1]
@@ -107,7 +107,7 @@ async def test_curl_http2_and_http1_over_tls_reach_the_keys_upstream(
 async def test_h2load_over_tls_completes_every_stream_on_the_keys_upstream(
     tmp_path: Path, origins: dict[str, Origin]
 ) -> None:
-    cert, key = await asyncio.to_thread(_certificate, tmp_path, "ingress")
+    cert, key = await in_thread(_certificate, tmp_path, "ingress")
     settings = RouterSettings(tls_cert=str(cert), tls_key=str(key))
 
     def h2load(port: int, path: str, *headers: str) -> str:
@@ -120,8 +120,8 @@ async def test_h2load_over_tls_completes_every_stream_on_the_keys_upstream(
 
     async with running_router(_table(origins), settings) as router:
         port = router.address[1]
-        alice = await asyncio.to_thread(h2load, port, "/load/alice", "baggage: devstack=alice")
-        baseline = await asyncio.to_thread(h2load, port, "/load/none")
+        alice = await in_thread(h2load, port, "/load/alice", "baggage: devstack=alice")
+        baseline = await in_thread(h2load, port, "/load/none")
         connections = router.stats.h2_connections
     for output in (alice, baseline):
         assert re.search(r"^Application protocol: h2$", output, re.MULTILINE), output
@@ -154,8 +154,8 @@ def _secret_volume(directory: Path, version: str, cert: Path, key: Path) -> None
 async def test_certificate_renewal_keeps_open_connections_and_new_handshakes_see_it(
     tmp_path: Path, origins: dict[str, Origin]
 ) -> None:
-    first_cert, first_key = await asyncio.to_thread(_certificate, tmp_path, "first")
-    second_cert, second_key = await asyncio.to_thread(_certificate, tmp_path, "second")
+    first_cert, first_key = await in_thread(_certificate, tmp_path, "first")
+    second_cert, second_key = await in_thread(_certificate, tmp_path, "second")
     volume = tmp_path / "secret"
     volume.mkdir()
     _secret_volume(volume, "v1", first_cert, first_key)
@@ -181,7 +181,7 @@ async def test_certificate_renewal_keeps_open_connections_and_new_handshakes_see
             in_flight = client.start("web", "/held", [("baggage", "devstack=alice")])
             await asyncio.wait_for(arrived.wait(), 10)  # the stream is at the origin, waiting
             # The renewal; the router's watcher (no nudge from here) notices it within its poll.
-            await asyncio.to_thread(_secret_volume, volume, "v2", second_cert, second_key)
+            await in_thread(_secret_volume, volume, "v2", second_cert, second_key)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 3 * router.tls.POLL_SECONDS + 5
             while router.tls.loads < 2:
