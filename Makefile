@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 # The interpreted pass re-runs what exercises the hot-path modules (everything else is pure Python anyway).
-INTERPRETED_TESTS ?= tests/test_keys.py tests/test_table.py tests/test_proxy.py tests/test_malformed_requests.py \
+INTERPRETED_TESTS ?= tests/test_scoped_feed.py tests/test_keys.py tests/test_table.py tests/test_proxy.py tests/test_malformed_requests.py \
 	tests/test_hardening.py tests/test_streaming.py tests/test_reload_under_load.py tests/test_admin.py \
 	tests/test_tracing.py tests/test_fuzz.py tests/test_demo.py tests/test_compiled.py \
 	tests/test_tunnels.py tests/test_slow_bodies.py tests/test_request_policy.py tests/test_errors.py \

@@ -62,6 +62,8 @@ __all__ = [
     "churn_yaml",
     "fanout_markdown",
     "router_under_changes",
+    "scoped_markdown",
+    "scoped_sidecars",
 ]
 
 FEED_SUBSCRIBERS: Final = 1_000
@@ -629,3 +631,106 @@ def router_under_changes(
         "errors": sum(c.errors for c in cells),
         "readyz_after": readyz,
     }
+
+
+# --- scoped sidecars ------------------------------------------------------------------------------
+
+SCOPED_SERVICES: Final = (configs.SERVICE, "svc00001", "svc00002")
+"""The three services a scoped sidecar's app calls, of the large table's 10,000."""
+
+
+def _feed_bytes(pid: int, port: int) -> int:
+    """Bytes ``pid`` has received on its open connections to ``port`` (the kernel's tcp_info, by ``ss``)."""
+    out = subprocess.run(
+        ["ss", "-Htinp", f"( dport = :{port} )"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    total = 0
+    mine = False
+    for line in out.splitlines():
+        if not line.startswith(("\t", " ")):
+            mine = f"pid={pid}," in line
+        elif mine and (found := re.search(r"bytes_received:(\d+)", line)):
+            total += int(found.group(1))
+    return total
+
+
+def _first_use(port: int, host: str) -> tuple[int, float]:
+    """One request through a sidecar (absolute form, as ``HTTP_PROXY`` makes clients send it)."""
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", f"http://{host}/", headers={"Host": host, "baggage": "devstack=alice"})
+        response = conn.getresponse()
+        response.read()
+        return response.status, time.monotonic() - started
+    finally:
+        conn.close()
+
+
+def scoped_sidecars(stack: Stack, *, log: Log) -> dict[str, Any]:
+    """Sidecars following the 10k-service controller: every service, ``--services`` three of them,
+    and ``--learn-services`` after requests for three; their RSS, table size and feed bytes."""
+    text = configs.route_yaml_large(
+        stack.upstreams,
+        services=scale.LARGE_SERVICES,
+        overrides_per_service=scale.LARGE_OVERRIDES // scale.LARGE_SERVICES,
+    )
+    controller, ready = stack.start_controller("controller-scoped", text)
+    url = f"http://127.0.0.1:{controller.port}"
+    log(f"  controller with {scale.LARGE_SERVICES} services ready in {ready:.1f}s")
+    sidecar = ["--mode", "sidecar"]
+    variants: dict[str, list[str]] = {
+        "every service": sidecar,
+        f"--services ({len(SCOPED_SERVICES)})": [*sidecar, "--services", ",".join(SCOPED_SERVICES)],
+        "--learn-services": [*sidecar, "--learn-services"],
+    }
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        for label, extra in variants.items():
+            name = "sidecar-" + re.sub(r"[^a-z]+", "-", label).strip("-")
+            router, took = stack.start_router(name, routes_from=url, extra=extra, ready_within=180)
+            row: dict[str, Any] = {"seconds_to_ready": took}
+            if "--learn-services" in extra:
+                row["first_use"] = [_first_use(router.port or 0, host) for host in SCOPED_SERVICES]
+                row["again"] = [_first_use(router.port or 0, host) for host in SCOPED_SERVICES]
+            time.sleep(1.0)  # settle: the feed's lines applied, allocator quiet (a reading, not a condition)
+            sample = ProcSample.read(router.pid or 0)
+            row.update(
+                services=len(router.admin_json("/routes")["services"]),
+                rss_kib=sample.rss_kib,
+                hwm_kib=sample.hwm_kib,
+                feed_bytes=_feed_bytes(router.pid or 0, controller.port or 0),
+            )
+            rows[label] = row
+            log(
+                f"  {label}: {row['services']} services held, RSS {row['rss_kib'] / 1024:.1f} MiB "
+                f"(peak {row['hwm_kib'] / 1024:.1f}), {row['feed_bytes']:,} feed bytes on its connection, "
+                f"ready in {took:.1f}s"
+                + (
+                    "; first requests "
+                    + ", ".join(f"{status} in {seconds * 1000:.0f} ms" for status, seconds in row["first_use"])
+                    + ", again "
+                    + ", ".join(f"{status} in {seconds * 1000:.1f} ms" for status, seconds in row["again"])
+                    if "first_use" in row
+                    else ""
+                )
+            )
+            if router.proc is not None:
+                stack.procs.stop(router.proc)
+    finally:
+        if controller.proc is not None:
+            stack.procs.stop(controller.proc)
+    return {"services": scale.LARGE_SERVICES, "rows": rows}
+
+
+def scoped_markdown(info: dict[str, Any]) -> str:
+    lines = [
+        "| sidecar following the controller | services held | RSS MiB (peak) | feed bytes received | ready s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, row in info["rows"].items():
+        lines.append(
+            f"| {label} | {row['services']:,} | {row['rss_kib'] / 1024:.1f} ({row['hwm_kib'] / 1024:.1f}) "
+            f"| {row['feed_bytes']:,} | {row['seconds_to_ready']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -20,7 +20,8 @@ import h2.config
 import h2.connection
 
 from router import nghttp2
-from router.h2engine import DataReceived, Engine, H2Engine, Headers, RequestReceived
+from router.h2engine import DataReceived, Engine, Headers, RequestReceived
+from router.h2lib import H2Engine
 
 REQUEST: Headers = [
     (b":method", b"GET"),

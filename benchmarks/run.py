@@ -54,7 +54,7 @@ QUICK_FLOOR: Final = 0.3
 """--quick fails when the router serves less than this fraction of nginx's req/s in the same run:
 far below the expected ~0.4-0.5x on two cores, so only a real regression (not host noise) trips it."""
 ALL_CANDIDATES: Final = ("direct", "nginx", "haproxy", "router")
-SCALE_ROWS: Final = ("large-table", "swaps", "idle", "feed", "router-feed")
+SCALE_ROWS: Final = ("large-table", "swaps", "idle", "feed", "router-feed", "scoped")
 """``--scale``'s rows, in run order (``large-table`` includes the reload of that table)."""
 _T = TypeVar("_T")
 
@@ -525,6 +525,23 @@ def run_scale(stack: Stack, args: argparse.Namespace, host: dict[str, Any]) -> i
         table = feed.fanout_markdown(info)
         sections.append(f"## {title}\n\n{table}\n{notes}")
         document["feed_fanout"] = info
+        _log(f"\n## {title}\n{table}{notes}")
+    if "scoped" in rows:
+        _log(f"scoped sidecars: following a {scale.LARGE_SERVICES}-service controller, whole or scoped")
+        info = _router_step(lambda: feed.scoped_sidecars(stack, log=_log))
+        title = f"sidecars following a {scale.LARGE_SERVICES // 1000}k-service controller: every service or a scope"
+        learned = info["rows"].get("--learn-services", {})
+        notes = (
+            "Each sidecar (`devstack router --mode sidecar --routes-from`, lite admin) alone on the proxy core, "
+            "measured a second after it is ready. Feed bytes: what its connection to the controller received "
+            "(kernel tcp_info by `ss`; gzip, as routers ask). The learning sidecar holds nothing until its app's "
+            "first requests, each held until the feed answered for its authority: "
+            + ", ".join(f"{status} in {seconds * 1000:.0f} ms" for status, seconds in learned.get("first_use", []))
+            + "; its bytes are its last subscription's (it subscribes again when its scope grows).\n"
+        )
+        table = feed.scoped_markdown(info)
+        sections.append(f"## {title}\n\n{table}\n{notes}")
+        document["scoped_sidecars"] = info
         _log(f"\n## {title}\n{table}{notes}")
     if "router-feed" in rows:
         _log("router following a controller under c50 while one service changes every 100 ms")

@@ -17,6 +17,11 @@ Wire format (one JSON object per line; an empty line is a heartbeat)::
 
 A delta carries the table-level fields (``sources``, ``groups``) whole: they are small, and a
 subscriber can then rebuild exactly ``to_json`` of version V2 from V1 and the delta.
+
+A subscriber may name a scope (``/v2/routes?services=a,b.shop.svc``: service names or authorities
+it routes): its snapshot and deltas then carry only the services those names cover, so a sidecar's
+table and traffic grow with what its app calls, not with the cluster. A scope is fixed for one
+subscription; a subscriber that needs more asks again with the larger scope, for a snapshot.
 """
 
 from __future__ import annotations
@@ -179,6 +184,8 @@ class _Change:
     created: frozenset[str]
     """The subset of ``changed`` that ``start`` did not have."""
     removed: frozenset[str]
+    rehosted: frozenset[str] = frozenset()
+    """The subset of ``changed`` whose hosts changed: it may have left (or joined) a host scope."""
 
 
 class RouteFeed:
@@ -192,8 +199,9 @@ class RouteFeed:
         self._fragments: dict[str, bytes] = {}
         """Service name → ``"name":{...}`` as the current table has it; dropped when it changes,
         encoded again on first demand, so an unchanged service is encoded once across versions."""
-        self._frames: dict[int | None, Frame] = {}
-        """Lines to the current version, by the version they start from (None: the snapshot)."""
+        self._frames: dict[tuple[int | None, frozenset[str] | None], Frame] = {}
+        """Lines to the current version, by the version they start from (None: the snapshot) and
+        the subscriber's scope (None: every service)."""
         self._table_fields = b""
         self.encodings = 0
         """Lines encoded so far (snapshots and deltas): one per (from, to) whatever the number of subscribers."""
@@ -218,6 +226,7 @@ class RouteFeed:
             old = previous.services
             changed: set[str] = set()
             created: set[str] = set()
+            rehosted: set[str] = set()
             for name, routes in table.services.items():
                 before = old.get(name)
                 if before is None:
@@ -225,11 +234,20 @@ class RouteFeed:
                     changed.add(name)
                 elif before is not routes and before != routes:  # most services are shared or equal
                     changed.add(name)
+                    if before.hosts != routes.hosts:
+                        rehosted.add(name)
             removed = {name for name in old if name not in table.services}
             for name in changed | removed:
                 self._fragments.pop(name, None)
             self._history.append(
-                _Change(previous.version, table.version, frozenset(changed), frozenset(created), frozenset(removed))
+                _Change(
+                    previous.version,
+                    table.version,
+                    frozenset(changed),
+                    frozenset(created),
+                    frozenset(removed),
+                    frozenset(rehosted),
+                )
             )
         self.table = table
         self._frames = {}
@@ -244,18 +262,36 @@ class RouteFeed:
             return True
         return any(change.start == since for change in self._history)
 
-    def frame(self, held: int | None) -> Frame:
+    def frame(self, held: int | None, scope: frozenset[str] | None = None) -> Frame:
         """The line that brings a subscriber holding ``held`` (None: nothing usable) to the current
-        version: a delta when ``held`` is remembered, else the snapshot; encoded once per start."""
+        version: a delta when ``held`` is remembered, else the snapshot; encoded once per start
+        (and scope: a scoped subscriber's lines carry only the services its scope names)."""
         remembered = held is not None and held != self.table.version and self._since_index(held) is not None
         start = held if remembered else None
-        frame = self._frames.get(start)
+        frame = self._frames.get((start, scope))
         if frame is None:
-            line = self._snapshot_line() if start is None else self._delta_line(start)
+            covered = None if scope is None else self.covered(scope)
+            line = self._snapshot_line(covered) if start is None else self._delta_line(start, covered)
             frame = Frame(line, self.table.version, self.settings.gzip_level)
-            self._frames[start] = frame
+            self._frames[(start, scope)] = frame
             self.encodings += 1
         return frame
+
+    def covered(self, scope: frozenset[str]) -> frozenset[str]:
+        """The services of the current table a scope names: each name is a service's name or an
+        authority one of its hosts answers (``payments``, ``payments.shop.svc:8080``), as a router
+        resolves the requests it has seen; names that match nothing are simply not covered (yet)."""
+        table = self.table
+        services = table.services
+        covered = set()
+        for name in scope:
+            if name in services:
+                covered.add(name)
+            else:
+                routes = table.routes_for_authority(name)
+                if routes is not None:
+                    covered.add(routes.service)
+        return frozenset(covered)
 
     def _since_index(self, held: int) -> int | None:
         for index, change in enumerate(self._history):
@@ -288,24 +324,38 @@ class RouteFeed:
         services = self.table.services
         return b",".join(self._fragment(name, services[name]) for name in names)
 
-    def _snapshot_line(self) -> bytes:
-        services = self._services(self.table.services)
-        return b'{"kind":"snapshot",' + self._fields() + b',"services":{' + services + b"}}\n"
+    def _snapshot_line(self, covered: frozenset[str] | None) -> bytes:
+        names = self.table.services if covered is None else sorted(covered)
+        return b'{"kind":"snapshot",' + self._fields() + b',"services":{' + self._services(names) + b"}}\n"
 
-    def _delta_line(self, start: int) -> bytes:
+    def _delta_line(self, start: int, covered: frozenset[str] | None) -> bytes:
         """One delta from ``start`` to the current version, however many versions lie between: each
-        touched service is either set to its current routes or removed, if ``start`` had it."""
+        touched service is either set to its current routes or removed, if ``start`` had it.
+
+        For a scope (``covered``: the services it names now), only covered services are set. A
+        service outside it is listed as removed if ``start`` had it and it is gone or its hosts
+        changed since (it may have been in scope by a host it no longer has: the feed keeps names,
+        not the old tables that would tell); a scoped subscriber drops removals of services it does
+        not hold. Other changes outside the scope cost the subscriber nothing but the version.
+        Nothing in scope changed: the line still comes, with nothing set, to move its version on."""
         index = self._since_index(start)
         assert index is not None, "frame() checks that the start is remembered"
         existed_at_start: dict[str, bool] = {}
+        rehosted: set[str] = set()
         for change in list(self._history)[index:]:
+            rehosted |= change.rehosted
             for name in change.changed:
                 existed_at_start.setdefault(name, name not in change.created)
             for name in change.removed:
                 existed_at_start.setdefault(name, True)
         current = self.table.services
-        changed = sorted(name for name in existed_at_start if name in current)
-        removed = sorted(name for name, existed in existed_at_start.items() if existed and name not in current)
+        kept = {name for name in existed_at_start if name in current and (covered is None or name in covered)}
+        changed = sorted(kept)
+        removed = sorted(
+            name
+            for name, existed in existed_at_start.items()
+            if existed and name not in kept and (covered is None or name not in current or name in rehosted)
+        )
         return (
             b'{"kind":"delta","from":'
             + str(start).encode()

@@ -185,6 +185,15 @@ class _ControllerCollector(Collector):
         yield connected
 
 
+def _scope(raw: str | None) -> frozenset[str] | None:
+    """``?services=`` → the scope (names lowercased, as hosts are matched; empty for a sidecar that
+    has seen no request yet, which still follows the version), None for no scope."""
+    if raw is None:
+        return None
+    # No count limit of its own: the request line (8 KiB in aiohttp) bounds a scope's size.
+    return frozenset(name.strip().lower() for name in raw.split(",") if name.strip())
+
+
 def _problems(status: Mapping[str, object]) -> list[str]:
     """The Kubernetes source's conflicts, unusable Deployments and ConfigMaps, leaks, expired overrides and
     disconnected watches, one line each, for the dashboard's warning banner."""
@@ -299,11 +308,13 @@ def make_publish_app(
     async def delta_stream(request: web.Request) -> web.StreamResponse:
         """``/v2/routes``: a snapshot unless the subscriber's (instance, since) is remembered, then one
         line per wake-up bringing it from what it holds to the current version (a delta spanning
-        every version it was too slow to see), heartbeats when idle; gzip as shared segments."""
+        every version it was too slow to see), heartbeats when idle; gzip as shared segments.
+        ``services=a,b`` scopes the stream to the services those names cover."""
         try:
             since = int(request.query["since"]) if "since" in request.query else None
         except ValueError:
             return web.json_response({"error": "since must be an integer version"}, status=400)
+        scope = _scope(request.query.get("services"))
         feed = publisher.feed
         held = since if feed.remembers(request.query.get("instance"), since) else None
         framing = GzipFraming() if "gzip" in request.headers.get("Accept-Encoding", "") else None
@@ -319,7 +330,7 @@ def make_publish_app(
             while not publisher.closed:
                 version = feed.version
                 if version > 0 and held != version:  # version 0 is the empty table before the first snapshot
-                    frame = feed.frame(held)
+                    frame = feed.frame(held, scope)
                     # Awaited: the next line is chosen only after this one drained, so however slow the
                     # reader, the stream holds one line and the next skips to the newest version.
                     await response.write(frame.line if framing is None else framing.wrap(frame))

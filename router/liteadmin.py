@@ -134,6 +134,12 @@ def router_families(stats: RouterStats, table: RouteTable, access_log: AccessLog
         _scalar("devstack_upstream_connections", "gauge", "Open upstream connections.", stats.upstream_connections),
         _scalar("devstack_tunnels_open", "gauge", "Upgraded (WebSocket) tunnels not yet ended.", stats.tunnels_open),
         _scalar("devstack_http2_connections", "counter", "Client connections served as HTTP/2.", stats.h2_connections),
+        _scalar(
+            "devstack_scope_first_use_waits",
+            "counter",
+            "Requests a --learn-services sidecar held until the feed answered for their service's routes.",
+            stats.scope_holds,
+        ),
         Family(
             "devstack_http2_goaway",
             "counter",

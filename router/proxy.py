@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, Final, cast
 
@@ -32,6 +32,7 @@ from router.http2 import PRI_HEAD, Http2Connection
 from router.keys import KeySource
 from router.relay import ResponseRelay
 from router.request import HeadCache, Plan, Policy, TableSlot, decide
+from router.scope import scope_name
 from router.settings import RouterSettings
 from router.stats import UNROUTED, RouterStats
 from router.tunnel import Tunnel
@@ -126,6 +127,22 @@ class _Request(Plan):
         self.complete = False
         self.started_at = 0.0
         self.retried = False
+        self.redecide: tuple[bytes, str, bool, bool, list[tuple[bytes, bytes]]] | None = None
+        """A learning sidecar's request without a route: what ``decide`` read, to decide it again
+        once the feed has answered for its authority (``_hold``)."""
+
+
+class _Hold:
+    """The active request, held until the feed answers for its authority or ``RouteScope.wait`` ends."""
+
+    __slots__ = ("name", "req", "resume", "timer")
+
+    def __init__(self, req: _Request, name: str, resume: Callable[[], None], timer: asyncio.TimerHandle) -> None:
+        self.req = req
+        self.name = name
+        self.resume = resume
+        """The one callable handed to the scope and the timer (``forget`` finds it by identity)."""
+        self.timer = timer
 
 
 # The connection's states. Exactly one holds at a time; the transitions are the methods named.
@@ -199,6 +216,7 @@ class ClientConnection(ExchangeOwner):
         self._timer_at = 0.0
         """When ``_timer`` fires: kept here because TimerHandle.when() is a method call."""
         self._deadline = 0.0
+        self._hold: _Hold | None = None
 
     # -- asyncio protocol ---------------------------------------------------------------------
 
@@ -331,6 +349,8 @@ class ClientConnection(ExchangeOwner):
         self.ctx.connections.discard(self)
         self.ctx.stats.open_connections -= 1
         self._cancel_timer()
+        if self._hold is not None:
+            self._release_hold()
         tunnel = self._tunnel
         if tunnel is not None and tunnel.open:
             tunnel.open = False
@@ -427,6 +447,8 @@ class ClientConnection(ExchangeOwner):
         ctx = self.ctx
         decide(ctx.policy, self._cache, ctx.slot, parser.get_method(), target, version, keep_alive, parser_upgrade,
                self._headers, req)  # fmt: skip
+        if req.refusal is not None and ctx.slot.scope is not None:
+            self._may_hold(req, target, version, keep_alive, parser_upgrade)
         self._fresh = False
         if ctx.draining:
             req.keep_alive = False
@@ -504,11 +526,17 @@ class ClientConnection(ExchangeOwner):
         self._active = req
         self._cancel_timer()
         req.started_at = perf_counter()
+        self._go(req)
+
+    def _go(self, req: _Request) -> None:
+        """Run the active exchange as decided: the router's answer, a tunnel, or an upstream."""
+        refusal = req.refusal
+        if refusal is not None and req.redecide is not None and self._held(req):
+            return
         self._relay.begin(req.keep_alive)
         decision = req.decision
         if decision is not None:
             self.ctx.stats.requests[decision.stats_key] += 1
-        refusal = req.refusal
         if refusal is not None:
             self._answer(refusal, req.detail)
             return
@@ -571,6 +599,67 @@ class ClientConnection(ExchangeOwner):
             conn.write(_CHUNK_END)
         # A request complete before the upstream was attached needs no request_sent(): start()
         # already applied the response timeout (no body pending) and every write since counts as I/O.
+
+    # -- a learning sidecar's first request for a service (rare: once per name) -------------------
+
+    def _may_hold(self, req: _Request, target: bytes, version: str, keep_alive: bool, upgrade: bool) -> None:
+        """A scoped sidecar found no route: if its scope learns, keep what ``decide`` read."""
+        refusal = req.refusal
+        scope = self.ctx.slot.scope
+        if (refusal is Answer.NO_ROUTE or refusal is Answer.NO_ROUTE_SIDECAR) and scope is not None and scope.learn:
+            req.redecide = (target, version, keep_alive, upgrade, list(self._headers))
+            if req.method == b"CONNECT":
+                # llhttp stops at a CONNECT head for good: what follows is parsed afresh, as after
+                # an accepted CONNECT; if this one is refused after all, the connection closes.
+                self._plain_after_upgrade = True
+
+    def _held(self, req: _Request) -> bool:
+        """Hold the active request until the feed has answered for its authority (True), unless
+        there is nothing to wait for: the scope knows the name already, or is full."""
+        scope = self.ctx.slot.scope
+        assert scope is not None
+        name = scope_name(req.authority)
+
+        def resume() -> None:
+            self._resume(hold)
+
+        if not scope.first_use(name, resume):
+            req.redecide = None
+            if req.method == b"CONNECT":
+                req.keep_alive = False  # see _may_hold
+            return False
+        hold = _Hold(req, name, resume, self.loop.call_later(scope.wait, resume))
+        self._hold = hold
+        self.ctx.stats.scope_holds += 1
+        return True
+
+    def _release_hold(self) -> None:
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            hold.timer.cancel()
+            scope = self.ctx.slot.scope
+            if scope is not None:
+                scope.forget(hold.name, hold.resume)
+
+    def _resume(self, hold: _Hold) -> None:
+        """The feed answered for the held request's authority (or the wait ended): decide again
+        on the table as it is now, and run the exchange as decided."""
+        if self._hold is not hold:
+            return  # already resumed, or the connection closed
+        self._release_hold()
+        req = hold.req
+        if self._state >= _LINGERING or req is not self._active:
+            return
+        redecide, req.redecide = req.redecide, None
+        assert redecide is not None
+        target, version, keep_alive, upgrade, headers = redecide
+        req.refusal = None
+        ctx = self.ctx
+        # (The plan as decide returns it: mypy, and so mypyc, would take req.refusal for None still.)
+        plan = decide(ctx.policy, self._cache, ctx.slot, req.method, target, version, keep_alive, upgrade, headers, req)
+        if ctx.draining or (plan.refusal is not None and req.method == b"CONNECT"):
+            req.keep_alive = False
+        self._go(req)
 
     def _connected(self, req: _Request) -> None:
         """A sidecar's CONNECT to a service: 200, then the same connection starts afresh (the

@@ -22,6 +22,7 @@ from router import COMPILED
 from router.errors import Answer
 from router.http import HOP_BY_HOP, PROTECTED, connection_tokens, is_valid_authority
 from router.keys import BaggageKeySource, KeySource, has_member, is_valid_key, percent_decode
+from router.scope import RouteScope
 from router.settings import Mode, RouterSettings
 from router.table import Decision, Routes, RouteTable
 
@@ -85,12 +86,14 @@ _TRACE_FIELDS: Final = frozenset({b"traceparent", b"tracestate"})
 class TableSlot:
     """The one mutable reference to the current table; the controller side swaps it whole."""
 
-    __slots__ = ("generation", "table")
+    __slots__ = ("generation", "scope", "table")
 
     def __init__(self, table: RouteTable) -> None:
         self.table = table
         self.generation = 0
         """Bumped by every swap: connections remember lookups made in one generation."""
+        self.scope: RouteScope | None = None
+        """A scoped sidecar's names (``--services``, ``--learn-services``); None follows everything."""
 
     def swap(self, table: RouteTable) -> None:
         self.table = table
@@ -550,9 +553,9 @@ def _connect(policy: Policy, slot: TableSlot, target: bytes, plan: Plan) -> Answ
         return Answer.CONNECT
     if b"@" in target or target[:1] == b"/" or not is_valid_authority(target):
         return Answer.TARGET_AUTHORITY
+    plan.authority = target  # a learning sidecar subscribes to it when it names no service yet
     if slot.table.routes_for_authority(target.decode("latin-1")) is None:
         return Answer.NO_ROUTE_SIDECAR
-    plan.authority = target
     plan.connect = True
     return None
 

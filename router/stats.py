@@ -71,6 +71,7 @@ class RouterStats:
         "tunnels_open",
         "h2_connections",
         "h2_goaway",
+        "scope_holds",
         "table_failures",
         "source_confirmed",
     )
@@ -97,6 +98,8 @@ class RouterStats:
         """Client connections served as HTTP/2 (prior knowledge, ALPN, or after CONNECT)."""
         self.h2_goaway: defaultdict[str, int] = defaultdict(int)
         """HTTP/2 client connections the router cut off, by why (an error code, a budget)."""
+        self.scope_holds = 0
+        """Requests a learning sidecar held for a service's first routes (``router.scope``)."""
         """Upgraded (WebSocket) client connections whose tunnel has not ended yet."""
         self.table_failures: dict[str, int] = {}
         """Source → updates rejected (the last good table kept serving) or failed fetches."""

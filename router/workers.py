@@ -4,12 +4,16 @@ Its single responsibility is supervising worker processes. Each worker runs a ``
 on the same proxy port (SO_REUSEPORT: the kernel spreads new connections over the workers'
 accept queues); the parent keeps everything else: the one route source (whatever the composition
 root wires to ``swap``), the table, the admin listener and readiness. The parent hands every new
-table to every worker as JSON over a socket pair (``RouteTable.to_json``, read back by the
-``decode`` function the composition root supplies, since the router cannot import the
-controller's validator), asks the workers for their counters when ``/metrics`` or the dashboard
-is read, drains them on ``close``, and restarts one that dies, with backoff. It must never read
-a route source in a worker, accept a proxy connection in the parent, or fork a process whose
-event loop is running: workers start with the ``spawn`` method, a fresh interpreter each.
+table to every worker as JSON over a socket pair: a worker's first table whole
+(``RouteTable.to_json``, read back by the ``decode`` function the composition root supplies, since
+the router cannot import the controller's validator), and after that, as a delta from the table
+before (the services set and removed, applied by the root's ``decode_delta``, so a one-service
+change of a 10,000-service table costs each worker one service and the host index, not seconds of
+parsing); a worker that cannot apply a delta asks for the whole table again. It asks the workers
+for their counters when ``/metrics`` or the dashboard is read, drains them on ``close``, and
+restarts one that dies, with backoff. It must never read a route source in a worker, accept a
+proxy connection in the parent, or fork a process whose event loop is running: workers start
+with the ``spawn`` method, a fresh interpreter each.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, cast
 
 from aiohttp import web
@@ -40,21 +44,25 @@ from router.errors import Answer
 from router.server import RouterServer, start_admin_listener
 from router.settings import RouterSettings
 from router.stats import Histogram, RouterStats
-from router.table import EMPTY_TABLE, RouteTable
+from router.table import EMPTY_TABLE, Routes, RouteTable
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
 
-__all__ = ["TableDecoder", "WorkerPool"]
+__all__ = ["DeltaDecoder", "TableDecoder", "WorkerPool"]
 
 log = logging.getLogger(__name__)
 
+Message: TypeAlias = dict[str, Any]
+"""One JSON object on a worker's channel; ``op`` says what it is (see ``_frame``)."""
 TableDecoder: TypeAlias = Callable[[Any], RouteTable]
 """A ``RouteTable.to_json()`` document back into the table; must be a module-level function,
 because a worker receives it by reference (pickled by name)."""
+DeltaDecoder: TypeAlias = Callable[[RouteTable, Mapping[str, object], Message], RouteTable]
+"""A ``delta`` message applied to the table it starts from (whose route groups, as the parent
+wrote them, are the second argument) → the new table, sharing every ``Routes`` the delta does not
+set; raises ValueError for one that does not apply. Module-level, as ``TableDecoder``."""
 Readiness: TypeAlias = Callable[[], tuple[bool, dict[str, Any]]]
-Message: TypeAlias = dict[str, Any]
-"""One JSON object on a worker's channel; ``op`` says what it is (see ``_frame``)."""
 
 START_TIMEOUT: Final = 60.0
 """Seconds a new worker has to import the router, bind and say so. A fresh interpreter needs
@@ -72,6 +80,9 @@ worker that cannot start (a broken certificate, a port taken) costs a spawn per
 RESTART_BACKOFF_MAX: Final = 10.0
 STABLE_AFTER: Final = 30.0
 """A worker that served this long crashed for a new reason: its restart backoff starts over."""
+DELTA_SHARE: Final = 0.5
+"""A change to more than this share of the services goes to the workers as a whole table: a delta
+that large costs about as much to encode and to apply, and the whole table is the simpler message."""
 
 _LENGTH: Final = struct.Struct("!I")
 
@@ -79,10 +90,14 @@ _LENGTH: Final = struct.Struct("!I")
 def _frame(message: Message) -> bytes:
     """One message on a channel: its length (4 bytes, big-endian), then compact JSON.
 
-    Parent to worker: ``table`` (make ``table`` current, answer ``ack``), ``stats`` (answer
-    ``stats`` with the same ``id``), ``drain`` (stop accepting, finish within ``seconds``, exit).
+    Parent to worker: ``table`` (make ``table`` current, answer ``ack``), ``delta`` (the table
+    after version ``from``: ``version``, ``sources`` and ``groups`` whole, the services in ``set``
+    and ``removed`` changed; make it current and answer ``ack`` if ``from`` is current, else answer
+    ``resync``), ``stats`` (answer ``stats`` with the same ``id``), ``drain`` (stop accepting,
+    finish within ``seconds``, exit).
     Worker to parent: ``started`` (listening, with ``pid`` and table ``version``), ``failed``
-    (cannot listen: ``errno``, ``message``), ``ack`` (``version`` is current), ``stats`` (a
+    (cannot listen: ``errno``, ``message``), ``ack`` (``version`` is current), ``resync`` (a
+    delta did not apply to ``version``, which it holds: send the whole table), ``stats`` (a
     report; ``id`` None for the last one, sent as the worker exits)."""
     body = json.dumps(message, separators=(",", ":")).encode()
     return _LENGTH.pack(len(body)) + body
@@ -208,6 +223,7 @@ class _WorkerSpec:
     listen: tuple[str, int]
     settings: _Fields
     decode: TableDecoder
+    decode_delta: DeltaDecoder
     prepare: Callable[[], None] | None
     """The composition root's set-up of a router process (logging, event loop policy)."""
     trace: bool
@@ -224,19 +240,66 @@ def _worker_main(spec: _WorkerSpec, channel: socket.socket) -> None:
     sys.exit(asyncio.run(_serve(spec, channel)))
 
 
-def _apply(server: RouterServer, decode: TableDecoder, message: Message) -> bool:
-    """Make the message's table current; whether it was."""
-    try:
-        table = decode(message["table"])
-    except ValueError:
-        # The parent validated this table; failing here is a bug. Not acknowledging it keeps
-        # the pod unready, which says so louder than this line.
-        log.exception("router worker: the table from the parent does not load; keeping v%d", server.table.version)
-        return False
-    if table.version == 0:
-        return False  # the parent has no table yet
-    server.swap(table)
-    return True
+class _Follower:
+    """A worker's end of the table protocol, without I/O: makes the tables the parent sends
+    current on ``server``, and says what to answer.
+
+    The parent's channel is ordered and every delta starts from the table sent before it, so a
+    delta that does not start from the table held here can only follow a table that did not load
+    (a bug): it is never applied (the services it does not carry may differ), and the whole table
+    is asked for instead."""
+
+    def __init__(self, server: RouterServer, decode: TableDecoder, decode_delta: DeltaDecoder) -> None:
+        self._server = server
+        self._decode = decode
+        self._decode_delta = decode_delta
+        self._groups: Mapping[str, object] = {}
+        """The current table's route groups as the parent wrote them: a delta with others regroups every service."""
+        self.wants_table = False
+        """A whole table was asked for: deltas are dropped until it comes (those already on their
+        way start from tables this worker never held; the whole table brings it past them)."""
+
+    def take(self, message: Message) -> Message | None:
+        """Apply a ``table`` or ``delta`` message; the answer for the parent, if any."""
+        held = self._server.table.version
+        if message["op"] == "table":
+            self.wants_table = False
+            return self._ack() if self._whole(message["table"]) else None
+        if self.wants_table:
+            return None
+        if message["from"] == held:
+            try:
+                table = self._decode_delta(self._server.table, self._groups, message)
+            except ValueError:
+                log.exception("router worker: the delta to v%d does not apply to v%d", message["version"], held)
+            else:
+                self._server.swap(table)
+                self._groups = message["groups"]
+                return self._ack()
+        else:
+            log.warning("router worker: a delta from v%d, but this worker holds v%d", message["from"], held)
+        self.wants_table = True
+        return {"op": "resync", "version": held}
+
+    def _whole(self, document: Any) -> bool:
+        """Make a whole table current; whether it was."""
+        try:
+            table = self._decode(document)
+        except ValueError:
+            # The parent validated this table; failing here is a bug. Not acknowledging it keeps
+            # the pod unready, which says so louder than this line.
+            log.exception(
+                "router worker: the table from the parent does not load; keeping v%d", self._server.table.version
+            )
+            return False
+        if table.version == 0:
+            return False  # the parent has no table yet
+        self._server.swap(table)
+        self._groups = document["groups"]
+        return True
+
+    def _ack(self) -> Message:
+        return {"op": "ack", "version": self._server.table.version}
 
 
 def _worker_report(server: RouterServer) -> Message:
@@ -256,11 +319,12 @@ async def _serve(spec: _WorkerSpec, channel: socket.socket) -> int:
 
         tracer = make_tracer_from_env()
     server = RouterServer(settings, tracer=tracer)
+    follower = _Follower(server, spec.decode, spec.decode_delta)
     first = await _receive(reader)
     if first is None:
         return 0  # the parent went away before this worker was of use
     # The table before the listener: a restarted worker must never answer from an empty table.
-    _apply(server, spec.decode, first)  # acknowledged by ``started``
+    follower.take(first)  # the whole table (``WorkerPool._spawn``), acknowledged by ``started``
     try:
         await server.start(spec.listen, reuse_port=True)
     except OSError as exc:
@@ -282,9 +346,9 @@ async def _serve(spec: _WorkerSpec, channel: socket.socket) -> int:
         try:
             while (message := await _receive(reader)) is not None:
                 op = message["op"]
-                if op == "table":
-                    if _apply(server, spec.decode, message):
-                        writer.write(_frame({"op": "ack", "version": server.table.version}))
+                if op in ("table", "delta"):
+                    if (answer := follower.take(message)) is not None:
+                        writer.write(_frame(answer))
                 elif op == "stats":
                     writer.write(_frame({"op": "stats", "id": message["id"], "stats": _worker_report(server)}))
                 elif op == "drain":
@@ -361,8 +425,41 @@ class _Slot:
         self.total = _Counts()
         """``retired`` plus ``report``, as of the last gathering."""
         self.restarts = 0
+        self.updates = {"whole": 0, "delta": 0}
+        """Tables sent to this slot's workers (its restarts included), whole and as deltas."""
         self.asked: dict[int, asyncio.Future[None]] = {}
         self.task: asyncio.Task[None] | None = None
+
+
+def _delta(previous: RouteTable, table: RouteTable) -> Message | None:
+    """The ``delta`` message from ``previous`` to ``table``, or None when the whole table is the one
+    to send: there was no table before, or more than ``DELTA_SHARE`` of the services changed. A
+    service is unchanged when it is the same ``Routes`` (a source that shares structure, as the
+    controller feed's follower does) or an equal one (a source that builds every service again, as
+    the route file's does), as ``controller.feed`` tells them apart."""
+    if previous.version == 0:
+        return None
+    before = previous.services
+    limit = DELTA_SHARE * len(table.services)
+    changed: dict[str, Routes] = {}
+    for name, routes in table.services.items():
+        old = before.get(name)
+        if old is not routes and old != routes:
+            changed[name] = routes
+            if len(changed) > limit:
+                return None  # no need to look further, nor to encode what was found
+    removed = [name for name in before if name not in table.services]
+    if len(changed) + len(removed) > limit:
+        return None
+    return {
+        "op": "delta",
+        "from": previous.version,
+        "version": table.version,
+        "sources": list(table.sources),
+        "groups": table.groups_json(),
+        "set": {name: routes.to_json() for name, routes in changed.items()},
+        "removed": removed,
+    }
 
 
 class WorkerPool:
@@ -379,6 +476,7 @@ class WorkerPool:
         *,
         workers: int,
         decode: TableDecoder,
+        decode_delta: DeltaDecoder,
         readiness: Readiness | None = None,
         prepare: Callable[[], None] | None = None,
         trace: bool = False,
@@ -390,11 +488,13 @@ class WorkerPool:
         """The route sources' counters (the composition root fills them in); requests are counted
         by the workers and gathered into ``AdminState.stats`` per scrape."""
         self._decode = decode
+        self._decode_delta = decode_delta
         self._readiness = readiness
         self._prepare = prepare
         self._trace = trace
         self._table = EMPTY_TABLE
-        self._table_frame = _frame({"op": "table", "table": EMPTY_TABLE.to_json()})
+        self._whole: bytes | None = None
+        """The current table's ``table`` message, encoded when a worker first needs it whole."""
         self._slots = [_Slot(index) for index in range(workers)]
         self._context = multiprocessing.get_context("spawn")
         self._listen: tuple[str, int] = ("", 0)
@@ -416,12 +516,34 @@ class WorkerPool:
         return self._table
 
     def swap(self, table: RouteTable) -> None:
-        """Make ``table`` current and send it to every worker (encoded once for all)."""
+        """Make ``table`` current and send it to every worker, encoded once for all: as a delta
+        from the table before when few services changed (``_delta``), else whole.
+
+        Every open channel has been sent every table since its worker's first, in order (``_spawn``
+        sends the current one whole, with no await before the channel is open to ``swap``), so the
+        delta starts from what each worker holds once it has read the channel; a worker for which
+        it does not (one of its tables did not load) answers ``resync``, and is sent the whole table."""
+        previous = self._table
         self._table = table
-        self._table_frame = _frame({"op": "table", "table": table.to_json()})
+        self._whole = None
+        if not any(slot.writer is not None for slot in self._slots):
+            return  # every worker is starting again: each is sent the current table whole
+        delta = _delta(previous, table)
+        frame, sent_as = (self._whole_frame(), "whole") if delta is None else (_frame(delta), "delta")
         for slot in self._slots:
             if slot.writer is not None:
-                slot.writer.write(self._table_frame)
+                slot.writer.write(frame)
+                slot.updates[sent_as] += 1
+
+    def _whole_frame(self) -> bytes:
+        if self._whole is None:
+            self._whole = _frame({"op": "table", "table": self._table.to_json()})
+        return self._whole
+
+    def _send_whole(self, slot: _Slot) -> None:
+        assert slot.writer is not None
+        slot.writer.write(self._whole_frame())
+        slot.updates["whole"] += 1
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """The composition root's readiness, and every worker on the current table."""
@@ -498,6 +620,7 @@ class WorkerPool:
             listen=self._listen,
             settings=_Fields.of(self.settings),
             decode=self._decode,
+            decode_delta=self._decode_delta,
             prepare=self._prepare,
             trace=self._trace,
         )
@@ -513,7 +636,7 @@ class WorkerPool:
             theirs.close()
         slot.process = process
         slot.reader, slot.writer = await asyncio.open_unix_connection(sock=ours)
-        slot.writer.write(self._table_frame)  # with no await since the writer was set: no table is missed
+        self._send_whole(slot)  # with no await since the writer was set: no table is missed
         if self._closing:
             slot.writer.write(_frame({"op": "drain", "seconds": 0}))
         try:
@@ -536,6 +659,8 @@ class WorkerPool:
             op = message["op"]
             if op == "ack":
                 slot.acked = message["version"]
+            elif op == "resync":
+                self._send_whole(slot)  # the worker logged why the delta did not apply
             elif op == "stats":
                 slot.report = message["stats"]
                 asked = slot.asked.pop(message["id"], None) if message["id"] is not None else None
@@ -642,6 +767,11 @@ class _PoolCollector(Collector):
         cpu = CounterMetricFamily(
             "devstack_worker_cpu_seconds", "CPU time of each worker (its restarts included).", labels=["worker"]
         )
+        updates = CounterMetricFamily(
+            "devstack_worker_table_updates",
+            "Route tables sent to each worker (its restarts included): whole, or as a delta from the one before.",
+            labels=["worker", "sent_as"],
+        )
         version = GaugeMetricFamily(
             "devstack_worker_route_table_version",
             "Route table version each worker serves (-1 while it is down).",
@@ -652,8 +782,10 @@ class _PoolCollector(Collector):
             restarts.add_metric(label, slot.restarts)
             routed.add_metric(label, slot.total.routed)
             cpu.add_metric(label, slot.total.cpu_seconds)
+            for sent_as, count in slot.updates.items():
+                updates.add_metric([*label, sent_as], count)
             version.add_metric(label, -1 if slot.acked is None else slot.acked)
-        yield from (restarts, routed, cpu, version)
+        yield from (restarts, routed, cpu, updates, version)
         counts = self._counts()
         if self._access_log:
             yield CounterMetricFamily(

@@ -29,6 +29,7 @@ from typing import Any, Final, ParamSpec, TypeVar, cast
 import aiohttp
 from aiohttp import web
 
+from controller.publish import PublishSettings, RoutePublisher, make_publish_app
 from router.server import RouterServer
 from router.settings import RouterSettings
 from router.table import Fallback, Override, Routes, RouteTable, Target
@@ -172,6 +173,25 @@ async def running_router(
         yield server
     finally:
         await server.close(drain=0.5)
+
+
+@contextlib.asynccontextmanager
+async def serve_controller(
+    publisher: RoutePublisher, *, settings: PublishSettings | None = None, middlewares: Sequence[Any] = ()
+) -> AsyncIterator[str]:
+    """A controller's feed and health endpoints (``controller.publish``) for ``publisher`` on a
+    loopback port; yields its base URL."""
+    app = make_publish_app(publisher, readiness=lambda: (True, {}), settings=settings)
+    app.middlewares.extend(middlewares)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 async def exchange(port: int, raw: bytes, timeout: float = 3.0) -> tuple[bytes, bool]:

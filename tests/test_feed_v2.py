@@ -19,10 +19,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from controller.publish import PublishSettings, RoutePublisher, make_publish_app
+from controller.publish import PublishSettings, RoutePublisher
 from controller.sources.remote import DELTA_PATH, ROUTES_PATH, RemoteSettings, RemoteSource, routes_from_json
 from router.table import Override, Routes, RouteTable, Target
 from tests.kube.kube_support import eventually
+from tests.support import serve_controller as _controller
 
 TIMEOUT = 10.0
 QUICK = RemoteSettings(backoff_initial=0.05, backoff_max=0.2)
@@ -50,24 +51,6 @@ def _table(services: dict[str, Routes], version: int) -> RouteTable:
     return RouteTable(services, version=version, sources=("kubernetes",))
 
 
-@contextlib.asynccontextmanager
-async def _controller(
-    publisher: RoutePublisher,
-    *,
-    settings: PublishSettings | None = None,
-    middlewares: tuple[Any, ...] = (),
-) -> AsyncIterator[str]:
-    app = make_publish_app(publisher, readiness=lambda: (True, {}), settings=settings)
-    app.middlewares.extend(middlewares)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 async def _line(response: aiohttp.ClientResponse) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import struct
 import subprocess
 import sys
@@ -39,7 +40,6 @@ from router.h2engine import (
     Engine,
     ErrorCode,
     Event,
-    H2Engine,
     Headers,
     PingReceived,
     ProtocolError,
@@ -51,6 +51,7 @@ from router.h2engine import (
     TrailersReceived,
     WindowUpdated,
 )
+from router.h2lib import H2Engine
 from tests.support import (
     END_HEADERS,
     END_STREAM,
@@ -1221,6 +1222,26 @@ def test_without_the_library_the_module_says_why_and_h2_serves() -> None:
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert run.stdout.strip() == "False|libnghttp2.so.14 not found|H2Engine"
+
+
+def test_a_router_on_the_library_never_imports_h2() -> None:
+    # h2 with hpack and hyperframe is 1.5 MiB resident, which a small sidecar would carry for nothing.
+    engines = (
+        "import sys\n"
+        "from router import h2engine, h2upstream, http2, proxy\n"
+        "print(type(h2engine.make_engine(False)).__name__, type(h2engine.make_engine(True)).__name__)\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('h2', 'hpack', 'hyperframe')))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", engines],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={name: value for name, value in os.environ.items() if name != "DEVSTACK_HTTP2_ENGINE"},
+    )
+    assert run.stdout.splitlines() == ["NgEngine NgEngine", "[]"]
 
 
 def test_close_is_safe_twice_and_leaves_an_inert_engine() -> None:

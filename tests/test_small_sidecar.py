@@ -1,12 +1,14 @@
 """A small sidecar (issue #17): ``devstack router --mode sidecar --routes-from URL`` in its own
 process, following a real ``devstack controller --routes FILE`` process on loopback.
 
-It routes by key once the feed arrives and follows edits made on the controller's side; its admin
-listener is the lite one (``router.liteadmin``: readiness, Prometheus text) and the process never
-imports aiohttp, prometheus_client, PyYAML, the Kubernetes client or OpenTelemetry, which
-``python -X importtime`` (one stderr line per module imported, at any time) lets us see from
-outside; and it stays small while idle. The lite metrics are checked byte for byte against what
-prometheus_client writes for the same counters, and the feed transport against a real controller.
+It routes by key once the feed arrives and follows edits made on the controller's side, on uvloop
+and on asyncio's own loop (``--loop asyncio``); its admin listener is the lite one
+(``router.liteadmin``: readiness, Prometheus text) and the process never imports aiohttp,
+prometheus_client, PyYAML, the Kubernetes client, OpenTelemetry or h2, nor the standard modules
+it has no use for, which ``python -X importtime`` (one stderr line per module imported, at any
+time) lets us see from outside; and it stays small while idle. The lite metrics are checked byte
+for byte against what prometheus_client writes for the same counters, and the feed transport
+against a real controller.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,13 +47,27 @@ STARTUP = 20.0
 """Seconds for two interpreters to start and the feed to arrive, on a loaded two-core machine."""
 FOLLOW = 10.0
 """The controller polls its file every second and the feed pushes at once: a few seconds at most."""
-IDLE_RSS_MIB = 31
-"""What a lite sidecar following a one-service feed may keep resident (VmRSS) while idle. Issue #17
-asks for 25 MiB; what is left above it is the interpreter with asyncio, ssl and logging (about 20
-MiB before any of our code), uvloop (2.3), the compiled hot path and h2, which the HTTP/2 front
-end imports eagerly (about 3), and the route validator with datetime (1): measured 29.5 MiB."""
-HEAVY = ("aiohttp", "prometheus_client", "yaml", "kubernetes", "opentelemetry", "multidict", "yarl")
-"""Top-level packages a lite sidecar must not import (multidict and yarl come only with aiohttp)."""
+IDLE_RSS_MIB = {"asyncio": 25.5, "uvloop": 28.0}
+"""What a lite sidecar following a one-service feed may keep resident (VmRSS) while idle, by
+``--loop``. Issue #17 asks for 25 MiB. Measured here (x86-64, Python 3.11, OpenSSL 3.0, with -X
+importtime): 27.4 MiB on uvloop (29.5 before h2, hashlib, datetime and random became lazy or
+unused), 24.9 on asyncio's loop (uvloop's module, libuv and buffers are 2.5). Of the 24.9, about
+21 is the interpreter with what asyncio imports in any program (ssl with OpenSSL alone is 4.8),
+logging, argparse, ctypes and json; the rest is ours: the compiled hot path (1.4), httptools and
+our modules. Each bound leaves half a MiB (2%) for another host's Python and OpenSSL builds."""
+HEAVY = (
+    "aiohttp", "prometheus_client", "yaml", "kubernetes", "opentelemetry", "multidict", "yarl",
+    "h2", "hpack", "hyperframe",
+)  # fmt: skip
+"""Top-level packages a lite sidecar must not import (multidict and yarl come only with aiohttp;
+h2 only with the h2 engine, loaded by the first HTTP/2 connection and only where libnghttp2 is
+missing or ``--http2-engine h2``)."""
+UNUSED_STDLIB = ("datetime", "hashlib", "_hashlib", "random")
+"""Standard modules it has no use for, each 0.2-0.7 MiB resident: datetime parses expiry times
+written in route files (a feed sends numbers), hashlib would load OpenSSL's digests for the
+stale-build check, random would seed a generator for reconnect jitter."""
+ASYNCIO_UNUSED = ("uvloop", "encodings.idna", "unicodedata")
+"""On asyncio's loop, neither uvloop nor the idna codec (uvloop loads it binding a listener)."""
 
 
 def _routes(origins: dict[str, Origin], alice: str) -> str:
@@ -79,6 +96,8 @@ class Sidecar:
     routes: Path
     imported: set[str]
     """Every module the router process imported so far (from its ``-X importtime`` lines)."""
+    loop: str
+    """Its ``--loop``."""
 
 
 async def _ready(session: aiohttp.ClientSession, url: str) -> bool:
@@ -110,8 +129,13 @@ async def _process(*args: str, stderr: int | None = None) -> AsyncIterator[async
         await process.wait()
 
 
+LOOPS = pytest.mark.parametrize("sidecar", ["uvloop", "asyncio"], indirect=True)
+"""Runs a test against a sidecar on each ``--loop`` (without it, the fixture's is the default)."""
+
+
 @pytest.fixture
-async def sidecar(tmp_path: Path, origins: dict[str, Origin]) -> AsyncIterator[Sidecar]:
+async def sidecar(tmp_path: Path, origins: dict[str, Origin], request: pytest.FixtureRequest) -> AsyncIterator[Sidecar]:
+    loop: str = getattr(request, "param", "uvloop")
     routes = tmp_path / "routes.yaml"
     _write(routes, _routes(origins, "alice"))
     controller = f"127.0.0.1:{free_port()}"
@@ -129,7 +153,7 @@ async def sidecar(tmp_path: Path, origins: dict[str, Origin]) -> AsyncIterator[S
         async with _process(
             "-X", "importtime", "-m", "devstack", "router", "--mode", "sidecar",
             "--routes-from", f"http://{controller}", "--listen", proxy, "--admin", admin,
-            "--access-log", "off", "--log-level", "WARNING",
+            "--access-log", "off", "--log-level", "WARNING", "--loop", loop,
             stderr=asyncio.subprocess.PIPE,
         ) as router:  # fmt: skip
             assert router.stderr is not None
@@ -138,7 +162,7 @@ async def sidecar(tmp_path: Path, origins: dict[str, Origin]) -> AsyncIterator[S
                 await eventually(
                     lambda: _ready(session, f"http://{admin}/readyz"), timeout=STARTUP, interval=0.05, what="router"
                 )
-                yield Sidecar(router, f"http://{proxy}", f"http://{admin}", routes, imported)
+                yield Sidecar(router, f"http://{proxy}", f"http://{admin}", routes, imported, loop)
             finally:
                 if router.returncode is None:
                     router.terminate()
@@ -163,6 +187,7 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, str]
 # --- the sidecar process ---------------------------------------------------------------------------
 
 
+@LOOPS
 async def test_a_sidecar_routes_by_key_from_the_feed_and_follows_edits_on_the_controller(
     sidecar: Sidecar, origins: dict[str, Origin]
 ) -> None:
@@ -214,7 +239,8 @@ async def test_the_lite_admin_answers_readiness_health_routes_and_prometheus_met
             assert status == 404, path
 
 
-async def test_the_sidecar_imports_no_http_client_metrics_yaml_kubernetes_or_tracing_library(
+@LOOPS
+async def test_the_sidecar_imports_no_http_client_metrics_yaml_kubernetes_tracing_or_h2_library(
     sidecar: Sidecar,
 ) -> None:
     async with aiohttp.ClientSession() as session:
@@ -227,14 +253,17 @@ async def test_the_sidecar_imports_no_http_client_metrics_yaml_kubernetes_or_tra
     assert "router.liteadmin" in sidecar.imported and "controller.sources.feedhttp" in sidecar.imported
     heavy = sorted(name for name in sidecar.imported if name.split(".")[0] in HEAVY)
     assert heavy == []
+    unused = UNUSED_STDLIB + (ASYNCIO_UNUSED if sidecar.loop == "asyncio" else ())
+    assert sorted(sidecar.imported.intersection(unused)) == []
 
 
+@LOOPS
 async def test_an_idle_sidecar_stays_small(sidecar: Sidecar) -> None:
     async with aiohttp.ClientSession() as session:
         assert await _origin_for(session, sidecar, "alice") == "alice"
         assert (await _get(session, f"{sidecar.admin}/metrics"))[0] == 200
     resident = memory_kib(sidecar.process.pid)["VmRSS"] / 1024
-    assert resident <= IDLE_RSS_MIB, f"{resident:.1f} MiB resident"
+    assert resident <= IDLE_RSS_MIB[sidecar.loop], f"{resident:.1f} MiB resident on {sidecar.loop}"
 
 
 def test_admin_lite_is_refused_with_workers(tmp_path: Path) -> None:
@@ -331,3 +360,40 @@ async def test_the_feed_transport_reads_a_gzipped_chunked_stream_from_a_real_con
         await runner.cleanup()
     assert [(line["kind"], line["version"]) for line in lines] == [("snapshot", 1), ("delta", 2)]
     assert encodings[0] == "gzip -> gzip", encodings
+
+
+_RESOLVE_BY_NAME = """
+import asyncio, sys
+from controller.sources.feedhttp import FeedClient
+
+async def answer(reader, writer):
+    await reader.readuntil(b"\\r\\n\\r\\n")
+    writer.write(b"HTTP/1.1 404 Not Found\\r\\nContent-Length: 0\\r\\n\\r\\n")
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with FeedClient(connect_timeout=5, idle_timeout=5).get(f"http://localhost:{port}/v2/routes", {}) as response:
+        print(response.status, "encodings.idna" in sys.modules, "unicodedata" in sys.modules)
+    server.close()
+
+asyncio.run(main())
+"""
+
+
+def test_the_feed_transport_resolves_a_host_name_without_loading_the_idna_codec() -> None:
+    # asyncio's own connect would encode the name with the idna codec, which brings unicodedata
+    # (0.4 MiB resident) into a sidecar on asyncio's loop. "localhost" may resolve to ::1 first,
+    # where nothing listens: the next address is tried.
+    run = subprocess.run(
+        [sys.executable, "-c", _RESOLVE_BY_NAME],
+        env=devstack_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["404", "False", "False"]

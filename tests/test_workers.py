@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -23,10 +24,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from devstack.cli import _table_from_json, build_parser
+from devstack.cli import _table_after_delta, _table_from_json, build_parser
 from router.errors import Answer
+from router.server import RouterServer
 from router.stats import RouterStats
-from router.workers import _Counts, _report
+from router.table import EMPTY_TABLE, RouteTable
+from router.workers import _Counts, _delta, _Follower, _frame, _report
 from tests.cli_support import ROOT, occupied_port, run_devstack, user_error
 from tests.support import Origin, free_port, make_table
 
@@ -36,6 +39,8 @@ START_WITHIN = 30.0
 FRESH_CONNECTIONS = 40
 """Requests sent each on its own connection; the kernel hashes each to a worker, so all of them
 landing on one of two workers happens once in 2**39 runs."""
+MANY_SERVICES = 2_000
+"""A table whose whole JSON (about 200 kB) every change would otherwise cost, small enough to start fast."""
 
 
 @dataclasses.dataclass
@@ -66,6 +71,20 @@ class Router:
             text = await resp.text()
         pattern = rf'^{metric}\{{worker="(\d+)"\}} (\S+)$'
         return {worker: float(value) for worker, value in re.findall(pattern, text, re.MULTILINE)}
+
+    async def table_updates(self) -> dict[tuple[str, str], float]:
+        """(worker, "whole" or "delta") → route tables the parent sent that worker so."""
+        async with self.session.get(f"http://127.0.0.1:{self.admin}/metrics") as resp:
+            text = await resp.text()
+        updates = {}
+        for labels, value in re.findall(r"^devstack_worker_table_updates_total\{(.*)\} (\S+)$", text, re.MULTILINE):
+            named = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            updates[(named["worker"], named["sent_as"])] = float(value)
+        return updates
+
+    async def ready_on(self, version: int) -> bool:
+        status, body = await self.readyz()
+        return status == 200 and body["version"] == version
 
     async def get(self, host: str, path: str = "/") -> tuple[int, dict[str, Any]]:
         """One request on a connection of its own, so the kernel picks a worker for it."""
@@ -309,6 +328,75 @@ async def test_workers_do_not_outlive_a_killed_parent(web_origin: Origin, tmp_pa
         await until(workers_gone, 10, "the orphaned workers exited")
 
 
+def many_services(url: str) -> dict[str, str]:
+    return {f"svc{number:04d}": url for number in range(MANY_SERVICES)}
+
+
+def sent(whole: tuple[int, ...], delta: tuple[int, ...]) -> dict[tuple[str, str], float]:
+    """What ``Router.table_updates`` reads when worker N was sent ``whole[N]`` and ``delta[N]`` tables."""
+    return {
+        **{(str(worker), "whole"): float(count) for worker, count in enumerate(whole)},
+        **{(str(worker), "delta"): float(count) for worker, count in enumerate(delta)},
+    }
+
+
+async def test_a_one_service_change_reaches_every_worker_as_a_delta(web_origin: Origin, tmp_path: Path) -> None:
+    second = Origin("second")
+    await second.start()
+    services = {**many_services(web_origin.url), "moved": web_origin.url, "doomed": web_origin.url}
+    try:
+        async with running_pool(tmp_path, services) as router:
+            assert await router.table_updates() == sent(whole=(1, 1), delta=(0, 0))
+            del services["doomed"]
+            services["moved"] = second.url
+            write_atomically(router.routes, route_file(services))
+            await until(lambda: router.ready_on(2), 10, "every worker on v2")
+            assert await router.table_updates() == sent(whole=(1, 1), delta=(1, 1))
+
+            before = await router.per_worker("devstack_worker_requests_total")
+            answers = await asyncio.gather(*(router.get("moved") for _ in range(FRESH_CONNECTIONS)))
+            assert {(status, body["origin"]) for status, body in answers} == {(200, "second")}
+            after = await router.per_worker("devstack_worker_requests_total")
+            assert all(after[w] > before[w] for w in before), (before, after)
+            answers = await asyncio.gather(*(router.get("doomed") for _ in range(FRESH_CONNECTIONS)))
+            assert {(status, body["reason"]) for status, body in answers} == {(404, "no-route")}
+    finally:
+        await second.close()
+
+
+async def test_a_restarted_worker_is_sent_the_whole_table_then_deltas(web_origin: Origin, tmp_path: Path) -> None:
+    second = Origin("second")
+    await second.start()
+    services = {**many_services(web_origin.url), "moved": web_origin.url}
+    try:
+        async with running_pool(tmp_path, services) as router:
+            services["added"] = web_origin.url
+            write_atomically(router.routes, route_file(services))
+            await until(lambda: router.ready_on(2), 10, "every worker on v2")
+            killed = (await router.pids())[0]
+            os.kill(killed, signal.SIGKILL)
+
+            async def replaced_and_ready() -> bool:
+                status, body = await router.readyz()
+                pid = body["workers"][0]["pid"]
+                return status == 200 and pid is not None and pid != killed
+
+            await until(replaced_and_ready, START_WITHIN, "worker 0 replaced")
+            assert await router.table_updates() == sent(whole=(2, 1), delta=(1, 1))
+            services["moved"] = second.url
+            write_atomically(router.routes, route_file(services))
+            await until(lambda: router.ready_on(3), 10, "every worker on v3")
+            assert await router.table_updates() == sent(whole=(2, 1), delta=(2, 2))
+
+            before = await router.per_worker("devstack_worker_requests_total")
+            answers = await asyncio.gather(*(router.get("moved") for _ in range(FRESH_CONNECTIONS)))
+            assert {(status, body["origin"]) for status, body in answers} == {(200, "second")}
+            after = await router.per_worker("devstack_worker_requests_total")
+            assert all(after[w] > before[w] for w in before), (before, after)
+    finally:
+        await second.close()
+
+
 def test_a_busy_port_is_one_line_naming_listen() -> None:
     with occupied_port() as port:
         result = run_devstack(
@@ -347,6 +435,95 @@ def test_a_worker_reads_back_the_table_its_parent_sends() -> None:
     )
     copy = _table_from_json(table.to_json())
     assert copy.version == 7 and copy.sources == table.sources and copy.same_routes(table)
+
+
+def over_channel(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` as the other end of a worker's channel reads it."""
+    decoded: dict[str, Any] = json.loads(_frame(message)[4:])
+    return decoded
+
+
+def numbered(count: int, version: int, **moved: str) -> RouteTable:
+    """Services ``svc0``… on ports 9000…, but for ``moved`` ones (name → baseline URL)."""
+    specs = {f"svc{number}": {"baseline": f"http://127.0.0.1:{9000 + number}"} for number in range(count)}
+    specs.update({name: {"baseline": url} for name, url in moved.items()})
+    return make_table(specs, version=version)
+
+
+def delta_read(previous: RouteTable, table: RouteTable) -> dict[str, Any]:
+    """The parent's delta from ``previous`` to ``table`` as a worker reads it (failing if it sends the table whole)."""
+    message = _delta(previous, table)
+    assert message is not None
+    return over_channel(message)
+
+
+def following(table: RouteTable) -> tuple[RouterServer, _Follower]:
+    """A worker's end of the table protocol, sent ``table`` whole as a new worker is."""
+    server = RouterServer()
+    follower = _Follower(server, _table_from_json, _table_after_delta)
+    answer = follower.take(over_channel({"op": "table", "table": table.to_json()}))
+    assert answer == {"op": "ack", "version": table.version}
+    return server, follower
+
+
+def test_a_worker_applies_a_delta_building_only_the_services_it_sets() -> None:
+    before = numbered(10, 1)
+    server, follower = following(before)
+    held = server.table
+    specs = {name: {"baseline": routes.baseline.url} for name, routes in before.services.items()}
+    specs["svc3"] = {"baseline": "http://127.0.0.1:9999"}
+    del specs["svc7"]
+    specs["added"] = {"baseline": "http://127.0.0.1:9998", "hosts": ["added.example"]}
+    after = make_table(specs, version=2)  # every Routes built again, as a route file's reload does
+    delta = _delta(before, after)
+    assert delta is not None and sorted(delta["set"]) == ["added", "svc3"] and delta["removed"] == ["svc7"]
+    assert follower.take(over_channel(delta)) == {"op": "ack", "version": 2}
+    table = server.table
+    assert table.version == 2 and table.sources == after.sources and table.same_routes(after)
+    assert table.service_for_authority("added.example") == "added"
+    shared = [name for name in table.services if name not in ("svc3", "added")]
+    assert all(table.services[name] is held.services[name] for name in shared)
+
+
+def test_a_change_to_more_than_half_the_services_is_sent_whole() -> None:
+    before = numbered(10, 1)
+    half = {f"svc{number}": f"http://127.0.0.1:{8000 + number}" for number in range(5)}
+    assert _delta(before, numbered(10, 2, **half)) is not None
+    assert _delta(before, numbered(10, 2, **half, svc5="http://127.0.0.1:8005")) is None
+
+
+def test_the_first_table_is_sent_whole() -> None:
+    assert _delta(EMPTY_TABLE, numbered(1, 1)) is None
+
+
+@pytest.mark.parametrize(
+    ("start", "removed"), [(2, []), (1, ["nowhere"])], ids=["from-another-version", "removing-an-unknown-service"]
+)
+def test_a_delta_that_does_not_fit_the_held_table_asks_for_the_whole_table(start: int, removed: list[str]) -> None:
+    server, follower = following(numbered(3, 1))
+    held = server.table
+    delta = {
+        "op": "delta",
+        "from": start,
+        "version": 3,
+        "sources": ["test"],
+        "groups": {},
+        "set": {},
+        "removed": removed,
+    }
+    assert follower.take(over_channel(delta)) == {"op": "resync", "version": 1}
+    assert server.table is held
+
+
+def test_a_worker_that_asked_for_the_whole_table_drops_deltas_until_it_comes() -> None:
+    server, follower = following(numbered(3, 1))
+    v2, v3, v4, v5 = (numbered(3, version, svc0=f"http://127.0.0.1:{8000 + version}") for version in (2, 3, 4, 5))
+    assert follower.take(delta_read(v2, v3)) == {"op": "resync", "version": 1}
+    assert follower.take(delta_read(v3, v4)) is None  # sent before the parent read the resync
+    assert server.table.version == 1
+    assert follower.take(over_channel({"op": "table", "table": v4.to_json()})) == {"op": "ack", "version": 4}
+    assert follower.take(delta_read(v4, v5)) == {"op": "ack", "version": 5}
+    assert server.table.same_routes(v5)
 
 
 def test_counters_added_over_reports_equal_the_sum_and_gauges_only_of_live_workers() -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import socket
 import zlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final, Protocol
@@ -123,6 +125,36 @@ class _Response:
         return decoded
 
 
+async def _connect(
+    host: str, port: int, tls: ssl.SSLContext | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """``asyncio.open_connection``, except that an ASCII host name is resolved here, as bytes.
+
+    asyncio hands a name to ``getaddrinfo`` as a str, which loads the idna codec and
+    ``unicodedata`` (0.4 MiB resident for the life of the process) to encode what is ASCII
+    already. An address needs no resolving, and a name that is not ASCII keeps asyncio's way."""
+    if not host.isascii() or _is_address(host):
+        return await asyncio.open_connection(host, port, ssl=tls)
+    loop = asyncio.get_running_loop()
+    failure: OSError = OSError(f"{host}: no address")
+    for family, _, _, _, address in await loop.getaddrinfo(host.encode("ascii"), port, type=socket.SOCK_STREAM):
+        try:  # each address in turn, as asyncio would
+            return await asyncio.open_connection(
+                str(address[0]), port, ssl=tls, family=family, server_hostname=host if tls is not None else None
+            )
+        except OSError as exc:
+            failure = exc
+    raise failure
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 async def _read(reader: asyncio.StreamReader, idle_timeout: float) -> bytes:
     async with asyncio.timeout(idle_timeout):
         return await reader.read(READ_BYTES)
@@ -154,7 +186,7 @@ class FeedClient:
             raise ValueError(f"{url!r} is not an http:// or https:// URL")
         port = parts.port or (443 if secure else 80)
         async with asyncio.timeout(self.connect_timeout):
-            reader, writer = await asyncio.open_connection(host, port, ssl=self._tls_context() if secure else None)
+            reader, writer = await _connect(host, port, self._tls_context() if secure else None)
         try:
             target = parts.path or "/"
             if parts.query:

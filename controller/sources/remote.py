@@ -23,14 +23,16 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from controller.aggregator import SourceDown
 from controller.backoff import Backoff
-from controller.build import BuildError, routes_from_spec
+from controller.build import BuildError, routes_from_spec, table_fields, table_spec
+from controller.snapshot import decode_line, table_from_json
 from controller.sources.feedhttp import FeedClient, FeedResponse, FeedTransport
+from router.scope import RouteScope
 from router.table import Routes, RouteTable, TableError
 
 if TYPE_CHECKING:
@@ -55,6 +57,9 @@ ROUTES_PATH = "/v1/routes"
 DELTA_PATH = "/v2/routes"
 """A snapshot, then deltas (``controller.feed``): what a router follows when the controller offers it."""
 FEED_HEADERS: Final = {"Accept": "application/x-ndjson"}
+MAX_SCOPE_QUERY: Final = 6000
+"""Bytes of ``services=`` a subscription carries at most (the controller reads request lines of
+8 KiB): a scope beyond that is most of the cluster, so the router follows everything instead."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,17 +90,7 @@ def routes_from_json(document: object, *, origin: str = "") -> tuple[int, dict[s
     ``protocol`` is written only for an ``h2c`` service; absent means ``http1``, so tables from
     controllers that predate it read as they always did.
     """
-    if not isinstance(document, Mapping):
-        raise BuildError("a route table must be a JSON object", origin=origin)
-    version = document.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise BuildError("'version' must be a non-negative integer", origin=origin)
-    services = document.get("services")
-    if not isinstance(services, Mapping):
-        raise BuildError("'services' must be an object", origin=origin)
-    spec: dict[str, object] = {"services": services}
-    if document.get("groups"):
-        spec["groups"] = document["groups"]
+    version, spec = table_spec(document, origin=origin)
     return version, routes_from_spec(spec, origin=origin)
 
 
@@ -106,9 +101,16 @@ def pinned_path(base: str) -> str | None:
     return next((feed for feed in (ROUTES_PATH, DELTA_PATH) if path.endswith(feed)), None)
 
 
-def feed_url(base: str, *, since: int | None = None, instance: str | None = None, path: str | None = None) -> str:
+def feed_url(
+    base: str,
+    *,
+    since: int | None = None,
+    instance: str | None = None,
+    path: str | None = None,
+    services: Iterable[str] | None = None,
+) -> str:
     """``http://controller:9902`` (or a URL already ending in a feed's path) → the watch URL of
-    ``path`` (default: the one the URL names, else /v1/routes)."""
+    ``path`` (default: the one the URL names, else /v1/routes); ``services`` scopes a /v2 feed."""
     parts = urlsplit(base)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"{base!r} is not an http:// URL of a devstack controller")
@@ -123,6 +125,8 @@ def feed_url(base: str, *, since: int | None = None, instance: str | None = None
         query["since"] = str(since)
     if instance is not None:
         query["instance"] = instance
+    if services is not None and feed == DELTA_PATH:
+        query["services"] = ",".join(sorted(services))
     return urlunsplit((parts.scheme, parts.netloc, root + feed, urlencode(query), ""))
 
 
@@ -134,35 +138,32 @@ class _Resubscribe(Exception):
     """The feed sent a line this router cannot apply to what it holds: subscribe again for a snapshot."""
 
 
-def _table_fields(document: Mapping[str, Any], origin: str) -> tuple[tuple[str, ...], dict[str, object]]:
-    """A /v2 line's ``sources`` and ``groups``, checked."""
-    sources = document.get("sources", [])
-    if not isinstance(sources, list) or not all(isinstance(source, str) for source in sources):
-        raise BuildError("'sources' must be a list of names", origin=origin)
-    groups = document.get("groups") or {}
-    if not isinstance(groups, Mapping):
-        raise BuildError("'groups' must be an object", origin=origin)
-    return tuple(sources), dict(groups)
-
-
 def apply_delta(
-    table: RouteTable, groups: Mapping[str, object], document: Mapping[str, Any], *, origin: str = ""
+    table: RouteTable,
+    groups: Mapping[str, object],
+    document: Mapping[str, Any],
+    *,
+    origin: str = "",
+    scoped: bool = False,
 ) -> tuple[RouteTable, dict[str, object]]:
     """A /v2 delta applied to ``table`` (whose route groups, as the feed wrote them, are ``groups``)
     → the new table and its groups; pure. Only the services the delta sets are built; every other
     ``Routes`` is shared with ``table``, unless the route groups changed, which every service
-    carries. Raises BuildError for a delta that is invalid or does not fit ``table``.
+    carries. Raises BuildError for a delta that is invalid or does not fit ``table``. A ``scoped``
+    subscriber's delta may remove services it never held (``controller.feed``): those are skipped.
     """
     version = document.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version <= table.version:
         raise BuildError(f"'version' must be an integer above v{table.version}", origin=origin)
-    sources, new_groups = _table_fields(document, origin)
+    sources, new_groups = table_fields(document, origin=origin)
     changed_raw = document.get("set", {})
     removed = document.get("removed", [])
     if not isinstance(changed_raw, Mapping):
         raise BuildError("'set' must be an object", origin=origin)
     if not isinstance(removed, list) or not all(isinstance(name, str) for name in removed):
         raise BuildError("'removed' must be a list of service names", origin=origin)
+    if scoped:
+        removed = [name for name in removed if name in table.services]
     spec: dict[str, object] = {"services": changed_raw}
     if new_groups:
         spec["groups"] = new_groups
@@ -197,6 +198,7 @@ class RemoteSource:
         settings: RemoteSettings | None = None,
         on_alive: Callable[[str], object] | None = None,
         transport: FeedTransport | None = None,
+        scope: RouteScope | None = None,
     ) -> None:
         feed_url(url)  # Validate now: a typo in --routes-from must fail at start, not loop forever.
         self.url = url
@@ -232,6 +234,15 @@ class RemoteSource:
         self._outage_began: float | None = None  # monotonic: the outage's length survives clock steps
         self._ever_connected = False
         self._lines_on_subscription = 0
+        self.scope = scope
+        """Follow only the services these names cover (None: the whole table)."""
+        self._subscribed: frozenset[str] | None = None
+        """The scope the current subscription asked for (None: unscoped)."""
+        self._held_scope: frozenset[str] | None = None
+        """The scope ``table`` was subscribed with: a delta from it may be asked for only with the same."""
+        self._grown = asyncio.Event()
+        if scope is not None:
+            scope.on_grow = self._grown.set
 
     async def run(self, *, _iterations: int | None = None) -> None:
         """Follow the feed forever (or for ``_iterations`` connections, for tests)."""
@@ -241,7 +252,9 @@ class RemoteSource:
             count += 1
             started = time.monotonic()
             try:
-                await self._follow()
+                if not await self._follow_until_grown():
+                    count -= 1  # not a failure: the same connection, asked again with more names
+                    continue
                 reason = "stream closed by the controller"
             # OSError covers refused and reset connections, DNS and TLS failures; TimeoutError a
             # silent controller; ValueError a malformed response or line.
@@ -315,6 +328,35 @@ class RemoteSource:
             ),
         )
 
+    async def _follow_until_grown(self) -> bool:
+        """Follow until the stream ends (True) or the scope grows (False: subscribe again at once)."""
+        if self.scope is None:
+            await self._follow()
+            return True
+        self._grown.clear()
+        follow = asyncio.ensure_future(self._follow())
+        grown = asyncio.ensure_future(self._grown.wait())
+        try:
+            await asyncio.wait((follow, grown), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            follow.cancel()
+            raise
+        finally:
+            grown.cancel()
+        if follow.done():
+            follow.result()  # the stream's own end, or its error
+            return True
+        follow.cancel()
+        try:
+            await follow
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled ourselves, not just the stream we gave up
+        except (OSError, TimeoutError, ValueError):
+            pass  # it failed while we were leaving it anyway
+        return False
+
     async def _follow(self) -> None:
         """Follow one connection; resubscribe at once (for a snapshot) when a /v2 line does not fit
         what we hold, unless it was the subscription's first line (then the controller is broken,
@@ -334,8 +376,12 @@ class RemoteSource:
         path = pinned or DELTA_PATH
         # A /v1 table's version is a /v2 version too (one controller, one numbering): either feed
         # may continue from what the other delivered.
-        since, instance = (self.version, self.instance) if self._synced else (None, None)
-        url = feed_url(self.url, since=since, instance=instance, path=path)
+        scope = self._scope_query() if path == DELTA_PATH else None
+        self._subscribed = scope
+        # A delta fits only the scope the held table came with: a grown scope starts from a snapshot.
+        synced = self._synced and scope == self._held_scope
+        since, instance = (self.version, self.instance) if synced else (None, None)
+        url = feed_url(self.url, since=since, instance=instance, path=path, services=scope)
         self._lines_on_subscription = 0
         async with self.transport.get(url, FEED_HEADERS) as response:
             if response.status != 404 or pinned is not None:
@@ -347,6 +393,18 @@ class RemoteSource:
         url = feed_url(self.url, since=self.version, instance=self.instance, path=path)
         async with self.transport.get(url, FEED_HEADERS) as fallback:
             await self._read(fallback, url, path)
+
+    def _scope_query(self) -> frozenset[str] | None:
+        """The names this subscription asks for; None (everything) when there is no scope or it
+        has grown past what one request line carries."""
+        if self.scope is None:
+            return None
+        names = frozenset(self.scope.names)
+        if sum(len(name) + 1 for name in names) > MAX_SCOPE_QUERY:
+            if self._subscribed is not None or self.version is None:
+                log.warning("controller feed %s: %d scoped names; following every service", self.url, len(names))
+            return None
+        return names
 
     async def _read(self, response: FeedResponse, url: str, path: str) -> None:
         if response.status != 200:
@@ -368,17 +426,19 @@ class RemoteSource:
             # Re-affirm the table we hold: clears the staleness error even if nothing changed.
             self._on_snapshot(self.name, self._services)
         alive = self._on_alive
-        receive = self._receive if path == ROUTES_PATH else self._receive_v2
         async for line in _lines(response.body(), self.settings.max_line_bytes, alive, self.name):
             self._lines_on_subscription += 1
-            receive(line)
+            if path == ROUTES_PATH:
+                self._receive(line)
+            else:
+                await self._receive_v2(line)
 
     def _receive(self, line: bytes) -> None:
         """A /v1 line: a whole table."""
         try:
             document: Any = json.loads(line)
             version, services = routes_from_json(document, origin=self.url)
-            sources, groups = _table_fields(document, self.url)
+            sources, groups = table_fields(document, origin=self.url)
             table = RouteTable(services, version, sources)
         except (ValueError, BuildError) as exc:
             # Keep the last good table: a bad line from a buggy controller must not blank routing.
@@ -386,17 +446,17 @@ class RemoteSource:
             return
         self._accept(table, groups, document)
 
-    def _receive_v2(self, line: bytes) -> None:
-        """A /v2 line: a snapshot, or a delta applied to the table we hold if it starts from it."""
+    async def _receive_v2(self, line: bytes) -> None:
+        """A /v2 line: a snapshot, or a delta applied to the table we hold if it starts from it. A
+        large line is decoded, and a snapshot built, in slices (``controller.snapshot``): requests
+        keep being served from the table we hold meanwhile."""
         try:
-            document: Any = json.loads(line)
+            document: Any = await decode_line(line)
             if not isinstance(document, Mapping):
                 raise BuildError("a feed line must be a JSON object", origin=self.url)
             kind = document.get("kind")
             if kind == "snapshot":
-                version, services = routes_from_json(document, origin=self.url)
-                sources, groups = _table_fields(document, self.url)
-                table = RouteTable(services, version, sources)
+                table, groups = await table_from_json(document, origin=self.url)
             elif kind == "delta":
                 start = document.get("from")
                 held = self.table if self._synced else None
@@ -405,7 +465,9 @@ class RemoteSource:
                         f"a delta from v{start} of {document.get('instance')}, but this router holds "
                         + (f"v{self.version} of {self.instance}" if held is not None else "no usable table")
                     )
-                table, groups = apply_delta(held, self._groups, document, origin=self.url)
+                table, groups = apply_delta(
+                    held, self._groups, document, origin=self.url, scoped=self._held_scope is not None
+                )
             else:
                 raise BuildError(f"unknown line kind {kind!r}", origin=self.url)
         except (ValueError, BuildError, TableError) as exc:
@@ -416,6 +478,7 @@ class RemoteSource:
         self._accept(table, groups, document)
 
     def _accept(self, table: RouteTable, groups: dict[str, object], document: Mapping[str, Any]) -> None:
+        self._held_scope = self._subscribed
         self.table = table
         self._groups = groups
         self._synced = True
@@ -425,6 +488,10 @@ class RemoteSource:
         self.last_update = time.time()
         self._services = table.services
         self._on_snapshot(self.name, table.services)
+        if self.scope is not None and self._lines_on_subscription == 1:
+            # The subscription's first line answers for every name it asked with. Applied (and
+            # published) first: a request resumed now finds the routes, or their absence.
+            self.scope.answer(self.scope.names if self._subscribed is None else self._subscribed)
 
 
 async def _lines(
@@ -436,12 +503,15 @@ async def _lines(
     async for chunk in stream:
         if alive is not None:
             alive(name)
+        # Only the new bytes can hold the next newline: searching the whole buffer on every read
+        # made a 15 MB snapshot line cost a quarter of a second in searches alone.
+        searched = len(buffer)
         buffer += chunk
         start = 0
-        while (end := buffer.find(b"\n", start)) != -1:
+        while (end := buffer.find(b"\n", searched)) != -1:
             if buffer[start:end].strip():
                 yield bytes(buffer[start:end])
-            start = end + 1
+            start = searched = end + 1
         del buffer[:start]
         if len(buffer) > limit:
             raise ValueError(f"a table line longer than {limit} bytes")
@@ -450,13 +520,21 @@ async def _lines(
 SourceFactory = Callable[["Aggregator"], Coroutine[Any, Any, None]]
 
 
-def remote_source(url: str, *, settings: RemoteSettings | None = None) -> SourceFactory:
-    """The router's ``--routes-from URL`` source: a coroutine factory feeding an ``Aggregator``."""
+def remote_source(
+    url: str, *, settings: RemoteSettings | None = None, scope: RouteScope | None = None
+) -> SourceFactory:
+    """The router's ``--routes-from URL`` source: a coroutine factory feeding an ``Aggregator``;
+    with ``scope``, following only the services its names cover."""
     feed_url(url)
 
     async def run(aggregator: Aggregator) -> None:
         await RemoteSource(
-            url, aggregator.update, aggregator.report_error, settings=settings, on_alive=aggregator.confirm
+            url,
+            aggregator.update,
+            aggregator.report_error,
+            settings=settings,
+            on_alive=aggregator.confirm,
+            scope=scope,
         ).run()
 
     return run
