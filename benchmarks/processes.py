@@ -90,6 +90,24 @@ class ProcSample:
                 hwm = int(line.split()[1])
         return cls(cpu, rss, hwm)
 
+    @classmethod
+    def read_tree(cls, pid: int) -> ProcSample:
+        """The process and all its descendants, added up (a ``--workers`` router's parent and workers)."""
+        total = cls.read(pid)
+        for child in _children(pid):
+            sample = cls.read_tree(child)
+            total = cls(total.cpu_seconds + sample.cpu_seconds, total.rss_kib + sample.rss_kib,
+                        total.hwm_kib + sample.hwm_kib)  # fmt: skip
+        return total
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            children += [int(child) for child in (task / "children").read_text().split()]
+    return children
+
 
 def busy_cores(seconds: float) -> float:
     """Cores' worth of non-idle CPU on the whole host over ``seconds`` (from /proc/stat)."""

@@ -54,7 +54,7 @@ QUICK_FLOOR: Final = 0.3
 """--quick fails when the router serves less than this fraction of nginx's req/s in the same run:
 far below the expected ~0.4-0.5x on two cores, so only a real regression (not host noise) trips it."""
 ALL_CANDIDATES: Final = ("direct", "nginx", "haproxy", "router")
-SCALE_ROWS: Final = ("large-table", "swaps", "idle", "feed", "router-feed", "scoped")
+SCALE_ROWS: Final = ("large-table", "swaps", "idle", "feed", "router-feed", "scoped", "workers")
 """``--scale``'s rows, in run order (``large-table`` includes the reload of that table)."""
 _T = TypeVar("_T")
 
@@ -526,6 +526,23 @@ def run_scale(stack: Stack, args: argparse.Namespace, host: dict[str, Any]) -> i
         sections.append(f"## {title}\n\n{table}\n{notes}")
         document["feed_fanout"] = info
         _log(f"\n## {title}\n{table}{notes}")
+    if "workers" in rows:
+        _log("--workers 1 against --workers 2 on the proxy core (c50 devstack=alice)")
+        cells, info = _router_step(lambda: scale.workers_per_core(stack, reps=args.reps, **kw))
+        section(
+            "--workers 1 and 2, both on the proxy core (c50 devstack=alice)",
+            "workers",
+            cells,
+            info,
+            "router-workers-1",
+            f"Both routers confined to core {PROXY_CPU} (their workers inherit it), wrk and the upstream on "
+            f"core {LOAD_CPU}; CPU per request is the parent's and the workers' together (/proc, the process "
+            "tree). This host has two cores and the load generator needs one of them, so it cannot show a "
+            "second worker adding throughput; it shows what a second worker costs per request on one core "
+            "(scheduling two event loops, the kernel spreading accepts over two queues). On a pod with N free "
+            "cores each worker is a whole router: throughput should grow with N until the upstreams or the "
+            "load balancer bind, which needs a bigger machine to show.\n",
+        )
     if "scoped" in rows:
         _log(f"scoped sidecars: following a {scale.LARGE_SERVICES}-service controller, whole or scoped")
         info = _router_step(lambda: feed.scoped_sidecars(stack, log=_log))

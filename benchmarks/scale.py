@@ -23,7 +23,7 @@ from benchmarks.correctness import check_proxy
 from benchmarks.processes import ProcSample
 from benchmarks.report import Cell
 from benchmarks.scenarios import GET_ALICE
-from benchmarks.stack import Candidate, Quiet, Stack, measure
+from benchmarks.stack import PROXY_CPU, Candidate, Quiet, Stack, measure
 
 __all__ = [
     "IDLE_CONNECTIONS",
@@ -365,3 +365,28 @@ def idle_connections(
     }
     stack.procs.stop(router.proc)  # type: ignore[arg-type]
     return cells, info
+
+
+def workers_per_core(
+    stack: Stack, *, reps: int, duration: float, warmup: float, log: Callable[[str], None]
+) -> tuple[list[Cell], dict[str, Any]]:
+    """c50 alice through ``--workers 1`` and ``--workers 2``, both confined to the proxy core,
+    interleaved: requests per second and CPU per request of the whole process tree (parent and
+    workers). Two cores cannot show scaling (the load generator needs the other one); what this
+    shows is what a second worker costs per request on the same core."""
+    routers = [stack.start_router(f"router-workers-{n}", extra=["--workers", str(n)])[0] for n in (1, 2)]
+    for router in routers:
+        check_proxy(router.name, router.port or 0, upload=False)
+    cells: list[Cell] = []
+    for rep in range(reps):
+        for router in routers:
+            cell = measure(stack, router, GET_ALICE, rep=rep, duration=duration, warmup=warmup, process_tree=True)
+            cells.append(cell)
+            log(
+                f"  rep {rep + 1} {router.name}: {cell.value:,.0f} req/s, "
+                f"{cell.cpu_us_per_request or 0:.1f} us CPU per request (parent and workers), {cell.errors} errors"
+            )
+    for router in routers:
+        if router.proc is not None:
+            stack.procs.stop(router.proc)
+    return cells, {"workers": [1, 2], "cpu": PROXY_CPU}

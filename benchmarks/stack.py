@@ -300,6 +300,7 @@ def measure(
     label: str | None = None,
     quiet: Quiet | None = None,
     on_timed_start: Callable[[], None] | None = None,
+    process_tree: bool = False,
 ) -> Cell:
     """Wait for a quiet host, warm up, then one timed load run (wrk, or h2load for gRPC), the
     proxy's /proc read around it."""
@@ -309,7 +310,8 @@ def measure(
     if warmup > 0:
         load(duration=warmup)
     pid = candidate.pid
-    before = ProcSample.read(pid) if pid else None
+    sample = ProcSample.read_tree if process_tree else ProcSample.read  # the tree: a --workers router
+    before = sample(pid) if pid else None
     background = Background()
     background.start()
     started = time.monotonic()
@@ -318,7 +320,7 @@ def measure(
     result = load(duration=duration)
     wall = time.monotonic() - started
     other = background.stop()
-    after = ProcSample.read(pid) if pid else None
+    after = sample(pid) if pid else None
     stack.procs.check_alive()
     cpu_us = util = None
     if before is not None and after is not None:

