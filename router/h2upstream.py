@@ -133,7 +133,8 @@ class H2StreamOwner:
 
     def h2_moved(self, conn: H2Upstream, stream_id: int) -> None:
         """The request was sent again on another stream (the first connection's graceful GOAWAY
-        came before the upstream saw it); what follows comes from there."""
+        came before the upstream saw it); what follows comes from there. Until this is reported,
+        the owner sends to the first stream as before: what it sends joins the request."""
         raise NotImplementedError
 
 
@@ -157,7 +158,7 @@ never saw (above the last stream id of its graceful GOAWAY) can be sent again el
 class _Replay:
     """A request as sent so far: head, body, end. Dropped when the response head arrives."""
 
-    __slots__ = ("headers", "chunks", "size", "ended", "trailers", "retryable", "started", "attempts")
+    __slots__ = ("headers", "chunks", "size", "ended", "trailers", "retryable", "started", "attempts", "left")
 
     def __init__(self, headers: Headers, ended: bool) -> None:
         self.headers = headers
@@ -169,6 +170,9 @@ class _Replay:
         self.started = False
         """Given to an owner once already: a replay reports ``h2_moved``, not ``h2_ready``."""
         self.attempts = 0
+        self.left: tuple[H2Upstream, int] | None = None
+        """The connection and stream it was taken from to be sent again, until it is: its owner
+        still sends there (``H2Upstream.moved``)."""
 
     def keep(self, data: bytes) -> None:
         if self.retryable:
@@ -178,6 +182,22 @@ class _Replay:
                 self.chunks = []
             else:
                 self.chunks.append(data)
+
+    def hold(self, data: bytes, end: bool) -> bool:
+        """Body that came while the request waits to be sent again: all of it is kept (there is
+        no other copy); False once that is a stream's buffer, so that its owner stops reading."""
+        if data:
+            self.chunks.append(data)
+            self.size += len(data)
+        self.ended = self.ended or end
+        return self.size < _STREAM_BUFFER
+
+    def settle(self) -> None:
+        """Sent again, or given up: its owner stops sending to the stream it was taken from."""
+        if self.left is not None:
+            conn, stream_id = self.left
+            self.left = None
+            conn.moved.pop(stream_id, None)
 
 
 class H2Upstream(asyncio.Protocol):
@@ -200,6 +220,11 @@ class H2Upstream(asyncio.Protocol):
         self._flush_pending = False
         self.going_away = False
         """The upstream sent a graceful GOAWAY: streams in flight finish, no new ones start."""
+        self.moved: dict[int, _Replay] = {}
+        """Requests taken from here to be sent again whose owners have not yet heard where
+        (``h2_moved``): what an owner sends here meanwhile is added to its request, else it is
+        lost, and the upstream waits for the rest of a request that never comes. Kept after the
+        connection closes (the owners still send here)."""
 
     # -- asyncio protocol -------------------------------------------------------------------
 
@@ -208,6 +233,7 @@ class H2Upstream(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.pool.connected(self)
         self._flush()  # the client preface and our SETTINGS
 
     def data_received(self, data: bytes) -> None:
@@ -258,7 +284,7 @@ class H2Upstream(asyncio.Protocol):
                 if code == ErrorCode.REFUSED_STREAM and replay is not None and replay.retryable:
                     # Refused: the upstream did not process it (RFC 9113 8.7), so it may go again
                     # (how nghttp2 reports the streams above a GOAWAY's last stream id, too).
-                    self.pool.replay(self.key, owner, replay)
+                    self._requeue(event.stream_id, owner, replay)
                 else:
                     owner.h2_reset(code)
             elif kind is ev.WindowUpdated:
@@ -282,7 +308,7 @@ class H2Upstream(asyncio.Protocol):
                     return
                 # A graceful GOAWAY (nginx sends one every http2_max_requests): no new streams
                 # here; those the upstream took finish, those above its last one were never seen
-                # and fail (not retried: their request bodies are gone).
+                # and go again elsewhere (or fail, when their request was too big to keep).
                 self.going_away = True
                 self.pool.forget(self)
                 for stream_id in [sid for sid in owners if sid > terminated.last_stream_id]:
@@ -291,7 +317,7 @@ class H2Upstream(asyncio.Protocol):
                     if unseen is None:
                         continue
                     if replay is not None and replay.retryable:
-                        self.pool.replay(self.key, unseen, replay)  # never seen: safe to send again
+                        self._requeue(stream_id, unseen, replay)  # never seen: safe to send again
                     else:
                         unseen.h2_failed(Answer.UPSTREAM_RESET)
                 if not owners:
@@ -325,6 +351,7 @@ class H2Upstream(asyncio.Protocol):
 
     def open(self, owner: H2StreamOwner, replay: _Replay) -> int:
         """Start a stream with the request so far; the owner receives what comes back."""
+        replay.settle()
         sent_whole = replay.ended and not replay.chunks and replay.trailers is None
         stream_id = self.h2.request(replay.headers, sent_whole)
         self.owners[stream_id] = owner
@@ -344,6 +371,9 @@ class H2Upstream(asyncio.Protocol):
         owner stops reading its client until ``h2_drained``)."""
         out = self.out.get(stream_id)
         if out is None:
+            waiting = self.moved.get(stream_id)
+            if waiting is not None:
+                return waiting.hold(data, end)
             out = self.out[stream_id] = _Out()
         if data:
             out.chunks.append(data)
@@ -360,6 +390,11 @@ class H2Upstream(asyncio.Protocol):
     def send_trailers(self, stream_id: int, trailers: Headers) -> None:
         out = self.out.get(stream_id)
         if out is None:
+            waiting = self.moved.get(stream_id)
+            if waiting is not None:
+                waiting.trailers = trailers
+                waiting.ended = True
+                return
             out = self.out[stream_id] = _Out()
         out.trailers = trailers
         out.end = True
@@ -420,6 +455,13 @@ class H2Upstream(asyncio.Protocol):
             owner = self.owners.get(stream_id)
             if owner is not None:
                 owner.h2_drained()
+
+    def _requeue(self, stream_id: int, owner: H2StreamOwner, replay: _Replay) -> None:
+        """Send the request again elsewhere (the upstream never saw it); what its owner sends
+        here until it hears where joins it."""
+        self.moved[stream_id] = replay
+        replay.left = (self, stream_id)
+        self.pool.replay(self.key, owner, replay)
 
     def _forget(self, stream_id: int) -> H2StreamOwner | None:
         self.out.pop(stream_id, None)
@@ -500,6 +542,7 @@ class H2Pool:
         most: an upstream that refuses everything gets its failure reported)."""
         replay.attempts += 1
         if replay.attempts > 3:
+            replay.settle()
             owner.h2_failed(Answer.UPSTREAM_RESET)
             return
         self._start(key, owner, replay)
@@ -557,12 +600,18 @@ class H2Pool:
             if self._closing:
                 conn.close()
                 return
-            address.conns.append(conn)
-            # Streams are handed out once the upstream's SETTINGS arrive (became_ready); an
-            # upstream that never sends them fails its waiters at the connect deadline.
+            # (Listed already, by ``connected``.) Streams are handed out once the upstream's
+            # SETTINGS arrive (became_ready); an upstream that never sends them fails its
+            # waiters at the connect deadline.
             self.loop.call_later(self.timeouts.upstream_connect, self._settings_deadline, conn)
         finally:
             address.connecting -= 1
+        if conn.ready:
+            # A busy loop runs the connection's callbacks before this task resumes: its SETTINGS,
+            # and even its graceful GOAWAY, may have come already. The streams that GOAWAY sent
+            # back queued behind this connect (``connecting``), and nothing else would open the
+            # next connection for them.
+            self.capacity_freed(conn)
 
     def _settings_deadline(self, conn: H2Upstream) -> None:
         if not conn.ready and not conn.closed:
@@ -573,8 +622,20 @@ class H2Pool:
 
     def _fail_waiters(self, address: _Address, failure: Answer) -> None:
         waiters, address.waiters = address.waiters, collections.deque()
-        for owner, _ in waiters:
+        for owner, replay in waiters:
+            replay.settle()
             owner.h2_ready(None, 0, failure)
+
+    def connected(self, conn: H2Upstream) -> None:
+        """List a connection as soon as its socket is up (``connection_made``), not when
+        ``_connect`` resumes: on a busy loop the upstream's SETTINGS can be read first, and
+        ``became_ready`` then hands out only the streams waiting so far. A stream arriving between
+        found no connection and queued behind a connect already done, with nothing left to hand
+        it out (nor to open another connection once this one went away): it waited out its
+        deadline."""
+        address = self._addresses.get(conn.key)
+        if address is not None:
+            address.conns.append(conn)
 
     def became_ready(self, conn: H2Upstream) -> None:
         self.capacity_freed(conn)

@@ -24,6 +24,7 @@ from router import h2engine as ev
 from router.errors import Answer, render_body
 from router.h2engine import ErrorCode, ProtocolError, make_engine
 from router.request import HeadCache, Plan, decide
+from router.scope import scope_name
 from router.stats import UNROUTED
 from router.upstream import ForwardedOwner, Framing, PoolFull, UnexpectedUpgrade, UpstreamConnection
 
@@ -488,6 +489,11 @@ class _Stream(H2StreamOwner):
         if decision is not None:
             ctx.stats.requests[decision.stats_key] += 1
         if plan.refusal is not None:
+            scope = ctx.slot.scope
+            if scope is not None and (plan.refusal is Answer.NO_ROUTE or plan.refusal is Answer.NO_ROUTE_SIDECAR):
+                # A stream is not held (its flow-control state would have to wait with it): the
+                # name is learned, and the app's retry, or its next call, finds the routes.
+                scope.note(scope_name(plan.authority))
             self.refuse(plan.refusal, plan.detail)
             return
         assert decision is not None and decision.target is not None

@@ -14,16 +14,20 @@ import json
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
 from router.server import RouterServer
 from router.settings import Mode, RouterSettings, Timeouts
 from tests.grpc_support import EchoService, channel, key_metadata, method
-from tests.h2_client import H2Client
+from tests.h2_client import H2Client, Response
 from tests.support import Origin, free_port, in_thread, make_table, running_router
 
 
@@ -190,7 +194,7 @@ async def test_grpc_answers_of_the_router_itself(
     assert deadline[0] == grpc.StatusCode.DEADLINE_EXCEEDED
     # The deadline cancelled the upstream call too (grpc-timeout is forwarded, and the router
     # cancels its stream when the deadline passes first).
-    assert echo[0].cancelled.wait(5)
+    assert await in_thread(echo[0].cancelled.wait, 5)  # off the loop: the router on it sends the cancel
 
 
 async def test_router_deadline_cancels_the_upstream_call(
@@ -215,7 +219,7 @@ async def test_router_deadline_cancels_the_upstream_call(
     grpc_status = response.trailers.get(b"grpc-status") or response.headers.get(b"grpc-status")
     assert grpc_status == b"4"
     assert elapsed < 3
-    assert echo[0].cancelled.wait(5)
+    assert await in_thread(echo[0].cancelled.wait, 5)  # off the loop: the router on it sends the cancel
 
 
 def _cancel_midstream(port: int) -> int:
@@ -298,10 +302,8 @@ async def test_an_upstreams_graceful_goaway_loses_no_call(origins: tuple[Origin,
                 futures = []
         return replies
 
-    # Pinned to the libnghttp2 engine (the default): with h2 (a patched GOAWAY path) one call in a
-    # few hundred still waits out its deadline under pytest, not yet explained.
     try:
-        async with running_router(table, RouterSettings(http2_engine="nghttp2")) as router:
+        async with running_router(table) as router:
             replies = await in_thread(many_calls, router.address[1])
             errors = dict(router.stats.upstream_errors)
             assert router.ctx is not None
@@ -311,6 +313,189 @@ async def test_an_upstreams_graceful_goaway_loses_no_call(origins: tuple[Origin,
     assert len(replies) > 100 and set(replies) == {b"aging|g|1"}
     assert errors == {}
     assert opened >= 3  # the upstream did go away, several times
+
+
+class _ScriptedOrigin(asyncio.Protocol):
+    """One connection of a ``ScriptedUpstream``, on h2's state machine."""
+
+    def __init__(self, upstream: ScriptedUpstream) -> None:
+        self.upstream = upstream
+        upstream.connections += 1
+        self.number = upstream.connections
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.transport: asyncio.Transport | None = None
+        self.requests: dict[int, tuple[str, bytearray]] = {}
+        self.gone = False
+        self.greeted = self.number == 1 or upstream.greet is None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate_connection()
+        if not self.greeted:
+            self.upstream.tasks.add(asyncio.ensure_future(self._greet_later()))
+        self._flush()
+
+    async def _greet_later(self) -> None:
+        assert self.upstream.greet is not None
+        await self.upstream.greet.wait()
+        self.greeted = True
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self.gone:
+            return
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.RequestReceived):
+                path = dict(event.headers)[b":path"].decode()
+                self.upstream.seen.append((self.number, path))
+                if self.number == 1 and self.upstream.goaway_first:
+                    self.h2.close_connection(0, last_stream_id=0)  # graceful: nothing seen, go again
+                    self.gone = True
+                    break
+                self.requests[event.stream_id] = (path, bytearray())
+            elif isinstance(event, h2.events.DataReceived):
+                self.requests[event.stream_id][1].extend(event.data)
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if isinstance(event, (h2.events.RequestReceived, h2.events.DataReceived)) and event.stream_ended:
+                path, body = self.requests[event.stream_id]
+                self.upstream.ended.append((self.number, path, bytes(body)))
+                if path != "/hold":
+                    self.h2.send_headers(event.stream_id, [(b":status", b"200")], end_stream=True)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.greeted and self.transport is not None:
+            self.transport.write(self.h2.data_to_send())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.upstream.lost += 1
+
+
+class ScriptedUpstream:
+    """An h2c upstream on loopback that answers each request 200 once it has ended, except
+    ``/hold``, which it never answers. ``goaway_first``: its first connection answers the first
+    request head with a graceful GOAWAY whose last stream id is 0 (the request goes again
+    elsewhere) and reads nothing more. ``greet``: later connections send their SETTINGS only
+    once it is set (until then the router has a connection, not yet ready)."""
+
+    def __init__(self, *, goaway_first: bool = False, greet: asyncio.Event | None = None) -> None:
+        self.goaway_first = goaway_first
+        self.greet = greet
+        self.seen: list[tuple[int, str]] = []
+        """(connection number, path) of each request head."""
+        self.ended: list[tuple[int, str, bytes]] = []
+        """(connection number, path, body) of each request that ended."""
+        self.connections = 0
+        self.lost = 0
+        self.tasks: set[asyncio.Future[None]] = set()
+
+    async def start(self) -> object:
+        server = await asyncio.get_running_loop().create_server(lambda: _ScriptedOrigin(self), "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        return make_table({"echo": {"baseline": url, "hosts": ["echo"], "protocol": "h2c"}})
+
+
+class _LateConnects:
+    """The router's loop, except that ``create_connection`` returns only once ``resume`` is set:
+    the connection is up and reading, and the task that opened it has not resumed (what a busy
+    loop does for a few turns, stretched here to as long as a test needs)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.resume = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+    async def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        made = await self._loop.create_connection(*args, **kwargs)
+        await self.resume.wait()
+        return made
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not condition():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+ENGINES = pytest.mark.parametrize("engine", ["nghttp2", "h2"])
+
+
+@ENGINES
+async def test_a_stream_arriving_before_its_connections_connect_task_resumes_is_served(engine: str) -> None:
+    """The upstream's SETTINGS can be read before the task that opened the connection resumes
+    (under load, the graceful-GOAWAY test above lost calls this way): a stream arriving then goes
+    out on that connection, instead of waiting for another stream on it to end."""
+    upstream = ScriptedUpstream()
+    async with running_router(await upstream.start(), RouterSettings(http2_engine=engine)) as router:  # type: ignore[arg-type]
+        assert router.ctx is not None
+        late = router.ctx.h2pool.loop = _LateConnects(asyncio.get_running_loop())  # type: ignore[assignment]
+        client = await H2Client.connect(router.address[1])
+        try:
+            client.start("echo", "/hold")
+            await _until(lambda: upstream.seen == [(1, "/hold")])  # ready, and its connect task held
+            after = client.start("echo", "/after")
+            await asyncio.wait_for(after.done.wait(), 5)
+            late.resume.set()
+            later = await client.request("echo", "/later")
+        finally:
+            late.resume.set()
+            await client.close()
+    assert (after.status, later.status) == (200, 200)
+    assert (upstream.seen, upstream.connections) == ([(1, "/hold"), (1, "/after"), (1, "/later")], 1)
+
+
+@ENGINES
+async def test_a_stream_sent_back_before_its_connections_connect_task_resumes_gets_a_new_one(engine: str) -> None:
+    """The connection's graceful GOAWAY can come before the task that opened it resumes: the
+    stream above its last stream id goes again on a new connection, opened for it then."""
+    upstream = ScriptedUpstream(goaway_first=True)
+    async with running_router(await upstream.start(), RouterSettings(http2_engine=engine)) as router:  # type: ignore[arg-type]
+        assert router.ctx is not None
+        late = router.ctx.h2pool.loop = _LateConnects(asyncio.get_running_loop())  # type: ignore[assignment]
+        client = await H2Client.connect(router.address[1])
+        try:
+            response = client.start("echo", "/again")
+            await _until(lambda: upstream.lost == 1)  # the router took the GOAWAY and closed it
+            late.resume.set()
+            await asyncio.wait_for(response.done.wait(), 5)
+        finally:
+            late.resume.set()
+            await client.close()
+    assert response.status == 200
+    assert upstream.seen == [(1, "/again"), (2, "/again")]
+
+
+@ENGINES
+async def test_a_request_body_sent_while_its_stream_waits_to_go_again_reaches_the_upstream(engine: str) -> None:
+    """A stream the upstream's graceful GOAWAY sent back waits for the next connection; the
+    request body its client sends meanwhile goes with it (it used to be dropped, and the
+    upstream waited for a body that never came)."""
+    greet = asyncio.Event()
+    upstream = ScriptedUpstream(goaway_first=True, greet=greet)
+    async with running_router(await upstream.start(), RouterSettings(http2_engine=engine)) as router:  # type: ignore[arg-type]
+        client = await H2Client.connect(router.address[1])
+        try:
+            stream_id = client.conn.get_next_available_stream_id()
+            fields = [(":method", "POST"), (":scheme", "http"), (":authority", "echo"), (":path", "/upload")]
+            client.conn.send_headers(stream_id, fields)
+            response = client.responses[stream_id] = Response()
+            client.writer.write(client.conn.data_to_send())
+            await _until(lambda: upstream.connections == 2)  # sent back; the next one is not ready
+            client.conn.send_data(stream_id, b"the body", end_stream=True)
+            client.writer.write(client.conn.data_to_send())
+            # The router answers this one itself: once it has, it has read the body above.
+            assert (await client.request("nowhere", "/")).status == 404
+            greet.set()
+            await asyncio.wait_for(response.done.wait(), 5)
+        finally:
+            greet.set()
+            await client.close()
+    assert response.status == 200
+    assert upstream.ended == [(2, "/upload", b"the body")]
 
 
 async def test_h2c_upgrade_stays_refused(origins: tuple[Origin, Origin]) -> None:
