@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from router.table import Fallback, Override, Routes, RouteTable, TableError, Target, TargetKind
 
@@ -163,3 +165,54 @@ def test_the_json_names_a_services_protocol_only_when_it_is_h2c() -> None:
     services = RouteTable({"payments": routes(), "users": users}).to_json()["services"]
     assert services["users"]["protocol"] == "h2c"  # type: ignore[index]
     assert "protocol" not in services["payments"]  # type: ignore[operator]
+
+
+# --- with_changes: the host index carried over, differential against a full rebuild -----------
+
+_NAMES = [f"s{i}" for i in range(6)]
+_HOSTS = ["a", "b", "c", "A", "s1", "x.svc"]
+
+
+@st.composite
+def _routes(draw: st.DrawFn, name: str) -> Routes:
+    hosts = tuple(draw(st.lists(st.sampled_from(_HOSTS), max_size=3, unique=True)))
+    port = draw(st.integers(1, 3))
+    return Routes(name, Target(f"http://10.0.0.{port}"), hosts=hosts)
+
+
+@st.composite
+def _table_and_change(draw: st.DrawFn) -> tuple[dict[str, Routes], dict[str, Routes], list[str]]:
+    names = draw(st.lists(st.sampled_from(_NAMES), max_size=5, unique=True))
+    services = {name: draw(_routes(name)) for name in names}
+    changed_names = draw(st.lists(st.sampled_from(_NAMES), max_size=3, unique=True))
+    changed = {name: draw(_routes(name)) for name in changed_names}
+    removable = [name for name in names if name not in changed]
+    removed = draw(st.lists(st.sampled_from(removable), max_size=2, unique=True)) if removable else []
+    return services, changed, removed
+
+
+@settings(max_examples=400, deadline=None)
+@given(_table_and_change())
+def test_with_changes_equals_a_full_rebuild(case: tuple[dict[str, Routes], dict[str, Routes], list[str]]) -> None:
+    services, changed, removed = case
+    try:
+        table = RouteTable(services, 1)
+    except TableError:
+        return  # the starting table must be valid
+    expected_services = {name: routes for name, routes in services.items() if name not in removed} | changed
+    try:
+        expected: RouteTable | None = RouteTable(expected_services, 2)
+    except TableError as exc:
+        expected, error = None, str(exc)
+    if expected is None:
+        with pytest.raises(TableError) as raised:
+            table.with_changes(changed, removed, version=2)
+        assert str(raised.value) == error  # the constructor's own words
+        return
+    result = table.with_changes(changed, removed, version=2)
+    assert result == expected and dict(result.services) == expected_services
+    for host in {h.lower() for h in _HOSTS} | set(_NAMES):
+        assert result.routes_for_authority(host) is expected.routes_for_authority(host), host
+    for name, routes in result.services.items():
+        if name not in changed:
+            assert routes is table.services[name]  # shared, not rebuilt
