@@ -50,14 +50,19 @@ def sources(root: Path = ROUTER_DIR) -> list[Path]:
     return [source(name, root) for name in _BUILT]
 
 
+def digest_of(source_bytes: bytes) -> str:
+    """The hash the manifest records for a source (BLAKE2b, or SHA-256 where it is missing)."""
+    return _hash(source_bytes).hexdigest()
+
+
 def digests(root: Path = ROUTER_DIR) -> dict[str, str]:
     """What the build records in the manifest: a hash of each compiled source."""
-    return {name: _hash(path.read_bytes()).hexdigest() for name, path in zip(_BUILT, sources(root))}
+    return {name: digest_of(path.read_bytes()) for name, path in zip(_BUILT, sources(root))}
 
 
 def _digest(name: str, root: Path) -> str | None:
     try:
-        return _hash(source(name, root).read_bytes()).hexdigest()
+        return digest_of(source(name, root).read_bytes())
     except OSError:
         return None  # a source missing from an install: its build cannot be vouched for
 
