@@ -52,23 +52,22 @@ class RouteScope:
         once the feed has answered for the name; the caller bounds the wait by ``self.wait`` and
         calls ``forget``); False when there is nothing to wait for (the feed answered already, or
         this scope does not learn, or has learned its fill)."""
-        if not self.learn or name in self.answered:
+        if name in self.answered or not self.note(name):
             return False
-        if name not in self.names:
-            if len(self.names) >= MAX_LEARNED:
-                return False
-            self.names.add(name)
-            if self.on_grow is not None:
-                self.on_grow()
         self._waiters.setdefault(name, []).append(resume)
         return True
 
-    def note(self, name: str) -> None:
-        """Learn ``name`` without waiting for it (a front end that cannot hold its request)."""
-        if self.learn and name not in self.names and len(self.names) < MAX_LEARNED:
-            self.names.add(name)
-            if self.on_grow is not None:
-                self.on_grow()
+    def note(self, name: str) -> bool:
+        """Learn ``name`` without waiting for it (a front end that cannot hold its request); whether
+        it is in the scope now (False: this scope does not learn, or has learned its fill)."""
+        if name in self.names:
+            return self.learn
+        if not self.learn or len(self.names) >= MAX_LEARNED:
+            return False
+        self.names.add(name)
+        if self.on_grow is not None:
+            self.on_grow()
+        return True
 
     def forget(self, name: str, resume: Resume) -> None:
         """A waiter gave up (its deadline passed, its connection closed)."""
